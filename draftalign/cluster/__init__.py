@@ -1,0 +1,1 @@
+"""Job submission, resource plans and Ray metrics."""

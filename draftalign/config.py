@@ -1,0 +1,213 @@
+"""The one typed config tree, loaded from YAML plus `a.b=value` overrides.
+
+Every model is frozen and rejects unknown keys, so a typo fails at the CLI with
+its dotted path instead of being silently ignored deep inside a Ray worker.
+Stage code receives these objects; nothing reads YAML or globals after the CLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Strict):
+    name: str = "draftalign"
+    output: str = "runs/default"  # every stage's default output lives under this folder
+    seed: int = 0
+
+
+class RayConfig(Strict):
+    # None starts a local Ray; "auto" or "ray://host:10001" joins a cluster.
+    address: str | None = None
+    num_cpus: int | None = None  # local Ray only: caps what a laptop hands to Ray
+    dashboard_host: str = "127.0.0.1"  # loopback unless the operator opts in
+    include_dashboard: bool = True
+
+
+class TokenizerConfig(Strict):
+    # "embedded": the SentencePiece model shipped inside mistral_common (Llama 2 family,
+    # 32k tokens, byte fallback); otherwise a Hugging Face folder or hub name.
+    source: str = "embedded"
+    chat_template: Literal["auto", "llama2"] = "auto"  # auto: the tokenizer's own, else Llama 2
+
+
+class ModelsConfig(Strict):
+    # A Hugging Face folder or hub name. None means "the model the pretrain stage exports".
+    target: str | None = None
+    draft: str | None = None
+    trust_remote_code: bool = False
+
+
+class ArchConfig(Strict):
+    """What to build: a named preset plus LlamaConfig field overrides, or a model to continue."""
+
+    preset: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    init_from: str | None = None  # continue pretraining an existing HF model instead
+
+
+class CorpusConfig(Strict):
+    kind: Literal["stdlib", "files", "huggingface"] = "stdlib"
+    paths: list[str] = Field(default_factory=list)  # .txt/.py (one document per file), .jsonl, .parquet
+    text_field: str = "text"
+    hf_name: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    max_documents: int | None = None
+    holdout_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class TrainConfig(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    seq_len: int = Field(256, ge=8)
+    micro_batch_size: int = Field(8, ge=1)  # sequences per worker per forward pass
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1)  # optimizer steps
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
+    eval_batches: int = Field(8, ge=1)
+    log_every: int = Field(10, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    max_failures: int = Field(2, ge=0)  # worker crashes Ray Train absorbs by restoring a checkpoint
+    seed: int = 0
+    # Chaos testing: raise once at this step so Ray Train's restore-from-checkpoint is exercised.
+    inject_failure_at_step: int | None = None
+
+    @property
+    def dtype_name(self) -> str:
+        if self.precision == "auto":
+            return "bf16" if self.use_gpu else "fp32"
+        return self.precision
+
+
+class PretrainJob(Strict):
+    arch: ArchConfig
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+
+
+class PretrainConfig(Strict):
+    output: str  # filled from run.output when absent
+    corpus: CorpusConfig = CorpusConfig()
+    # Jobs run in order; "target" builds the embedded world's target, "draft" the drafter.
+    jobs: dict[Literal["target", "draft"], PretrainJob] = Field(default_factory=dict)
+    only: Literal["target", "draft"] | None = None  # run one job of the list
+    overwrite: bool = False  # replace an output made from a different config
+
+
+class Config(Strict):
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    models: ModelsConfig = ModelsConfig()
+    pretrain: PretrainConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_outputs(cls, data: Any) -> Any:
+        # Stage outputs default to folders under run.output so one run stays in one place.
+        if not isinstance(data, dict):
+            return data
+        run = data.get("run") or {}
+        root = run.get("output", RunConfig().output) if isinstance(run, dict) else RunConfig().output
+        data = dict(data)
+        for stage in ("pretrain",):
+            section = data.get(stage) or {}
+            if isinstance(section, dict) and section.get("output") is None:
+                data[stage] = {**section, "output": str(Path(root) / stage)}
+        return data
+
+    def target_path(self) -> str:
+        return self.models.target or str(Path(self.pretrain.output) / "target" / "model")
+
+    def draft_path(self) -> str:
+        return self.models.draft or str(Path(self.pretrain.output) / "draft" / "model")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ["a.b=3", "c=[x, y]"] into a nested dict; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form a.b=value")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets a key below the non-mapping {part!r}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{path}'")
+        else:
+            lines.append(f"config key '{path}': {e['msg']}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or nothing), apply overrides, validate once. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        data = loaded or {}
+    data = deep_merge(data, parse_overrides(overrides or []))
+    data.setdefault("pretrain", {})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

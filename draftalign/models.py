@@ -1,0 +1,108 @@
+"""Llama-architecture model configs: named presets, drafters derived from a target, checks.
+
+Pure logic on `transformers.LlamaConfig`; no weights are loaded here except where a
+function says so. Speculative decoding needs the draft to share the target's tokenizer,
+vocabulary and special tokens, so every drafter is derived from its target's config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+
+# Architecture fields only; vocabulary, special tokens and max positions come from the
+# tokenizer (for a target built from scratch) or from the target (for a drafter).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Goel et al. 2024 (paper-spec section 2): 4 layers, hidden 1024, MLP 2816, 8 heads, untied.
+    "llama2-chat-drafter-115m": dict(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=8,
+    ),
+    # Llama 2 7B's shape, for plans and for a target that is trained rather than downloaded.
+    "llama2-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32,
+    ),
+    # The embedded world. Head size 32: vLLM's CPU attention refuses 16.
+    "toy-target": dict(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+    ),
+    "toy-drafter": dict(
+        hidden_size=128, intermediate_size=352, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+    ),
+}
+
+_COMMON = dict(hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+# Fields a drafter must take from its target so both can serve in one speculative engine.
+SHARED_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+
+
+class VocabMismatchError(ValueError):
+    """Target and draft cannot share a speculative decoder."""
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def build_config(preset: str | None, overrides: dict[str, Any] | None = None, **shared: Any) -> LlamaConfig:
+    """A LlamaConfig from a preset, the shared fields (vocab, special ids...) and overrides."""
+    fields: dict[str, Any] = dict(_COMMON)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(preset_names())}")
+        fields.update(PRESETS[preset])
+    fields.update({k: v for k, v in shared.items() if v is not None})
+    unknown = sorted(set(overrides or {}) - set(LlamaConfig().to_dict()))
+    if unknown:
+        raise ValueError(f"unknown LlamaConfig field(s) in arch.overrides: {', '.join(unknown)}")
+    fields.update(overrides or {})
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        raise ValueError("hidden_size must be a multiple of num_attention_heads")
+    return LlamaConfig(**fields)
+
+
+def shared_fields(target: PretrainedConfig) -> dict[str, Any]:
+    return {name: getattr(target, name, None) for name in SHARED_FIELDS}
+
+
+def drafter_config(target: PretrainedConfig, preset: str | None = "llama2-chat-drafter-115m",
+                   overrides: dict[str, Any] | None = None) -> LlamaConfig:
+    """Derive a drafter for `target`: its tokenizer's vocabulary, special ids and max positions."""
+    return build_config(preset, overrides, **shared_fields(target))
+
+
+def count_parameters(config: PretrainedConfig) -> int:
+    """Parameters of the model `config` describes, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def check_compatible(target: PretrainedConfig, draft: PretrainedConfig,
+                     target_vocab: dict[str, int] | None = None,
+                     draft_vocab: dict[str, int] | None = None) -> None:
+    """Raise VocabMismatchError unless `draft` can draft for `target`.
+
+    Checks the embedding sizes, the special token ids and, when given, the tokenizers'
+    token-to-id maps: a drafter with the right size but another tokenizer would be
+    accepted by the engine and then propose nonsense.
+    """
+    problems = []
+    for name in ("vocab_size", "bos_token_id", "eos_token_id"):
+        t, d = getattr(target, name, None), getattr(draft, name, None)
+        if t != d:
+            problems.append(f"{name}: target {t} != draft {d}")
+    if target_vocab is not None and draft_vocab is not None and target_vocab != draft_vocab:
+        diff = sum(1 for tok, i in target_vocab.items() if draft_vocab.get(tok) != i)
+        problems.append(f"tokenizers differ: {diff} of {len(target_vocab)} target tokens map to other ids")
+    if problems:
+        raise VocabMismatchError("target and draft do not share a vocabulary: " + "; ".join(problems))

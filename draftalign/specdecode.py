@@ -1,0 +1,231 @@
+"""Reference speculative sampling (Leviathan et al. 2023; Chen et al. 2023) over two HF causal LMs.
+
+Batch size 1, pure torch, KV caches kept across iterations.  One iteration:
+
+1. the draft samples x_1..x_n autoregressively, x_i ~ q_i = q(·|prefix, x_<i), keeping every q_i;
+2. the target scores prefix + x_1..x_n in ONE forward pass, giving p_1..p_{n+1};
+3. x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)), stopping at the first rejection;
+4. at a rejection of x_{k+1} a correction is sampled from norm(max(0, p_{k+1} − q_{k+1}));
+   if all n are accepted a bonus token is sampled from p_{n+1}.
+
+The emitted tokens are distributed exactly as the target's own samples.  Temperature and top-p are
+applied to both p and q first (``adjust_probs``).  Temperature 0 is greedy decoding, the limit case:
+x_i = argmax q_i is accepted iff it equals argmax p_i and the correction is argmax p_{k+1}, so the
+output is token-identical to the target's greedy decoding (up to floating-point ties between logits).
+
+Draft length and stopping (how the statistics stay consistent):
+
+* n = min(γ, remaining − 1), where remaining = max_new_tokens − tokens emitted so far.  An iteration
+  emits at most n + 1 tokens, so max_new_tokens is never overshot and no accepted token is thrown
+  away; only the final iteration(s) can draft fewer than γ tokens (n = 0 is a plain target step).
+* The draft stops proposing after it samples the EOS token (tokens after EOS are never emitted).  If
+  that EOS draft is accepted the generation ends without a bonus token: that iteration emits n tokens,
+  not n + 1.  An emitted correction or bonus equal to EOS also ends the generation.
+
+Every iteration is one target forward call and is recorded as (num_drafted, num_accepted,
+num_emitted); ``SpecResult.stats`` pools them into a ``SpecStats`` (τ = 1 + accepted / drafts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from draftalign.specmetrics import SpecStats
+
+__all__ = ["IterationRecord", "SpecResult", "adjust_probs", "autoregressive_generate", "speculative_generate"]
+
+
+@dataclass(frozen=True)
+class IterationRecord:
+    """One speculative iteration (= one target forward call)."""
+
+    num_drafted: int
+    num_accepted: int
+    num_emitted: int
+
+
+@dataclass
+class SpecResult:
+    """New tokens (prompt excluded), per-iteration records and their pooled statistics."""
+
+    tokens: list[int]
+    iterations: list[IterationRecord]
+    stats: SpecStats
+
+    @property
+    def num_target_calls(self) -> int:
+        return len(self.iterations)
+
+
+def adjust_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """Renormalised float32 probabilities softmax(logits / T) restricted to the top-p nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p`` (the most likely
+    token is always kept).  ``temperature == 0`` gives the one-hot argmax distribution (greedy).
+    Works on any leading shape; the vocabulary is the last dimension.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _prompt_list(input_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise ValueError(f"batch size must be 1, got input_ids of shape {tuple(input_ids.shape)}")
+        input_ids = input_ids.reshape(-1).tolist()
+    ids = [int(t) for t in input_ids]
+    if not ids:
+        raise ValueError("input_ids must hold at least one token")
+    return ids
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
+
+
+def _check_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    adjust_probs(torch.zeros(1), temperature, top_p)  # validates temperature and top_p
+
+
+def _forward_probs(model: PreTrainedModel, cache: DynamicCache, ids: list[int], keep: int,
+                   temperature: float, top_p: float) -> torch.Tensor:
+    """Feed ``ids`` after what ``cache`` holds; adjusted probs of the last ``keep`` positions, (keep, V)."""
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    # position ids are derived from the cache length; logits_to_keep skips the lm_head on the prefix
+    out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return adjust_probs(out.logits[0, -keep:], temperature, top_p)
+
+
+def _sample(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> int:
+    if greedy:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _crop(cache: DynamicCache, length: int) -> None:
+    """Keep only the first ``length`` positions of ``cache``.
+
+    transformers 5.x: ``crop(-k)`` removes k positions (a positive argument is the deprecated
+    "keep n" form) and crop(0) must be avoided (in 4.x it emptied the cache), so only call with k > 0.
+    """
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def autoregressive_generate(target: PreTrainedModel, input_ids: Sequence[int] | torch.Tensor,
+                            max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                            eos_token_id: int | Sequence[int] | None = None,
+                            generator: torch.Generator | None = None) -> list[int]:
+    """Plain target decoding, one target call per token, with the same sampler (baseline and tests).
+
+    Returns the new tokens (at most ``max_new_tokens``; ends after an EOS token).
+    """
+    _check_args(max_new_tokens, temperature, top_p)
+    tokens, eos, greedy = _prompt_list(input_ids), _eos_set(eos_token_id), temperature == 0
+    new: list[int] = []
+    with torch.inference_mode():
+        cache = DynamicCache(config=target.config)
+        while len(new) < max_new_tokens:
+            p = _forward_probs(target, cache, tokens[cache.get_seq_length():], 1, temperature, top_p)[0]
+            y = _sample(p, greedy, generator)
+            tokens.append(y)
+            new.append(y)
+            if y in eos:
+                break
+    return new
+
+
+def speculative_generate(target: PreTrainedModel, draft: PreTrainedModel,
+                         input_ids: Sequence[int] | torch.Tensor, gamma: int, max_new_tokens: int,
+                         temperature: float = 0.0, top_p: float = 1.0,
+                         eos_token_id: int | Sequence[int] | None = None,
+                         generator: torch.Generator | None = None) -> SpecResult:
+    """Speculative sampling of up to ``max_new_tokens`` tokens with draft length ``gamma`` (see module doc).
+
+    Both models must be in eval mode, on the same device as ``generator`` (None: torch's global RNG),
+    and share the vocabulary.  Raises ValueError if ``config.vocab_size`` differs.
+    """
+    t_vocab, d_vocab = target.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size
+    if t_vocab != d_vocab:
+        raise ValueError(f"target vocab_size={t_vocab} differs from draft vocab_size={d_vocab}: "
+                         "speculative decoding needs one shared vocabulary")
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    _check_args(max_new_tokens, temperature, top_p)
+    tokens, eos, greedy = _prompt_list(input_ids), _eos_set(eos_token_id), temperature == 0
+    n_prompt, records, done = len(tokens), [], False
+    with torch.inference_mode():
+        # invariant at the top of the loop: each cache holds a prefix of ``tokens`` without the last one
+        t_cache, d_cache = DynamicCache(config=target.config), DynamicCache(config=draft.config)
+        while not done and (remaining := max_new_tokens - (len(tokens) - n_prompt)) > 0:
+            base = len(tokens)
+            # 1. draft proposes n <= min(gamma, remaining - 1) tokens so that n + 1 fits the budget
+            drafts: list[int] = []
+            qs: list[torch.Tensor] = []
+            pending = tokens[d_cache.get_seq_length():]
+            for _ in range(min(gamma, remaining - 1)):
+                q = _forward_probs(draft, d_cache, pending, 1, temperature, top_p)[0]
+                x = _sample(q, greedy, generator)
+                drafts.append(x)
+                qs.append(q)
+                pending = [x]
+                if x in eos:  # nothing after EOS is ever emitted: stop drafting
+                    break
+            n = len(drafts)
+            # 2. one target pass over the uncached tokens and all drafts gives p_1..p_{n+1}
+            p = _forward_probs(target, t_cache, tokens[t_cache.get_seq_length():] + drafts, n + 1,
+                               temperature, top_p)
+            # 3. acceptance test, k = number of leading accepted drafts
+            if n == 0:
+                k = 0
+            elif greedy:
+                k = int((p[:n].argmax(-1) == torch.tensor(drafts, device=p.device)).long().cumprod(0).sum())
+            else:
+                q = torch.stack(qs).to(p.device)
+                idx, xs = torch.arange(n, device=p.device), torch.tensor(drafts, device=p.device)
+                ratio = p[idx, xs] / q[idx, xs]  # q_i(x_i) > 0 since x_i was sampled from q_i
+                u = torch.rand(n, generator=generator, device=p.device)
+                k = int((u < ratio).long().cumprod(0).sum())  # P(u < r) = min(1, r) for u ~ U[0, 1)
+            # 4. correction from the residual at the first rejection, or bonus token from p_{n+1}
+            emitted = drafts[:k]
+            if k == n and n > 0 and drafts[-1] in eos:
+                done = True  # accepted EOS draft ends the generation: no bonus token
+            else:
+                if k < n and not greedy:
+                    residual = (p[k] - q[k]).clamp_min(0.0)
+                    # residual sums to 0 only if p_k == q_k up to rounding; then p_k is the right law
+                    y = _sample(residual if residual.sum() > 0 else p[k], False, generator)
+                else:
+                    y = _sample(p[k], greedy, generator)
+                emitted.append(y)
+                done = y in eos
+            tokens.extend(emitted)
+            records.append(IterationRecord(n, k, len(emitted)))
+            # drop rejected drafts from the caches; the newest token stays uncached for the next pass
+            _crop(t_cache, base + k)
+            _crop(d_cache, base + k)
+    return SpecResult(tokens=tokens[n_prompt:], iterations=records,
+                      stats=SpecStats.from_iterations(gamma, [(r.num_drafted, r.num_accepted, r.num_emitted)
+                                                              for r in records]))

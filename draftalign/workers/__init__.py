@@ -1,0 +1,1 @@
+"""Code that runs inside Ray actors and Ray Train workers."""
