@@ -123,6 +123,15 @@ def _sample(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _new_cache(model: PreTrainedModel) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    # sliding-window / linear-attention layers can only be cropped (rolled back) when they keep their
+    # past states; full-attention layers ignore this
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+    return cache
+
+
 def _crop(cache: DynamicCache, length: int) -> None:
     """Keep only the first ``length`` positions of ``cache``.
 
@@ -146,7 +155,7 @@ def autoregressive_generate(target: PreTrainedModel, input_ids: Sequence[int] | 
     tokens, eos, greedy = _prompt_list(input_ids), _eos_set(eos_token_id), temperature == 0
     new: list[int] = []
     with torch.inference_mode():
-        cache = DynamicCache(config=target.config)
+        cache = _new_cache(target)
         while len(new) < max_new_tokens:
             p = _forward_probs(target, cache, tokens[cache.get_seq_length():], 1, temperature, top_p)[0]
             y = _sample(p, greedy, generator)
@@ -178,7 +187,7 @@ def speculative_generate(target: PreTrainedModel, draft: PreTrainedModel,
     n_prompt, records, done = len(tokens), [], False
     with torch.inference_mode():
         # invariant at the top of the loop: each cache holds a prefix of ``tokens`` without the last one
-        t_cache, d_cache = DynamicCache(config=target.config), DynamicCache(config=draft.config)
+        t_cache, d_cache = _new_cache(target), _new_cache(draft)
         while not done and (remaining := max_new_tokens - (len(tokens) - n_prompt)) > 0:
             base = len(tokens)
             # 1. draft proposes n <= min(gamma, remaining - 1) tokens so that n + 1 fits the budget

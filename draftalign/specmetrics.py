@@ -100,7 +100,7 @@ def mbsu(tau: float, gamma: int, c: float) -> float:
 
 
 def implied_block_efficiency(alpha: float, gamma: int) -> float:
-    """τ implied by i.i.d. acceptance α: (1 − α^{γ+1}) / (1 − α) = Σ_{i=0}^{γ} α^i; α = 1 gives γ + 1.
+    """τ implied by i.i.d. acceptance α: (1 − α^{γ+1}) / (1 − α) = Σ_{i=0}^{γ} α^i (γ + 1 at α = 1).
 
     Computed as the finite sum, which is exact at α = 1 and stable near it.
     """
@@ -158,8 +158,10 @@ class SpecStats:
             raise ValueError(f"num_accepted={accepted} exceeds num_draft_tokens={drafted}")
         if drafted > gamma * drafts:
             raise ValueError(f"num_draft_tokens={drafted} exceeds gamma*num_drafts={gamma}*{drafts}")
-        if any(b > a for a, b in zip((drafts,) + per_pos, per_pos)):
-            raise ValueError(f"accepted_per_pos={list(per_pos)} must be non-increasing and <= num_drafts={drafts}")
+        if any(b > a for a, b in zip(((drafts,) + per_pos)[:-1], per_pos, strict=True)):
+            raise ValueError(
+                f"accepted_per_pos={list(per_pos)} must be non-increasing and <= num_drafts={drafts}"
+            )
         if sum(per_pos) != accepted:
             raise ValueError(f"sum(accepted_per_pos)={sum(per_pos)} != num_accepted={accepted}")
         if not max(drafts, accepted) <= emitted <= drafts + accepted:
@@ -167,8 +169,9 @@ class SpecStats:
                 f"num_emitted={emitted} outside [max(num_drafts, num_accepted), num_drafts + num_accepted]"
                 f" = [{max(drafts, accepted)}, {drafts + accepted}]"
             )
-        for name, value in [("accepted_per_pos", per_pos), ("gamma", gamma), ("num_drafts", drafts),
-                            ("num_draft_tokens", drafted), ("num_accepted", accepted), ("num_emitted", emitted)]:
+        normalised = {"accepted_per_pos": per_pos, "gamma": gamma, "num_drafts": drafts,
+                      "num_draft_tokens": drafted, "num_accepted": accepted, "num_emitted": emitted}
+        for name, value in normalised.items():
             object.__setattr__(self, name, value)
 
     @classmethod
@@ -182,9 +185,13 @@ class SpecStats:
         per_pos = [0] * _count("gamma", gamma)
         drafts = drafted = accepted = emitted = 0
         for n_drafted, n_accepted, n_emitted in iterations:
-            if not 0 <= n_accepted <= n_drafted <= gamma:
-                raise ValueError(f"iteration ({n_drafted}, {n_accepted}, {n_emitted}) needs 0 <= accepted <= drafted <= gamma={gamma}")
-            drafts, drafted, accepted, emitted = drafts + 1, drafted + n_drafted, accepted + n_accepted, emitted + n_emitted
+            # an iteration emits its accepted drafts plus one token, or only them if it ended on an EOS
+            if not (0 <= n_accepted <= n_drafted <= gamma and n_emitted in (n_accepted, n_accepted + 1)
+                    and n_emitted >= 1):
+                raise ValueError(f"impossible iteration (drafted, accepted, emitted)="
+                                 f"({n_drafted}, {n_accepted}, {n_emitted}) for gamma={gamma}")
+            drafts, drafted = drafts + 1, drafted + n_drafted
+            accepted, emitted = accepted + n_accepted, emitted + n_emitted
             for i in range(n_accepted):
                 per_pos[i] += 1
         return cls(drafts, drafted, accepted, tuple(per_pos), emitted, gamma)
@@ -199,7 +206,7 @@ class SpecStats:
             self.num_drafts + other.num_drafts,
             self.num_draft_tokens + other.num_draft_tokens,
             self.num_accepted + other.num_accepted,
-            tuple(a + b for a, b in zip(self.accepted_per_pos, other.accepted_per_pos)),
+            tuple(a + b for a, b in zip(self.accepted_per_pos, other.accepted_per_pos, strict=True)),
             self.num_emitted + other.num_emitted,
             self.gamma,
         )

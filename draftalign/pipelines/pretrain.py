@@ -58,12 +58,28 @@ def _target_config(cfg: Config, tok) -> Any:
 
 
 def describe_jobs(cfg: Config) -> list[dict[str, Any]]:
-    """The --plan view: model shapes, parameter counts and Ray resources, without training."""
+    """The --plan view: model shapes, parameter counts and Ray resources, without training.
+
+    Works offline: where the target or tokenizer sits on an unreachable hub, the drafter is
+    described from its preset and arch.overrides, and the plan says so.
+    """
     out = []
     with tempfile.TemporaryDirectory() as d:
-        tok = load_tokenizer(materialize_tokenizer(cfg.tokenizer.source, Path(d) / "tok"))
+        try:
+            tok = load_tokenizer(materialize_tokenizer(cfg.tokenizer.source, Path(d) / "tok"))
+        except OSError:
+            tok = None
         for name, job in selected_jobs(cfg):
-            mc = model_config_for(cfg, name, job, tok)
+            note = None
+            try:
+                if tok is None:
+                    raise OSError(f"tokenizer {cfg.tokenizer.source!r} not reachable")
+                mc = model_config_for(cfg, name, job, tok)
+            except OSError as exc:
+                if name == "target":
+                    raise
+                mc = build_config(job.arch.preset, job.arch.overrides)
+                note = f"target not reachable from here ({str(exc).splitlines()[0]}); shape from arch only"
             out.append({
                 "job": name, "output": str(Path(cfg.pretrain.output) / name),
                 "model": {k: getattr(mc, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
@@ -71,6 +87,7 @@ def describe_jobs(cfg: Config) -> list[dict[str, Any]]:
                                                       "max_position_embeddings", "tie_word_embeddings")},
                 "parameters": count_parameters(mc),
                 "resources": train_resources(job),
+                **({"note": note} if note else {}),
             })
     return out
 

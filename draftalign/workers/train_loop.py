@@ -84,6 +84,9 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, o, world))
 
+    if rank == 0:
+        print(f"[{loop_config['name']}] {world} worker(s), {torch.get_num_threads()} torch threads each, "
+              f"ZeRO stage {t.zero_stage}, {t.dtype_name}", flush=True)
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "resumed_from": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
