@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import yaml
 
-from draftalign.config import Config, ConfigError, dump_config, load_config
-from draftalign.models import VocabMismatchError
+from draftalign.config import Config, dump_config, load_config
+from draftalign.errors import DraftalignError
 
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
 # Stages land one issue at a time; until then they say so instead of pretending.
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, VocabMismatchError, FileNotFoundError) as exc:
+    except (DraftalignError, FileNotFoundError) as exc:
         print(f"draftalign: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

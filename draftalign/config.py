@@ -13,9 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from draftalign.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the offending key."""
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "dump_config"]
 
 
 class Strict(BaseModel):

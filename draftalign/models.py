@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
+from draftalign.errors import VocabMismatchError
+
 # Architecture fields only; vocabulary, special tokens and max positions come from the
 # tokenizer (for a target built from scratch) or from the target (for a drafter).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -39,10 +41,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 _COMMON = dict(hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
 # Fields a drafter must take from its target so both can serve in one speculative engine.
 SHARED_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
-
-
-class VocabMismatchError(ValueError):
-    """Target and draft cannot share a speculative decoder."""
 
 
 def preset_names() -> list[str]:

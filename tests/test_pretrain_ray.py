@@ -3,25 +3,30 @@
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
+SMALL_ARCH = ("{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, "
+              "num_attention_heads: 2, num_key_value_heads: 2}")
+
+
+def _job(name: str, **train) -> list[str]:
+    base = {"num_workers": 1, "cpus_per_worker": 1, "max_steps": 2, "checkpoint_every": 2, "log_every": 1,
+            "micro_batch_size": 2, "seq_len": 64, "eval_batches": 2}
+    base.update(train)
+    return [f"pretrain.jobs.{name}.train.{k}={v}" for k, v in base.items()] + [
+        f"pretrain.jobs.{name}.arch.overrides={SMALL_ARCH}", f"pretrain.jobs.{name}.optim.warmup_steps=1"]
+
 
 # Two CPU workers, ZeRO-2, a checkpoint at step 2 and a crash at step 3: Ray Train must restart
 # the worker group from the checkpoint and finish at step 4.
-SMOKE = [
-    "pretrain.only=target", "pretrain.corpus.max_documents=40", "pretrain.corpus.holdout_fraction=0.2",
-    "pretrain.jobs.target.arch.overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, "
-    "num_attention_heads: 2, num_key_value_heads: 2}",
-    "pretrain.jobs.target.train.num_workers=2", "pretrain.jobs.target.train.cpus_per_worker=1",
-    "pretrain.jobs.target.train.zero_stage=2", "pretrain.jobs.target.train.max_steps=4",
-    "pretrain.jobs.target.train.checkpoint_every=2", "pretrain.jobs.target.train.log_every=1",
-    "pretrain.jobs.target.train.micro_batch_size=2", "pretrain.jobs.target.train.seq_len=64",
-    "pretrain.jobs.target.train.eval_batches=2", "pretrain.jobs.target.train.inject_failure_at_step=3",
-    "pretrain.jobs.target.optim.warmup_steps=1",
-]
+SMOKE = ["pretrain.only=target", "pretrain.corpus.max_documents=40", "pretrain.corpus.holdout_fraction=0.2",
+         *_job("target", num_workers=2, zero_stage=2, max_steps=4, inject_failure_at_step=3)]
 
 
 def _draftalign(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -29,12 +34,16 @@ def _draftalign(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_pretrain_zero2_two_workers_survives_a_crash_and_exports(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def target_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain") / "run"
     proc = _draftalign("pretrain", str(TINY), f"run.output={out}", *SMOKE)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def test_zero2_two_workers_survive_a_crash_and_export(target_run):
+    out, proc = target_run
     model_dir = out / "pretrain" / "target" / "model"
     info = json.loads((model_dir / "draftalign_model.json").read_text())
     m = info["metrics"]
@@ -55,13 +64,77 @@ def test_pretrain_zero2_two_workers_survives_a_crash_and_exports(tmp_path):
     assert run_info["versions"]["ray"] and run_info["fingerprint"] == info["fingerprint"]
     assert "inject_failure_at_step: 3" in (out / "pretrain" / "target" / "config.yaml").read_text()
 
-    # The same command again reuses the export instead of retraining.
+
+def test_same_command_reuses_and_other_config_is_refused(target_run):
+    out, _ = target_run
     again = _draftalign("pretrain", str(TINY), f"run.output={out}", *SMOKE, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "reusing" in again.stdout
-
-    # Another config in the same folder is refused, and nothing is deleted.
     other = _draftalign("pretrain", str(TINY), f"run.output={out}", *SMOKE,
                         "pretrain.jobs.target.train.max_steps=5", timeout=120)
     assert other.returncode == 2 and "another config" in other.stderr
-    assert (model_dir / "model.safetensors").is_file()
+    assert (out / "pretrain" / "target" / "model" / "model.safetensors").is_file()  # nothing lost
+
+
+def test_draft_from_jsonl_and_text_files_takes_the_targets_vocabulary(target_run, tmp_path):
+    out, _ = target_run
+    target_dir = out / "pretrain" / "target" / "model"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    source = Path(json.__file__).with_name("decoder.py").read_text()
+    paragraphs = [p for p in source.split("\n\n") if p.strip()]
+    (corpus / "rows.jsonl").write_text("".join(json.dumps({"body": p}) + "\n" for p in paragraphs))
+    (corpus / "doc.txt").write_text(source)
+    common = ["pretrain.only=draft", f"models.target={target_dir}", "pretrain.corpus.kind=files",
+              f"pretrain.corpus.paths=[{corpus}]", "pretrain.corpus.holdout_fraction=0.0", *_job("draft")]
+    bad = _draftalign("pretrain", str(TINY), f"run.output={tmp_path / 'bad'}", *common, timeout=300)
+    assert bad.returncode == 2 and "no column 'text'" in bad.stderr, bad.stderr[-2000:]
+
+    proc = _draftalign("pretrain", str(TINY), f"run.output={tmp_path / 'd'}", *common,
+                       "pretrain.corpus.text_field=body")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "held-out perplexity n/a" in proc.stdout
+    from transformers import AutoConfig
+
+    draft = AutoConfig.from_pretrained(tmp_path / "d" / "pretrain" / "draft" / "model")
+    target = AutoConfig.from_pretrained(target_dir)
+    assert (draft.vocab_size, draft.max_position_embeddings, draft.eos_token_id) == (
+        target.vocab_size, target.max_position_embeddings, target.eos_token_id)
+
+
+VLLM_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from vllm import LLM, SamplingParams
+
+    def main():
+        llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.05,
+                  max_model_len=128, seed=0)
+        ids = json.loads(sys.argv[2])
+        out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0))
+        lps = [None] + [next(iter(d.values())).logprob for d in out[0].prompt_logprobs[1:]]
+        print("RESULT " + json.dumps(lps))
+
+    if __name__ == "__main__":
+        main()
+""")
+
+
+def test_export_loads_in_vllm_with_the_same_log_probs(target_run, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model_dir = target_run[0] / "pretrain" / "target" / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok("def add(a, b):\n    return a + b\n")["input_ids"]
+    script = tmp_path / "vllm_check.py"
+    script.write_text(VLLM_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(ids)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    vllm_lps = json.loads(proc.stdout.split("RESULT ", 1)[1])[1:]
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    hf_lps = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert len(vllm_lps) == len(hf_lps)
+    assert max(abs(a - b) for a, b in zip(vllm_lps, hf_lps, strict=True)) < 1e-3

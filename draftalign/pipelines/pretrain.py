@@ -7,6 +7,7 @@ already exists for the same inputs and config is reused, not retrained.
 
 from __future__ import annotations
 
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,8 +16,13 @@ from typing import Any
 from draftalign.cluster.resources import train_resources
 from draftalign.config import Config, ConfigError, CorpusConfig, PretrainJob
 from draftalign.corpus import is_holdout, list_files, stdlib_files, stdlib_root
-from draftalign.models import (build_config, check_compatible, count_parameters, drafter_config,
-                               load_model_config)
+from draftalign.models import (
+    build_config,
+    check_compatible,
+    count_parameters,
+    drafter_config,
+    load_model_config,
+)
 from draftalign.runinfo import fingerprint, write_json_atomic, write_run_info
 from draftalign.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
 
@@ -114,6 +120,7 @@ def corpus_datasets(corpus: CorpusConfig, tokenizer_dir: str, seq_len: int, seed
         else:
             files, key = list_files(corpus.paths, _DOC_SUFFIXES + _ROW_SUFFIXES), str
         files = files[: corpus.max_documents] if corpus.max_documents else files
+        random.Random(seed).shuffle(files)  # mixes modules; the same seed gives the same order
         parts = {"train": [p for p in files if not is_holdout(key(p), frac)],
                  "holdout": [p for p in files if is_holdout(key(p), frac)]}
         splits = {s: _read_files(ps, corpus, bytes_to_text) for s, ps in parts.items()}
@@ -128,7 +135,9 @@ def corpus_datasets(corpus: CorpusConfig, tokenizer_dir: str, seq_len: int, seed
     kwargs = {"tokenizer_path": tokenizer_dir, "seq_len": seq_len}
     train = splits["train"].map_batches(tokenize_and_pack, fn_kwargs=kwargs, batch_size=64)
     holdout = splits["holdout"].map_batches(tokenize_and_pack, fn_kwargs=kwargs, batch_size=64)
-    return train.randomize_block_order(seed=seed), holdout.materialize()
+    # No all-to-all shuffle here: it would hold training back until the whole corpus is read,
+    # which never happens for a 600B-token stream. File order is shuffled at the source instead.
+    return train, holdout.materialize()
 
 
 def _read_files(paths: list[Path], corpus: CorpusConfig, bytes_to_text):
@@ -229,6 +238,9 @@ def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_d
     t = job.train
     train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, t.seq_len, t.seed)
     res = train_resources(job)
+    # Rows in the same order on every run, so a resumed epoch can skip exactly what was trained.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     trainer = TorchTrainer(
         pretrain_loop,
         train_loop_config={"name": f"pretrain {name}", "job": job, "model_config": mc.to_dict()},
@@ -240,6 +252,6 @@ def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_d
             failure_config=FailureConfig(max_failures=t.max_failures)),
         datasets={"train": train_ds, "holdout": holdout_ds},
         # Each worker evaluates the same held-out rows: small, and no shard can come out empty.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
     )
     return trainer.fit()

@@ -1,0 +1,242 @@
+"""Versioned Parquet row contracts of the `generate` stage (schema_version 1).
+
+Every file carries a `schema_version` column; readers call `check_table` first, so a
+file written by another version fails with the columns that differ, not deep in training.
+
+Distillation set (`DISTILL_SCHEMA`), one row per (seed, sampling setting):
+
+- `id` (string): the seed id, from the seed file's id column or `s-` + sha256 of its text.
+- `row_key` (string): `"{id}/{sampling.name}"`, unique per row; resume skips keys already written.
+- `source` (string): where the seed came from (file or data set name).
+- `instruction` (string): the seed instruction (the last user turn for message seeds).
+- `input` (string, nullable): the seed's optional context, appended to the instruction.
+- `messages` (list<struct<role: string, content: string>>): the conversation sent to the target.
+- `prompt_text` (string): `messages` rendered by the target's chat template, BOS included.
+- `prompt_token_ids` (list<int32>): the target tokenizer's ids of `prompt_text`.
+- `response_text` (string): the target's answer.
+- `response_token_ids` (list<int32>): the ids the target generated, EOS included if emitted.
+- `finish_reason` (string): `"stop"` (EOS or a stop string), `"length"` (hit
+  `max_tokens`), or another engine reason.
+- `sampling` (struct<name: string, temperature: float32, top_p: float32, max_tokens:
+  int32, seed: int64 nullable>): the setting that produced the answer; temperature 0 = greedy.
+- `num_input_tokens` (int32): `len(prompt_token_ids)`.
+- `num_generated_tokens` (int32): `len(response_token_ids)`.
+- `target_model` (string): the target's name or path as configured.
+- `target_hash` (string): fingerprint of the target's weights and config.
+- `chat_template_hash` (string): 16 hex chars of sha256 of the chat template used.
+- `schema_version` (int32): 1.
+
+Errors (`ERROR_SCHEMA`), one row per seed or request that produced no distillation row:
+
+- `id` (string, nullable): the seed id, when known.
+- `row_key` (string, nullable): the failed request's row key, for engine errors.
+- `source` (string): as above.
+- `stage` (string): where it failed: `"seeds"` (reading/validating) or `"engine"` (generation).
+- `reason` (string): what went wrong, in words.
+- `raw` (string): the offending input as JSON, at most 2000 characters.
+- `schema_version` (int32): 1.
+
+Prepared seeds (`SEED_SCHEMA`): `id`, `source`, `instruction`, `input`, `messages` and
+`schema_version`, typed as in the distillation set.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "SCHEMA_VERSION", "DISTILL_SCHEMA", "ERROR_SCHEMA", "SEED_SCHEMA",
+    "row_key", "to_table", "check_table", "write_parquet_atomic",
+]
+
+SCHEMA_VERSION = 1
+
+_MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string(), False), pa.field("content", pa.string(), False)]))
+_SAMPLING = pa.struct(
+    [
+        pa.field("name", pa.string(), False),
+        pa.field("temperature", pa.float32(), False),
+        pa.field("top_p", pa.float32(), False),
+        pa.field("max_tokens", pa.int32(), False),
+        pa.field("seed", pa.int64(), True),
+    ]
+)
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    meta = {"draftalign.schema": name, "draftalign.schema_version": str(SCHEMA_VERSION)}
+    return pa.schema([*fields, pa.field("schema_version", pa.int32(), False)], metadata=meta)
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable)
+
+
+_SEED_FIELDS = [
+    _f("id", pa.string()),
+    _f("source", pa.string()),
+    _f("instruction", pa.string()),
+    _f("input", pa.string(), True),
+    _f("messages", _MESSAGES),
+]
+SEED_SCHEMA = _schema("seeds", _SEED_FIELDS)
+DISTILL_SCHEMA = _schema(
+    "distill",
+    [
+        *_SEED_FIELDS[:1],
+        _f("row_key", pa.string()),
+        *_SEED_FIELDS[1:],
+        _f("prompt_text", pa.string()),
+        _f("prompt_token_ids", pa.list_(pa.int32())),
+        _f("response_text", pa.string()),
+        _f("response_token_ids", pa.list_(pa.int32())),
+        _f("finish_reason", pa.string()),
+        _f("sampling", _SAMPLING),
+        _f("num_input_tokens", pa.int32()),
+        _f("num_generated_tokens", pa.int32()),
+        _f("target_model", pa.string()),
+        _f("target_hash", pa.string()),
+        _f("chat_template_hash", pa.string()),
+    ],
+)
+ERROR_SCHEMA = _schema(
+    "errors",
+    [
+        _f("id", pa.string(), True),
+        _f("row_key", pa.string(), True),
+        _f("source", pa.string()),
+        _f("stage", pa.string()),
+        _f("reason", pa.string()),
+        _f("raw", pa.string()),
+    ],
+)
+
+
+def row_key(seed_id: str, sampling_name: str) -> str:
+    return f"{seed_id}/{sampling_name}"
+
+
+def _check(value: Any, type_: pa.DataType, nullable: bool, where: str) -> None:
+    """Raise ValueError(where: ...) unless `value` fits `type_` exactly (no silent casts)."""
+    if value is None:
+        if not nullable:
+            raise ValueError(f"{where}: is missing or null but required")
+        return
+    if pa.types.is_string(type_):
+        ok = isinstance(value, str)
+    elif pa.types.is_integer(type_):
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif pa.types.is_floating(type_):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    elif pa.types.is_list(type_):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list for {type_}, got {type(value).__name__}")
+        item = type_.value_field
+        if pa.types.is_integer(item.type):  # token ids: a fast pass, the slow one only on failure
+            if set(map(type, value)) <= {int}:  # C-speed exact check; bool or floats take the slow path
+                return
+        for i, v in enumerate(value):
+            _check(v, item.type, item.nullable, f"{where}[{i}]")
+        return
+    elif pa.types.is_struct(type_):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object for {type_}, got {type(value).__name__}")
+        names = {type_.field(i).name for i in range(type_.num_fields)}
+        if extra := sorted(set(value) - names):
+            raise ValueError(f"{where}: unexpected keys {extra}")
+        for i in range(type_.num_fields):
+            f = type_.field(i)
+            _check(value.get(f.name), f.type, f.nullable, f"{where}.{f.name}")
+        return
+    else:
+        ok = True  # no other types are used; pyarrow converts them
+    if not ok:
+        raise ValueError(f"{where}: expected {type_}, got {type(value).__name__} {value!r:.80}")
+
+
+def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows as a table of exactly `schema`, or ValueError naming the row index and column.
+
+    Nullable columns may be left out (they become null); `schema_version` may be left out
+    (it is filled with SCHEMA_VERSION). Extra keys and values of the wrong type are errors.
+    """
+    names = set(schema.names)
+    filled = []
+    for i, row in enumerate(rows):
+        if extra := sorted(set(row) - names):
+            raise ValueError(f"row {i}: unexpected columns {extra} (schema has {schema.names})")
+        row = {"schema_version": SCHEMA_VERSION, **row}
+        if row["schema_version"] != SCHEMA_VERSION:
+            raise ValueError(f"row {i}, column 'schema_version': {row['schema_version']!r} != {SCHEMA_VERSION}")
+        for field in schema:
+            _check(row.get(field.name), field.type, field.nullable, f"row {i}, column {field.name!r}")
+        filled.append(row)
+    columns = []
+    for field in schema:
+        values = [row.get(field.name) for row in filled]
+        try:
+            columns.append(pa.array(values, type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. an int32 overflow
+            for i, v in enumerate(values):
+                try:
+                    pa.array([v], type=field.type)
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as row_exc:
+                    raise ValueError(f"row {i}, column {field.name!r}: {row_exc}") from None
+            raise ValueError(f"column {field.name!r}: {exc}") from None
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    """Type equality that ignores nullability and list item names, which writers differ on."""
+    if pa.types.is_list(a) or pa.types.is_large_list(a):
+        return type(a) is type(b) and _same_type(a.value_type, b.value_type)
+    if pa.types.is_struct(a):
+        if not pa.types.is_struct(b) or a.num_fields != b.num_fields:
+            return False
+        pairs = [(a.field(i), b.field(i)) for i in range(a.num_fields)]
+        return all(x.name == y.name and _same_type(x.type, y.type) for x, y in pairs)
+    return a.equals(b)
+
+
+def check_table(table_or_schema: pa.Table | pa.Schema, schema: pa.Schema) -> None:
+    """Raise ValueError naming every missing or mistyped column; extra columns are allowed."""
+    have = table_or_schema if isinstance(table_or_schema, pa.Schema) else table_or_schema.schema
+    problems = [f"missing column {f.name!r} ({f.type})" for f in schema if f.name not in have.names]
+    for f in schema:
+        if f.name in have.names and not _same_type(have.field(f.name).type, f.type):
+            problems.append(f"column {f.name!r} is {have.field(f.name).type}, expected {f.type}")
+    if problems:
+        found = (have.metadata or {}).get(b"draftalign.schema_version", b"unknown").decode()
+        raise ValueError(
+            f"table does not match schema_version {SCHEMA_VERSION} (file says schema_version {found}): "
+            + "; ".join(problems)
+        )
+
+
+def write_parquet_atomic(table: pa.Table, path: str | Path) -> Path:
+    """Write `table` to `path` via a temp file in the same folder and os.replace.
+
+    A writer killed midway leaves at most a hidden `.name.*.tmp` file, never a half file
+    under the final name; readers see the old file or the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkstemp: its 0600 mode would stick to the final file; "xb" still refuses a clash.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the bytes do
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,217 @@
+"""Seed instructions: read, validate, de-duplicate and shape them into chat messages.
+
+A seed file is any table of instructions; `SeedFields` maps its columns, so the bundled
+seeds (`id`/`instruction`/`input`), Dolly (`instruction`/`context`), OIG-like dumps and
+OpenAssistant-style message lists all load with a mapping change only.
+
+`prepare_seeds` never raises on a bad row: each becomes an error row instead, so one
+broken line in a million-row file costs that line, not the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["SeedFields", "normalize_text", "seed_id", "prepare_seeds", "read_seed_file", "SUPPORTED_SUFFIXES"]
+
+SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
+RAW_LIMIT = 2000  # chars of the original row kept in an error row: enough to find it, not a copy
+ERROR_KEY = "__error__"  # read_seed_file marks an unreadable line with this key
+RAW_KEY = "__raw__"
+
+# Other chat dumps name roles differently; the Llama 2 template knows only these three.
+_ROLE_ALIASES = {"prompter": "user", "human": "user", "gpt": "assistant", "bot": "assistant"}
+_ROLES = ("system", "user", "assistant")
+
+
+class SeedFields(BaseModel):
+    """Which column holds what. `messages`, when set, replaces `instruction`/`input`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    instruction: str = "instruction"
+    input: str | None = "input"  # optional context appended to the instruction
+    messages: str | None = None  # a list of {role, content} turns ending with a user turn
+    id: str | None = None  # a stable id column; else the id is derived from the text
+    source: str | None = None  # a per-row source column; else prepare_seeds' `source`
+
+
+class _Bad(Exception):
+    """A row-level problem; its message is the error row's reason."""
+
+
+def normalize_text(s: str) -> str:
+    """NFKC, lowercase, whitespace runs collapsed to one space, stripped: the dedup key."""
+    return " ".join(unicodedata.normalize("NFKC", s).lower().split())
+
+
+def seed_id(text: str) -> str:
+    """`s-` + 16 hex chars of sha256 of the normalised text: same text, same id, any run."""
+    return "s-" + hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()[:16]
+
+
+def _text(value: Any, name: str, *, allow_empty: bool = False) -> str:
+    """A str field checked for type, encoding and emptiness; bytes are decoded as UTF-8."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Bad(f"invalid UTF-8 in field {name!r}: {exc}") from None
+    if not isinstance(value, str):
+        raise _Bad(f"not text: field {name!r} holds {type(value).__name__}, expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON "\ud800" escapes decode to lone surrogates, which no UTF-8 writer accepts.
+        raise _Bad(f"invalid UTF-8 in field {name!r}: lone surrogate at index {exc.start}") from None
+    if not allow_empty and not value.strip():
+        raise _Bad(f"empty text in field {name!r}")
+    return value
+
+
+def _messages(value: Any, name: str) -> list[dict[str, str]]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _Bad(f"malformed messages: field {name!r} must be a non-empty list of {{role, content}}")
+    out = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise _Bad(f"malformed messages: turn {i} is {type(turn).__name__}, expected an object")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if not isinstance(role, str) or _ROLE_ALIASES.get(role, role) not in _ROLES:
+            raise _Bad(f"malformed messages: turn {i} has role {role!r}, expected one of {_ROLES}")
+        if content is None:
+            raise _Bad(f"malformed messages: turn {i} has no content")
+        out.append({"role": _ROLE_ALIASES.get(role, role), "content": _text(content, f"{name}[{i}].content")})
+    chat = out[1:] if out[0]["role"] == "system" else out
+    expected = ["user", "assistant"] * len(chat)
+    if not chat or [t["role"] for t in chat] != expected[: len(chat)] or chat[-1]["role"] != "user":
+        roles = "/".join(t["role"] for t in out)
+        raise _Bad(
+            f"malformed messages: roles {roles} must alternate user/assistant "
+            "after an optional system turn and end with user"
+        )
+    return out
+
+
+def _get(row: dict, column: str) -> Any:
+    if row.get(column) is None:  # a null cell (Parquet, JSON null) is as absent as a missing key
+        raise _Bad(f"missing field {column!r}" + ("" if column not in row else " (null)"))
+    return row[column]
+
+
+def _raw(row: dict) -> str:
+    # ensure_ascii escapes lone surrogates, so even the worst row serialises.
+    text = row[RAW_KEY] if isinstance(row, dict) and RAW_KEY in row else json.dumps(row, ensure_ascii=True, default=repr)
+    return str(text)[:RAW_LIMIT]
+
+
+def prepare_seeds(
+    rows: Iterable[dict], fields: SeedFields, source: str, max_seeds: int | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Validate and shape seed rows, in order; return (good rows, error rows).
+
+    Good row: {"id": str, "source": str, "instruction": str, "input": str | None,
+    "messages": [{"role": str, "content": str}, ...]}. Without a messages column the
+    messages are one user turn, instruction + "\\n\\n" + input. With one, `instruction` is
+    the last user turn and `input` is None. An empty input counts as no input (Dolly).
+    Error row: {"id": str | None, "source": str, "reason": str, "raw": JSON str (≤ 2000 chars)}.
+    Duplicates (same normalised text) keep the first occurrence. Reading stops once
+    `max_seeds` good rows are collected, so later rows are neither kept nor reported.
+    """
+    good: list[dict] = []
+    errors: list[dict] = []
+    kept_by_text: dict[str, str] = {}  # normalised text -> id of the seed that kept it
+    text_by_id: dict[str, str] = {}
+    for row in rows:
+        if max_seeds is not None and len(good) >= max_seeds:
+            break
+        row_id: str | None = None
+        row_source = source
+        try:
+            if not isinstance(row, dict):
+                raise _Bad(f"not an object: row is {type(row).__name__}")
+            if ERROR_KEY in row:
+                raise _Bad(str(row[ERROR_KEY]))
+            if fields.source is not None and row.get(fields.source) is not None:
+                row_source = _text(row[fields.source], fields.source)
+            if fields.id is not None:
+                raw_id = _get(row, fields.id)
+                # Integer ids (common in exports) are fine; they become strings.
+                row_id = str(raw_id) if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
+                row_id = row_id or _text(raw_id, fields.id).strip()
+            if fields.messages is not None:
+                messages = _messages(_get(row, fields.messages), fields.messages)
+                instruction = next(t["content"] for t in reversed(messages) if t["role"] == "user")
+                context = None
+                key_text = "\n".join(f"{t['role']}: {t['content']}" for t in messages)
+            else:
+                instruction = _text(_get(row, fields.instruction), fields.instruction)
+                context = None
+                if fields.input is not None and row.get(fields.input) is not None:
+                    context = _text(row[fields.input], fields.input, allow_empty=True)
+                    context = context if context.strip() else None
+                user = instruction if context is None else f"{instruction}\n\n{context}"
+                messages = [{"role": "user", "content": user}]
+                key_text = user
+            key = normalize_text(key_text)
+            row_id = row_id or seed_id(key_text)
+            if key in kept_by_text:
+                raise _Bad(f"duplicate of an earlier seed: same normalised text as kept id {kept_by_text[key]!r}")
+            if row_id in text_by_id:
+                raise _Bad(f"duplicate id {row_id!r}: an earlier seed with different text has it")
+        except _Bad as exc:
+            errors.append({"id": row_id, "source": row_source, "reason": str(exc), "raw": _raw(row)})
+            continue
+        kept_by_text[key] = row_id
+        text_by_id[row_id] = key
+        good.append(
+            {"id": row_id, "source": row_source, "instruction": instruction, "input": context, "messages": messages}
+        )
+    return good, errors
+
+
+def read_seed_file(path: str | Path) -> Iterator[dict]:
+    """Stream rows from .jsonl or .parquet; an unreadable JSONL line yields {"__error__": reason}."""
+    path = Path(path).expanduser()
+    if path.suffix not in SUPPORTED_SUFFIXES:
+        supported = ", ".join(SUPPORTED_SUFFIXES)
+        raise ValueError(f"seed file {str(path)!r}: unsupported suffix {path.suffix!r}; supported: {supported}")
+    if not path.is_file():
+        raise FileNotFoundError(f"seed file {str(path)!r} does not exist")
+    return _read_jsonl(path) if path.suffix == ".jsonl" else _read_parquet(path)
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    with path.open("rb") as f:  # bytes, so one bad line is reported instead of failing the file
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield {ERROR_KEY: f"line {n}: invalid UTF-8: {exc}", RAW_KEY: raw.decode("utf-8", "replace")}
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield {ERROR_KEY: f"line {n}: not valid JSON: {exc}", RAW_KEY: line.rstrip("\n")}
+                continue
+            if not isinstance(obj, dict):
+                yield {ERROR_KEY: f"line {n}: not a JSON object but {type(obj).__name__}", RAW_KEY: line.rstrip("\n")}
+                continue
+            yield obj
+
+
+def _read_parquet(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        yield from batch.to_pylist()
