@@ -53,6 +53,12 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from draftalign.inspect import inspect_main
+
+    return inspect_main(args.path, args.rows, args.plot, out=sys.stdout)
+
+
 def _not_built(what: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         print(f"draftalign: {what} is not built yet", file=sys.stderr)
@@ -71,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--plan", action="store_true", help="print the resolved config and Ray resources, then exit")
         p.set_defaults(func=_stage_command(stage))
     p = sub.add_parser("inspect", help="describe a Parquet data set of the project")
-    p.add_argument("path")
-    p.set_defaults(func=_not_built("inspect"))
+    p.add_argument("path", help="a .parquet file or a stage output folder")
+    p.add_argument("--rows", type=int, default=3, help="sample rows to show (default 3)")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the token-length histograms")
+    p.set_defaults(func=_inspect)
     p = sub.add_parser("submit", help="submit a stage to a Ray cluster through the Jobs API")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_not_built("submit"))

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from draftalign.cli import main
 from draftalign.config import ConfigError, load_config, parse_overrides
@@ -37,7 +38,7 @@ def test_bad_value_names_key():
 
 def test_config_is_frozen():
     cfg = load_config(TINY)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.run.seed = 3
 
 

@@ -1,8 +1,13 @@
 import pytest
 from transformers import LlamaConfig
 
-from draftalign.models import (VocabMismatchError, build_config, check_compatible, count_parameters,
-                               drafter_config)
+from draftalign.models import (
+    VocabMismatchError,
+    build_config,
+    check_compatible,
+    count_parameters,
+    drafter_config,
+)
 from draftalign.packing import pack_documents
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
