@@ -131,7 +131,7 @@ def test_export_loads_in_vllm_with_the_same_log_probs(target_run, tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(ids)], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    vllm_lps = json.loads(proc.stdout.split("RESULT ", 1)[1])[1:]
+    vllm_lps = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])[1:]
     model = LlamaForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)

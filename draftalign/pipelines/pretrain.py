@@ -99,11 +99,13 @@ def describe_jobs(cfg: Config) -> list[dict[str, Any]]:
 
 
 def _rows_text(ds, field: str, where: str):
+    from draftalign.workers.tokenize import column_as_text
+
     names = ds.schema().names
     if field not in names:
         raise ConfigError(f"corpus {where} has no column {field!r} (columns: {', '.join(names)}); "
                           "set pretrain.corpus.text_field")
-    return ds.select_columns([field]).rename_columns({field: "text"})
+    return ds.map_batches(column_as_text, fn_kwargs={"field": field}, batch_format="pyarrow")
 
 
 def corpus_datasets(corpus: CorpusConfig, tokenizer_dir: str, seq_len: int, seed: int):
@@ -148,7 +150,7 @@ def _read_files(paths: list[Path], corpus: CorpusConfig, bytes_to_text):
     docs = [str(p) for p in paths if p.suffix not in _ROW_SUFFIXES]
     parts = []
     if docs:
-        parts.append(ray.data.read_binary_files(docs).map_batches(bytes_to_text))
+        parts.append(ray.data.read_binary_files(docs).map_batches(bytes_to_text, batch_format="pyarrow"))
     jsonl = [str(p) for p in paths if p.suffix in (".jsonl", ".json")]
     if jsonl:
         parts.append(_rows_text(ray.data.read_json(jsonl, lines=True), corpus.text_field, "JSONL"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
+import pyarrow as pa
 
 from draftalign.packing import pack_documents
 
@@ -18,9 +18,19 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def bytes_to_text(batch: dict[str, Any]) -> dict[str, Any]:
+# Every source yields Arrow batches with one string column "text": Ray Data cannot batch a
+# union of sources whose blocks come in different formats (Arrow and pandas).
+
+
+def bytes_to_text(batch: pa.Table) -> pa.Table:
     """{bytes, path} rows from read_binary_files -> {text}; bad UTF-8 is replaced, not fatal."""
-    return {"text": np.array([b.decode("utf-8", "replace") for b in batch["bytes"]], dtype=object)}
+    return pa.table({"text": [b.decode("utf-8", "replace") for b in batch.column("bytes").to_pylist()]})
+
+
+def column_as_text(batch: pa.Table, field: str) -> pa.Table:
+    """{field, ...} rows -> {text}; values that are not strings become empty and are skipped later."""
+    values = batch.column(field).to_pylist()
+    return pa.table({"text": [v if isinstance(v, str) else "" for v in values]})
 
 
 def tokenize_and_pack(batch: dict[str, Any], tokenizer_path: str, seq_len: int) -> dict[str, Any]:

@@ -19,6 +19,10 @@ import torch
 
 from draftalign.config import OptimConfig, PretrainJob, TrainConfig
 
+# Ray Train v2 hands each report to its controller, which polls every couple of seconds; a
+# report made sooner than that blocks the step. Progress is printed at every log step anyway.
+REPORT_INTERVAL_S = 5.0
+
 
 def deepspeed_config(t: TrainConfig, o: OptimConfig, world_size: int) -> dict[str, Any]:
     """DeepSpeed's JSON config for a torch optimizer (its fused CPU Adam needs compiled ops)."""
@@ -111,6 +115,7 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
     holdout_shard = ray.train.get_dataset_shard("holdout")
     tokens_per_micro = t.micro_batch_size * t.seq_len
     window_loss, window_micro, window_start = 0.0, 0, time.perf_counter()
+    last_report = 0.0
     metrics: dict[str, Any] = {}
     while state["step"] < t.max_steps:
         skip = state["micro_in_epoch"]  # resume mid-epoch: pass over what was already trained on
@@ -143,7 +148,6 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
                     "tokens_per_s": window_micro * tokens_per_micro * world / max(elapsed, 1e-9),
                     "resumed_from_step": state["resumed_from"],
                 }
-                window_loss, window_micro, window_start = 0.0, 0, time.perf_counter()
                 if (t.eval_every and step % t.eval_every == 0) or is_last:
                     held = _evaluate(engine, holdout_shard, t)
                     if held is not None:
@@ -156,8 +160,12 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
                     break
                 if step % t.checkpoint_every == 0:
                     save(metrics)
-                else:
+                    last_report = time.perf_counter()
+                elif time.perf_counter() - last_report >= REPORT_INTERVAL_S:
                     ray.train.report(metrics)
+                    last_report = time.perf_counter()
+                # Evaluation and checkpoint time stay out of the next window's tokens/s.
+                window_loss, window_micro, window_start = 0.0, 0, time.perf_counter()
         if not seen_any:
             raise RuntimeError("the training data set is empty: no packed sequence of train.seq_len tokens")
         if state["step"] < t.max_steps:
