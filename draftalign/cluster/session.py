@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from draftalign.config import RayConfig
 
 
@@ -12,8 +10,6 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    # Ray Data's per-operator progress bars are the long-work progress users expect.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if cfg.address:
         ray.init(address=cfg.address)
     else:

@@ -7,6 +7,7 @@ already exists for the same inputs and config is reused, not retrained.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import tempfile
@@ -56,8 +57,11 @@ def model_config_for(cfg: Config, name: str, job: PretrainJob, tok) -> Any:
 
 
 def _target_config(cfg: Config, tok) -> Any:
+    """The target's config: the named model, else the target job's export, else its arch."""
     if cfg.models.target:
         return load_model_config(cfg.models.target, cfg.models.trust_remote_code)
+    if (Path(cfg.target_path()) / "config.json").is_file():
+        return load_model_config(cfg.target_path())
     if "target" in cfg.pretrain.jobs:
         return model_config_for(cfg, "target", cfg.pretrain.jobs["target"], tok)
     raise ConfigError("the draft needs a target: set models.target or add pretrain.jobs.target")
@@ -173,14 +177,9 @@ def run_pretrain(cfg: Config) -> dict[str, Path]:
     jobs = selected_jobs(cfg)
     if not jobs:
         raise ConfigError("pretrain.jobs is empty: nothing to pretrain")
-    # Everything that can be refused is checked before Ray starts.
+    # Everything that can be refused (vocabulary mismatch, bad arch) is checked before Ray starts.
     plans = [(name, job, model_config_for(cfg, name, job, tok)) for name, job in jobs]
-    exported: dict[str, Path] = {}
-    for name, job, mc in plans:
-        if name == "draft" and "target" in exported:
-            mc = model_config_for(cfg, name, job, tok)  # now from the target just exported
-        exported[name] = _run_job(cfg, name, job, mc, tok_dir, tok)
-    return exported
+    return {name: _run_job(cfg, name, job, mc, tok_dir, tok) for name, job, mc in plans}
 
 
 def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, tok) -> Path:
@@ -189,8 +188,6 @@ def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, t
     fp = _job_fingerprint(cfg, job, mc, tok)
     info_path = model_dir / MODEL_INFO
     if info_path.is_file():
-        import json
-
         if json.loads(info_path.read_text()).get("fingerprint") == fp:
             print(f"[pretrain {name}] reusing {model_dir} (same inputs and config)", flush=True)
             return model_dir
@@ -216,8 +213,6 @@ def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, t
 
 def _claim(job_dir: Path, fp: str, overwrite: bool) -> None:
     """Refuse to mix checkpoints of another config into this folder; never delete silently."""
-    import json
-
     marker = job_dir / "job.json"
     if marker.is_file():
         old = json.loads(marker.read_text()).get("fingerprint")
