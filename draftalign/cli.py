@@ -13,30 +13,41 @@ from draftalign.errors import DraftalignError
 
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
 # Stages land one issue at a time; until then they say so instead of pretending.
-_NOT_BUILT = {"generate": "distillation set generation", "distill": "distillation",
-              "evaluate": "speculative-decoding evaluation"}
+_NOT_BUILT = {"distill": "distillation", "evaluate": "speculative-decoding evaluation"}
 
 
 def _plan(cfg: Config, stage: str) -> dict:
+    from draftalign.pipelines.generate import describe_generate
     from draftalign.pipelines.pretrain import describe_jobs
 
+    plan: dict = {}
     if stage in ("pretrain", "run"):
-        return {"pretrain": {"ray": cfg.ray.model_dump(), "jobs": describe_jobs(cfg)}}
-    return {stage: "not built yet"}
+        plan["pretrain"] = {"ray": cfg.ray.model_dump(), "jobs": describe_jobs(cfg)}
+    if stage in ("generate", "run"):
+        plan["generate"] = {"ray": cfg.ray.model_dump(), **describe_generate(cfg)}
+    if stage in _NOT_BUILT:
+        plan[stage] = "not built yet"
+    return plan
 
 
 def _run_stage(cfg: Config, stage: str) -> int:
     if stage in _NOT_BUILT:
         print(f"draftalign {stage}: {_NOT_BUILT[stage]} is not built yet", file=sys.stderr)
         return 2
-    from draftalign.pipelines.pretrain import run_pretrain
+    if stage in ("pretrain", "run"):
+        from draftalign.pipelines.pretrain import run_pretrain
 
-    exported = run_pretrain(cfg)
-    for name, path in exported.items():
-        print(f"{name}: {path}")
+        exported = run_pretrain(cfg)
+        for name, path in exported.items():
+            print(f"{name}: {path}")
+    if stage in ("generate", "run"):
+        from draftalign.pipelines.generate import run_generate
+
+        manifest = run_generate(cfg)
+        print(f"distillation set: {cfg.generate.output} ({manifest['counts']['rows_in_data']} rows)")
     if stage == "run":
-        print("next: generate, distill and evaluate are not built yet; the pretrained models above are "
-              "the embedded world's target and drafter", file=sys.stderr)
+        print("next: distill and evaluate are not built yet; the pretrained models and the distillation "
+              "set above are the embedded world's target, drafter and training data", file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from draftalign.errors import ConfigError
+from draftalign.prompts import SamplingSetting, default_sampling_settings
+from draftalign.seeds import SeedFields
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "dump_config"]
 
@@ -120,12 +122,56 @@ class PretrainConfig(Strict):
     overwrite: bool = False  # replace an output made from a different config
 
 
+class EngineConfig(Strict):
+    """vLLM engine replicas behind Ray Data; the same keys size a laptop and a GPU cluster."""
+
+    replicas: int = Field(1, ge=1)  # engine actors, each serving the whole target
+    batch_size: int = Field(16, ge=1)  # rows Ray Data hands an engine at a time
+    max_concurrent_batches: int = Field(4, ge=1)  # batches in flight per engine, to hide tail latency
+    tensor_parallel_size: int = Field(1, ge=1)
+    use_gpu: bool = False
+    # Per tensor-parallel worker. Fractional CPUs keep a 2-core machine from deadlocking:
+    # Ray Data's own tasks need a CPU slot beside the engine actors.
+    cpus_per_replica: float = Field(0.5, gt=0)
+    gpus_per_replica: float = Field(1.0, ge=0)  # per tensor-parallel worker, when use_gpu
+    max_model_len: int = Field(2048, ge=16)  # prompt tokens + max_tokens must fit, else the seed is rejected
+    # Passed to vllm.LLM as they are. On CPU, kv_cache_memory_bytes defaults to 256 MiB,
+    # enforce_eager to true and dtype to float32 unless set here.
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class GenerateConfig(Strict):
+    output: str  # filled from run.output when absent
+    # A .jsonl/.parquet file, or a Hugging Face data set name (hf_config, hf_split apply).
+    seeds: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    fields: SeedFields = SeedFields()
+    source: str | None = None  # the rows' `source`; default: the seeds file name or data set name
+    max_seeds: int | None = Field(None, ge=1)
+    system_prompt: str | None = None  # none by default (paper-spec section 4)
+    sampling: list[SamplingSetting] = Field(default_factory=default_sampling_settings, min_length=1)
+    engine: EngineConfig = EngineConfig()
+    rows_per_file: int = Field(256, ge=1)  # one data/ file per chunk: the unit a kill can lose
+    max_retries: int = Field(2, ge=0)  # extra passes over rows whose engine request failed
+    # Chaos testing: these row keys fail in the engine on the first pass (exercises the retries).
+    inject_failure_row_keys: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_sampling_names(self) -> GenerateConfig:
+        names = [s.name for s in self.sampling]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sampling names must be unique (row keys use them): {names}")
+        return self
+
+
 class Config(Strict):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     models: ModelsConfig = ModelsConfig()
     pretrain: PretrainConfig
+    generate: GenerateConfig
 
     @model_validator(mode="before")
     @classmethod
@@ -136,7 +182,7 @@ class Config(Strict):
         run = data.get("run") or {}
         root = run.get("output", RunConfig().output) if isinstance(run, dict) else RunConfig().output
         data = dict(data)
-        for stage in ("pretrain",):
+        for stage in ("pretrain", "generate"):
             section = data.get(stage) or {}
             if isinstance(section, dict) and section.get("output") is None:
                 data[stage] = {**section, "output": str(Path(root) / stage)}

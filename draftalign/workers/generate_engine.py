@@ -1,0 +1,174 @@
+"""The Ray Data side of `generate`: the ray.data.llm vLLM processor and the chunk writer.
+
+Requests go to the engines as token ids (`tokenized_prompt`, tokenize stage off): the
+rendered prompt already holds BOS, and letting the engine tokenize the text again would
+add a second one. The writer runs as a Ray task and writes each chunk of answers
+atomically to `data/`, so a kill loses at most the chunks in flight, never half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from draftalign.config import EngineConfig
+from draftalign.schemas import DISTILL_SCHEMA, to_table, write_parquet_atomic
+from draftalign.workers.generate_rows import distill_row, vllm_sampling_params
+
+# ray.data.llm marks a failed request with this column and hands the row back as the engine
+# stage left it, skipping the postprocess; answered rows carry it empty.
+ERROR_COLUMN = "__inference_error__"
+_SUMMARY = pa.schema([("row_key", pa.string()), ("error", pa.string()),
+                      ("num_generated_tokens", pa.int64()), ("file", pa.string())])
+# An id no vocabulary has: the engine rejects the request, as a real engine failure would.
+_POISON_TOKEN = 2**31 - 1
+_IDS = "draftalign_prompt_ids"
+
+
+def engine_kwargs(engine: EngineConfig) -> dict[str, Any]:
+    """vllm.LLM kwargs: the config's, plus what the CPU backend needs unless overridden."""
+    kwargs: dict[str, Any] = {"max_model_len": engine.max_model_len,
+                              "tensor_parallel_size": engine.tensor_parallel_size}
+    if not engine.use_gpu:
+        # An explicit KV-cache size: the CPU backend's gpu_memory_utilization is a share of RAM
+        # minus the engine's own footprint, which comes out negative for small shares.
+        kwargs.update(kv_cache_memory_bytes=256 * 2**20, enforce_eager=True, dtype="float32")
+    return {**kwargs, **engine.engine_kwargs}
+
+
+def replica_bundles(engine: EngineConfig) -> list[dict[str, float]]:
+    """One Ray resource bundle per tensor-parallel worker of one engine replica."""
+    bundle = {"CPU": engine.cpus_per_replica, **({"GPU": engine.gpus_per_replica} if engine.use_gpu else {})}
+    return [dict(bundle) for _ in range(engine.tensor_parallel_size)]
+
+
+def _preprocess(row: dict[str, Any], fail_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
+    ids = [int(t) for t in row["prompt_token_ids"]]
+    # The engine's output overwrites `prompt_token_ids` (with None for token prompts), so the
+    # ids travel under a name of their own.
+    out = {**row, _IDS: ids, "tokenized_prompt": [_POISON_TOKEN] if row["row_key"] in fail_keys else ids,
+           "sampling_params": vllm_sampling_params(row["sampling"], row["row_key"])}
+    del out["prompt_token_ids"]
+    return out
+
+
+def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
+    keep = ("id", "row_key", "source", "instruction", "input", "messages", "prompt_text", "sampling")
+    out = {k: row.get(k) for k in keep}
+    out["prompt_token_ids"] = [int(t) for t in row[_IDS]]
+    out["response_token_ids"] = [int(t) for t in (row.get("generated_tokens") or [])]
+    out["response_text"] = row.get("generated_text") or ""
+    return out
+
+
+def build_engine_stage(model: str, engine: EngineConfig, fail_keys: frozenset[str] = frozenset()):
+    """A ray.data.llm Processor: request rows in, request rows with answers (or `error`) out."""
+    from functools import partial
+
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs=engine_kwargs(engine),
+        batch_size=engine.batch_size,
+        concurrency=engine.replicas,
+        max_concurrent_batches=engine.max_concurrent_batches,
+        placement_group_config={"bundles": replica_bundles(engine), "strategy": "PACK"},
+        # Failed requests come back as rows with __inference_error__, so the driver can retry
+        # exactly those instead of losing the batch.
+        should_continue_on_error=True,
+        log_engine_metrics=False,  # needs a Prometheus setup the CPU engine actor lacks
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+    )
+    small = {"num_cpus": 0.25}  # light row maps must not compete with the engines for whole CPUs
+    return build_processor(config, preprocess=partial(_preprocess, fail_keys=fail_keys),
+                           postprocess=_postprocess, preprocess_map_kwargs=small,
+                           postprocess_map_kwargs=small)
+
+
+def chunk_file(data_dir: str | Path, first_key: str) -> Path:
+    """`part-<16 hex of sha256(first row_key)>.parquet`: a resumed run never starts a chunk
+    with a key already written, so its names cannot clash with the files it keeps."""
+    return Path(data_dir) / f"part-{hashlib.sha256(first_key.encode()).hexdigest()[:16]}.parquet"
+
+
+def write_chunk(batch: pa.Table, data_dir: str, eos_token_id: int | None, target_model: str,
+                target_hash: str, template_hash: str) -> pa.Table:
+    """Write the answered rows of a batch as one Parquet file; return one summary row per request."""
+    rows = batch.to_pylist()
+    for r in rows:
+        r[ERROR_COLUMN] = r.get(ERROR_COLUMN) or ""
+    good = [r for r in rows if not r[ERROR_COLUMN]]
+    out = [distill_row(r, r["response_token_ids"], r["response_text"], eos_token_id=eos_token_id,
+                       target_model=target_model, target_hash=target_hash, template_hash=template_hash)
+           for r in good]
+    path = ""
+    if out:
+        path = str(write_parquet_atomic(to_table(out, DISTILL_SCHEMA), chunk_file(data_dir, out[0]["row_key"])))
+    return pa.Table.from_pylist(
+        [{"row_key": r["row_key"], "error": r[ERROR_COLUMN],
+          "num_generated_tokens": len(r.get("response_token_ids") or []), "file": path if not r[ERROR_COLUMN] else ""}
+         for r in rows], schema=_SUMMARY)
+
+
+def _one_pass(cfg, requests: list[dict], data_dir: Path, ident: dict, eos: int | None, template_hash: str,
+              fail_keys: frozenset[str]) -> list[dict]:
+    import ray.data
+
+    eng = cfg.generate.engine
+    blocks = max(1, min(len(requests), -(-len(requests) // eng.batch_size)))
+    ds = ray.data.from_items(requests, override_num_blocks=blocks)
+    model = cfg.target_path()
+    if Path(model).expanduser().is_dir():  # engine actors may not share the driver's working folder
+        model = str(Path(model).expanduser().resolve())
+    ds = build_engine_stage(model, eng, fail_keys)(ds)
+    ds = ds.map_batches(write_chunk, batch_size=cfg.generate.rows_per_file, batch_format="pyarrow",
+                        num_cpus=0.25, fn_kwargs={"data_dir": str(data_dir), "eos_token_id": eos,
+                                                  "template_hash": template_hash, **ident})
+    return list(ds.iter_rows())
+
+
+def run_passes(cfg, todo: list[dict], data_dir: Path, ident: dict, eos: int | None,
+               template_hash: str) -> dict[str, Any]:
+    """Answer `todo` in up to 1 + max_retries passes; each retry pass takes only what failed.
+
+    Returns {"rows_written", "tokens", "passes", "seconds", "failed": [(request, reason)]}.
+    A pass that dies as a whole (an engine that cannot start) counts as a failure of all its
+    rows; if no pass ever completes, the last error is raised, since that is no row's fault.
+    """
+    from draftalign.cluster.session import init_ray
+
+    reasons: dict[str, str] = {}
+    written = tokens = passes = 0
+    remaining, seconds, last_exc, completed = list(todo), 0.0, None, False
+    for attempt in range(cfg.generate.max_retries + 1):
+        if not remaining:
+            break
+        init_ray(cfg.ray)
+        passes += 1
+        fail = frozenset(cfg.generate.inject_failure_row_keys) if attempt == 0 else frozenset()
+        t0 = time.time()
+        try:
+            summary = _one_pass(cfg, remaining, data_dir, ident, eos, template_hash, fail)
+            completed = True
+        except Exception as exc:  # the rows stay pending; files written before the failure stay
+            last_exc, summary = exc, []
+            reasons.update({r["row_key"]: f"engine pass failed: {type(exc).__name__}: {exc}" for r in remaining})
+            print(f"[generate] pass {passes} failed: {type(exc).__name__}: {exc}", flush=True)
+        seconds += time.time() - t0
+        ok = [s for s in summary if not s["error"]]
+        written += len(ok)
+        tokens += sum(s["num_generated_tokens"] for s in ok)
+        reasons.update({s["row_key"]: s["error"] for s in summary if s["error"]})
+        done = {s["row_key"] for s in ok}
+        remaining = [r for r in remaining if r["row_key"] not in done]
+        if remaining and attempt < cfg.generate.max_retries:
+            print(f"[generate] pass {passes}: {len(remaining)} requests failed, retrying", flush=True)
+    if remaining and not completed and last_exc is not None:
+        raise last_exc
+    return {"rows_written": written, "tokens": tokens, "passes": passes, "seconds": seconds,
+            "failed": [(r, reasons.get(r["row_key"], "unknown engine failure")) for r in remaining]}

@@ -1,0 +1,162 @@
+"""`draftalign generate` end to end: Ray Data + ray.data.llm + vLLM (CPU) on a tiny random target.
+
+One generation run (6 good seeds, 5 bad ones, 2 sampling settings, one injected engine
+failure) is shared by the tests; the resume test reruns it on a copy with chunks removed.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
+GOOD = [f"Write a Python function number {i} that adds two numbers." for i in range(6)]
+FAILING = "g3/t1.0"  # the injected engine failure
+
+
+def _seed_file(path: Path) -> None:
+    lines = [json.dumps({"id": f"g{i}", "instruction": text}) for i, text in enumerate(GOOD)]
+    lines += [json.dumps({"id": "b-empty", "instruction": "   "}),
+              json.dumps({"id": "b-int", "instruction": 42}),
+              json.dumps({"id": "b-missing", "prompt": "no instruction field"}),
+              json.dumps({"id": "b-long", "instruction": "word " * 300})]
+    data = "\n".join(lines).encode() + b'\n{"id": "b-utf8", "instruction": "caf\xe9"}\n'
+    path.write_bytes(data)
+
+
+def _draftalign(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "draftalign", *args], capture_output=True, text=True,
+                          timeout=800)
+
+
+def _args(out: Path, model: Path, seeds: Path, *extra: str) -> list[str]:
+    return ["generate", str(TINY), f"run.output={out}", f"models.target={model}", f"generate.seeds={seeds}",
+            "generate.sampling=[{name: greedy, temperature: 0, max_tokens: 8}, "
+            "{name: t1.0, temperature: 1.0, top_p: 0.95, max_tokens: 8, seed: 0}]",
+            "generate.engine.max_model_len=128", "generate.engine.batch_size=4", "generate.rows_per_file=3",
+            "ray.num_cpus=4", "ray.include_dashboard=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from draftalign.tokenization import materialize_tokenizer
+
+    root = tmp_path_factory.mktemp("generate")
+    model_dir = root / "target"
+    materialize_tokenizer("embedded", model_dir)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                                 bos_token_id=1, eos_token_id=2)).save_pretrained(model_dir)
+    seeds = root / "seeds.jsonl"
+    _seed_file(seeds)
+    out = root / "run"
+    proc = _draftalign(*_args(out, model_dir, seeds, "generate.max_retries=0",
+                              f"generate.inject_failure_row_keys=[{FAILING}]"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {"root": root, "model": model_dir, "seeds": seeds, "out": out / "generate", "proc": proc}
+
+
+def _rows(folder: Path) -> list[dict]:
+    import duckdb
+
+    return duckdb.sql(f"select * from read_parquet('{folder}/data/*.parquet') order by row_key").df().to_dict("records")
+
+
+def test_output_read_back_with_duckdb_has_the_documented_columns(world):
+    import duckdb
+
+    described = duckdb.sql(f"describe select * from read_parquet('{world['out']}/data/*.parquet')").fetchall()
+    types = {name: type_ for name, type_, *_ in described}
+    assert types["prompt_token_ids"] == "INTEGER[]" and types["response_token_ids"] == "INTEGER[]"
+    assert types["messages"] == "STRUCT(\"role\" VARCHAR, \"content\" VARCHAR)[]"
+    assert types["sampling"] == ("STRUCT(\"name\" VARCHAR, temperature FLOAT, top_p FLOAT, max_tokens INTEGER, "
+                                 "seed BIGINT)")
+    for col in ("num_input_tokens", "num_generated_tokens", "schema_version"):
+        assert types[col] == "INTEGER"
+    for col in ("id", "row_key", "source", "instruction", "input", "prompt_text", "response_text",
+                "finish_reason", "target_model", "target_hash", "chat_template_hash"):
+        assert types[col] == "VARCHAR"
+    rows = _rows(world["out"])
+    keys = [r["row_key"] for r in rows]
+    expected = {f"g{i}/{s}" for i in range(6) for s in ("greedy", "t1.0")} - {FAILING}
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert len(list((world["out"] / "data").glob("part-*.parquet"))) >= 2  # chunked
+    for r in rows:
+        assert r["num_generated_tokens"] == len(r["response_token_ids"]) <= 8
+        assert r["num_input_tokens"] == len(r["prompt_token_ids"]) and r["prompt_token_ids"][0] == 1
+        assert r["prompt_token_ids"][1] != 1  # one BOS, not two
+        assert r["finish_reason"] in ("stop", "length")
+
+
+def test_greedy_rows_match_a_transformers_greedy_generate(world):
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(world["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(world["model"])
+    greedy = [r for r in _rows(world["out"]) if r["sampling"]["name"] == "greedy"]
+    assert len(greedy) == 6
+    for r in greedy:
+        ids = torch.tensor([list(r["prompt_token_ids"])])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                 eos_token_id=2, pad_token_id=2)
+        assert out[0, ids.shape[1]:].tolist()[: len(r["response_token_ids"])] == list(r["response_token_ids"])
+        # vLLM keeps the space that SentencePiece's word-start marker stands for; decode() drops it.
+        text = tok.decode(list(r["response_token_ids"]), skip_special_tokens=True)
+        assert text.removeprefix(" ") == r["response_text"].removeprefix(" ")
+
+
+def test_bad_seeds_and_engine_failures_go_to_errors_and_the_manifest(world):
+    import pyarrow.parquet as pq
+
+    seed_errors = pq.read_table(world["out"] / "errors" / "seeds.parquet").to_pylist()
+    by_id = {}
+    for e in seed_errors:
+        by_id.setdefault(e["id"], []).append(e["reason"])
+    assert "empty text" in by_id["b-empty"][0] and "not text" in by_id["b-int"][0]
+    assert "missing field 'instruction'" in by_id["b-missing"][0]
+    assert "invalid UTF-8" in by_id[None][0]
+    assert len(by_id["b-long"]) == 2 and all("max_model_len 128" in r for r in by_id["b-long"])
+    engine = pq.read_table(world["out"] / "errors" / "engine.parquet").to_pylist()
+    assert [(e["row_key"], e["stage"]) for e in engine] == [(FAILING, "engine")]
+    assert "out of vocabulary" in engine[0]["reason"]
+    m = json.loads((world["out"] / "manifest.json").read_text())
+    c = m["counts"]
+    assert (c["seeds_read"], c["seeds_good"], c["requests"], c["rows_written"]) == (11, 6, 12, 11)
+    assert (c["seed_errors"], c["engine_errors"], c["rows_in_data"], c["duplicate_rows"]) == (6, 1, 11, 0)
+    assert c["tokens_generated"] == sum(r["num_generated_tokens"] for r in _rows(world["out"]))
+    assert m["target_hash"] and m["config"]["generate"]["max_retries"] == 0
+    assert (world["out"] / "run_info.json").is_file() and (world["out"] / "config.yaml").is_file()
+    assert "11 rows" in world["proc"].stdout and "tokens/s" in world["proc"].stdout
+
+
+def test_rerun_after_lost_chunks_writes_exactly_the_missing_rows(world):
+    before = {r["row_key"]: r for r in _rows(world["out"])}
+    run = world["root"] / "resumed"
+    shutil.copytree(world["out"].parent, run)
+    out = run / "generate"
+    lost = sorted((out / "data").glob("part-*.parquet"))[:2]  # as if killed before these chunks landed
+    for f in lost:
+        f.unlink()
+    (out / "data" / ".part-0.parquet.abc.tmp").write_bytes(b"half a file")
+    proc = _draftalign(*_args(run, world["model"], world["seeds"]))  # no injected failure this time
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    after = _rows(out)
+    keys = [r["row_key"] for r in after]
+    assert len(keys) == len(set(keys)) == 12  # the lost rows and the formerly failed one, once each
+    m = json.loads((out / "manifest.json").read_text())["counts"]
+    assert m["rows_written"] == 12 - m["rows_skipped_present"] and m["rows_skipped_present"] < 11
+    assert not (out / "errors" / "engine.parquet").exists() and not list((out / "data").glob(".*.tmp"))
+    for r in after:
+        if r["sampling"]["name"] == "greedy":
+            assert list(r["response_token_ids"]) == list(before[r["row_key"]]["response_token_ids"])
