@@ -36,7 +36,10 @@ def engine_kwargs(engine: EngineConfig) -> dict[str, Any]:
     if not engine.use_gpu:
         # An explicit KV-cache size: the CPU backend's gpu_memory_utilization is a share of RAM
         # minus the engine's own footprint, which comes out negative for small shares.
-        kwargs.update(kv_cache_memory_bytes=256 * 2**20, enforce_eager=True, dtype="float32")
+        kwargs.update(kv_cache_memory_bytes=256 * 2**20, enforce_eager=True, dtype="float32",
+                      # A split prefill rewinds a seeded request's generator, which the CPU
+                      # generator cannot do ("CPU Generator does not use offset"): prefill whole.
+                      enable_chunked_prefill=False)
     return {**kwargs, **engine.engine_kwargs}
 
 
