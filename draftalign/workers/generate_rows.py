@@ -43,7 +43,7 @@ def vllm_sampling_params(sampling: dict[str, Any], key: str) -> dict[str, Any]:
     (a struct field mixing ints and nulls comes out of Ray Data as float, which vLLM refuses).
     """
     seed = sampling.get("seed")
-    if seed is None:
+    if seed is None or seed != seed:  # seed != seed: a null that Ray turned into a float NaN
         seed = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
     # Plain Python numbers: Ray hands struct fields over as numpy scalars.
     return {"temperature": float(sampling["temperature"]), "top_p": float(sampling["top_p"]),
