@@ -84,6 +84,8 @@ def test_finish_reason_and_sampling_params():
     seed = vllm_sampling_params(unseeded, "a/t0.7")["seed"]
     assert isinstance(seed, int) and seed == vllm_sampling_params(unseeded, "a/t0.7")["seed"]
     assert seed != vllm_sampling_params(unseeded, "b/t0.7")["seed"]
+    # Ray hands a null seed beside non-null ones over as NaN: still "unset".
+    assert vllm_sampling_params({**unseeded, "seed": float("nan")}, "a/t0.7")["seed"] == seed
 
 
 def test_distill_rows_fit_the_schema_and_resume_reads_their_keys(tmp_path):
