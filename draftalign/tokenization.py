@@ -32,6 +32,13 @@ LLAMA2_CHAT_TEMPLATE = (
 EMBEDDED_MODEL = ("mistral_common", "data/tokenizer.model.v1")
 
 
+def ensure_chat_template(tok: PreTrainedTokenizerBase, mode: str = "auto") -> PreTrainedTokenizerBase:
+    """Give `tok` Llama 2's chat template when it has none, or always when mode is "llama2"."""
+    if mode == "llama2" or not getattr(tok, "chat_template", None):
+        tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    return tok
+
+
 def embedded_model_file() -> Path:
     pkg, rel = EMBEDDED_MODEL
     try:
@@ -59,9 +66,7 @@ def materialize_tokenizer(source: str, dest: str | Path, chat_template: str = "a
         tok = LlamaTokenizer.from_pretrained(str(tmp))
     else:
         tok = AutoTokenizer.from_pretrained(source)
-    if chat_template == "llama2" or not getattr(tok, "chat_template", None):
-        tok.chat_template = LLAMA2_CHAT_TEMPLATE
-    tok.save_pretrained(str(tmp))
+    ensure_chat_template(tok, chat_template).save_pretrained(str(tmp))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # atomic: a half-written tokenizer folder is never picked up
     return dest

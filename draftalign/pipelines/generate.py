@@ -58,12 +58,9 @@ def target_identity(target: str) -> dict[str, str]:
 
 def target_tokenizer(cfg: Config, target: str):
     """The target's own tokenizer; Llama 2's chat template when it has none or config asks."""
-    from draftalign.tokenization import LLAMA2_CHAT_TEMPLATE, load_tokenizer
+    from draftalign.tokenization import ensure_chat_template, load_tokenizer
 
-    tok = load_tokenizer(target)
-    if cfg.tokenizer.chat_template == "llama2" or not getattr(tok, "chat_template", None):
-        tok.chat_template = LLAMA2_CHAT_TEMPLATE
-    return tok
+    return ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
 
 
 def seed_rows(gen: GenerateConfig) -> tuple[Any, str]:
