@@ -35,6 +35,8 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/pretrain_throughput.py
+	$(BIN)/python bench/generate_throughput.py
+	$(BIN)/python bench/distill_throughput.py  # needs the world `make demo` builds
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

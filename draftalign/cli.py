@@ -12,42 +12,52 @@ from draftalign.config import Config, dump_config, load_config
 from draftalign.errors import DraftalignError
 
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
-# Stages land one issue at a time; until then they say so instead of pretending.
-_NOT_BUILT = {"distill": "distillation", "evaluate": "speculative-decoding evaluation"}
 
 
 def _plan(cfg: Config, stage: str) -> dict:
-    from draftalign.pipelines.generate import describe_generate
-    from draftalign.pipelines.pretrain import describe_jobs
-
     plan: dict = {}
     if stage in ("pretrain", "run"):
+        from draftalign.pipelines.pretrain import describe_jobs
+
         plan["pretrain"] = {"ray": cfg.ray.model_dump(), "jobs": describe_jobs(cfg)}
     if stage in ("generate", "run"):
+        from draftalign.pipelines.generate import describe_generate
+
         plan["generate"] = {"ray": cfg.ray.model_dump(), **describe_generate(cfg)}
-    if stage in _NOT_BUILT:
-        plan[stage] = "not built yet"
+    if stage in ("distill", "run"):
+        from draftalign.pipelines.distill import describe_distill
+
+        plan["distill"] = {"ray": cfg.ray.model_dump(), **describe_distill(cfg)}
+    if stage in ("evaluate", "run"):
+        from draftalign.pipelines.evaluate import describe_evaluate
+
+        plan["evaluate"] = describe_evaluate(cfg)
     return plan
 
 
 def _run_stage(cfg: Config, stage: str) -> int:
-    if stage in _NOT_BUILT:
-        print(f"draftalign {stage}: {_NOT_BUILT[stage]} is not built yet", file=sys.stderr)
-        return 2
-    if stage in ("pretrain", "run"):
+    if stage == "run":
+        from draftalign.pipelines.run import run_all
+
+        run_all(cfg)
+    elif stage == "pretrain":
         from draftalign.pipelines.pretrain import run_pretrain
 
-        exported = run_pretrain(cfg)
-        for name, path in exported.items():
+        for name, path in run_pretrain(cfg).items():
             print(f"{name}: {path}")
-    if stage in ("generate", "run"):
+    elif stage == "generate":
         from draftalign.pipelines.generate import run_generate
 
         manifest = run_generate(cfg)
         print(f"distillation set: {cfg.generate.output} ({manifest['counts']['rows_in_data']} rows)")
-    if stage == "run":
-        print("next: distill and evaluate are not built yet; the pretrained models and the distillation "
-              "set above are the embedded world's target, drafter and training data", file=sys.stderr)
+    elif stage == "distill":
+        from draftalign.pipelines.distill import run_distill
+
+        print(f"distilled drafter: {run_distill(cfg)}")
+    else:
+        from draftalign.pipelines.evaluate import run_evaluate
+
+        run_evaluate(cfg)
     return 0
 
 
@@ -70,12 +80,42 @@ def _inspect(args: argparse.Namespace) -> int:
     return inspect_main(args.path, args.rows, args.plot, out=sys.stdout)
 
 
-def _not_built(what: str) -> Callable[[argparse.Namespace], int]:
-    def command(args: argparse.Namespace) -> int:
-        print(f"draftalign: {what} is not built yet", file=sys.stderr)
-        return 2
+def _submit(args: argparse.Namespace) -> int:
+    from pathlib import Path
 
-    return command
+    from draftalign.cluster import jobs
+
+    load_config(args.config, args.overrides)  # validated here: a typo fails before any upload
+    job_id = jobs.submit(args.address, args.stage, args.config, args.overrides, args.runtime_env, Path.cwd())
+    print(f"submitted {args.stage} as job {job_id}")
+    print(f"dashboard: {args.address.rstrip('/')}/#/jobs/{job_id}")
+    print(f"follow it: draftalign job logs {job_id} --follow --address {args.address}")
+    return 0
+
+
+def _job(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from draftalign.cluster import jobs
+
+    c = jobs.client(args.address)
+    if args.action == "status":
+        info = c.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+        return 0 if str(info.status) != "FAILED" else 1
+    if args.action == "stop":
+        print(f"{args.job_id}: {'stop requested' if c.stop_job(args.job_id) else 'already finished'}")
+        return 0
+    if not args.follow:
+        print(c.get_job_logs(args.job_id), end="")
+        return 0
+
+    async def tail() -> None:
+        async for lines in c.tail_job_logs(args.job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    return 0 if str(c.get_job_status(args.job_id)) == "SUCCEEDED" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,9 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=3, help="sample rows to show (default 3)")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the token-length histograms")
     p.set_defaults(func=_inspect)
-    p = sub.add_parser("submit", help="submit a stage to a Ray cluster through the Jobs API")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_not_built("submit"))
+    p = sub.add_parser("submit", help="submit a stage (default: the whole run) to a Ray cluster's job server")
+    p.add_argument("config", help="YAML config inside this repository (it is uploaded with it)")
+    p.add_argument("overrides", nargs="*", help="a.b=value overrides, passed on to the job")
+    p.add_argument("--address", required=True, help="the job server, e.g. http://127.0.0.1:8265")
+    p.add_argument("--stage", default="run", choices=STAGES)
+    p.add_argument("--runtime-env", help="runtime env YAML (default: cluster/runtime_env.yaml)")
+    p.set_defaults(func=_submit)
+    p = sub.add_parser("job", help="status, logs or stop of a submitted job")
+    p.add_argument("action", choices=("status", "logs", "stop"))
+    p.add_argument("job_id")
+    p.add_argument("--address", required=True, help="the job server, e.g. http://127.0.0.1:8265")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.set_defaults(func=_job)
     return parser
 
 

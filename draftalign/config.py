@@ -165,6 +165,139 @@ class GenerateConfig(Strict):
         return self
 
 
+class LossConfig(Strict):
+    name: Literal["forward_kl", "reverse_kl", "tvd", "tvd++"] = "tvd++"
+    variant: Literal["vocab", "exact", "sampled"] = "vocab"  # tvd++ only (paper-spec 5.3)
+    include_prompt: bool = False  # also train on prompt positions (default: response only)
+
+
+class TargetPoolConfig(Strict):
+    """Ray actors holding the frozen target; they return next-token log-probs for batches."""
+
+    actors: int = Field(1, ge=1)  # per train worker, placed on that worker's node
+    cpus_per_actor: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    gpus_per_actor: float = Field(1.0, ge=0)  # when use_gpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # None: the full vocabulary (the losses need p(x) for every x); k: top-k plus tail mass.
+    top_k: int | None = Field(None, ge=1)
+    wire_dtype: Literal["float16", "float32"] = "float16"  # log-probs on the wire
+    prefetch: int = Field(2, ge=1)  # batches in flight ahead of the trainer (bounded: backpressure)
+    max_restarts: int = Field(3, ge=0)  # a dead actor is restarted and its request retried
+    # Benchmark/baseline: compute the target inside the train worker instead of the pool.
+    in_process: bool = False
+    # Chaos testing: the first actor exits (os._exit) on this request number, once.
+    inject_actor_death_at_request: int | None = Field(None, ge=1)
+
+
+class DistillConfig(Strict):
+    output: str  # filled from run.output when absent; each loss trains into output/<loss name>
+    data: str | None = None  # a distillation set folder or file; default: generate.output
+    init_from: str | None = None  # the drafter to start from; default: the pretrained drafter
+    holdout_fraction: float = Field(0.05, ge=0.0, lt=0.5)  # seeds kept aside for evaluation
+    loss: LossConfig = LossConfig()
+    target_pool: TargetPoolConfig = TargetPoolConfig()
+    train: TrainConfig = TrainConfig(seq_len=192, micro_batch_size=8, max_steps=100, checkpoint_every=25)
+    optim: OptimConfig = OptimConfig(lr=3e-4, warmup_steps=10, weight_decay=0.0, min_lr_ratio=0.0)
+    eval_gamma: int = Field(3, ge=1)  # the γ at which the implied block efficiency is reported
+    overwrite: bool = False  # replace an output made from a different config
+
+
+class EvalFields(Strict):
+    """Which column holds what in an evaluation set; a dotted name reaches into a nested
+    column (WMT's `translation.de`). None: the set has no such column."""
+
+    instruction: str | None = "instruction"  # None: the task's fixed `instruction` text is used
+    input: str | None = "input"  # the context, article or source text
+    id: str | None = "id"  # None: the id is a hash of the prompt text
+
+
+class EvalTaskConfig(Strict):
+    """One evaluation task: a data set, its field mapping and its prompt template."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=64)
+    kind: Literal["open_ended", "summarize", "translate"]
+    # A .jsonl/.parquet file or a Hugging Face data set name; None: the bundled held-out set
+    # of this kind (examples/data/eval/KIND.jsonl).
+    data: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "test"
+    fields: EvalFields = EvalFields()
+    # For sets without an instruction column (CNN/DailyMail, XSum, WMT): the request text.
+    instruction: str | None = None
+    # The user turn, before the chat template; "{input}" is "" when a row has none.
+    template: str = "{instruction}\n\n{input}"
+    max_prompts: int | None = Field(None, ge=1)  # None: evaluate.max_prompts
+
+
+class DrafterRef(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9._+-]+$", max_length=64)
+    path: str  # a model folder or a hub name
+
+
+class ReferenceEvalConfig(Strict):
+    """The exact batch-1 PyTorch decoder of draftalign.specdecode, run in the driver."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch CPU threads for the driver (None: torch's default). Batch-1 decoding of small models
+    # gains little from threads and, on a busy machine, loses many times over to spin-waiting.
+    threads: int | None = Field(None, ge=1)
+    measure_autoregressive: bool = True  # also time plain target decoding (the speed-up baseline)
+    warmup_tokens: int = Field(8, ge=0)  # an untimed run first, so one-off start-up costs stay out
+
+
+class VllmEvalConfig(Strict):
+    """vLLM engines with speculative_config method draft_model, one per (drafter, γ), in Ray actors."""
+
+    use_gpu: bool = False
+    cpus_per_engine: float = Field(1.0, gt=0)
+    gpus_per_engine: float = Field(1.0, ge=0)  # when use_gpu
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(2048, ge=16)
+    # Passed to vllm.LLM as they are. On CPU the generate stage's defaults apply (256 MiB KV
+    # cache, enforce_eager, float32) unless set here.
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    measure_autoregressive: bool = True  # also run the target alone for the tokens/s baseline
+
+
+def _default_eval_tasks() -> list[EvalTaskConfig]:
+    return [EvalTaskConfig(name=k, kind=k) for k in ("open_ended", "summarize", "translate")]
+
+
+class EvaluateConfig(Strict):
+    """Speculative-decoding evaluation of the pretrained and distilled drafters."""
+
+    output: str  # filled from run.output when absent
+    tasks: list[EvalTaskConfig] = Field(default_factory=_default_eval_tasks, min_length=1)
+    # None: the pretrained drafter ("pretrained") plus every distilled drafter whose export
+    # exists (named after its loss). A listed drafter that does not exist is an error.
+    drafters: list[DrafterRef] | None = None
+    engines: list[Literal["reference", "vllm"]] = Field(default_factory=lambda: ["reference"], min_length=1)
+    gammas: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
+    temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0], min_length=1)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_prompts: int = Field(50, ge=1)  # per task
+    max_new_tokens: int = Field(128, ge=1)
+    system_prompt: str | None = None
+    seed: int = 0  # sampled runs seed each prompt from (seed, prompt id): reruns repeat them
+    export_check: bool = True  # load every drafter as transformers' assistant_model first
+    plots: bool = True
+    reference: ReferenceEvalConfig = ReferenceEvalConfig()
+    vllm: VllmEvalConfig = VllmEvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        if any(g < 1 for g in self.gammas):
+            raise ValueError(f"gammas must be >= 1: {self.gammas}")
+        if any(t < 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be >= 0: {self.temperatures}")
+        for what, names in (("task", [t.name for t in self.tasks]),
+                            ("drafter", [d.name for d in self.drafters or []])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"{what} names must be unique: {names}")
+        return self
+
+
 class Config(Strict):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
@@ -172,6 +305,8 @@ class Config(Strict):
     models: ModelsConfig = ModelsConfig()
     pretrain: PretrainConfig
     generate: GenerateConfig
+    distill: DistillConfig
+    evaluate: EvaluateConfig
 
     @model_validator(mode="before")
     @classmethod
@@ -182,7 +317,7 @@ class Config(Strict):
         run = data.get("run") or {}
         root = run.get("output", RunConfig().output) if isinstance(run, dict) else RunConfig().output
         data = dict(data)
-        for stage in ("pretrain", "generate"):
+        for stage in ("pretrain", "generate", "distill", "evaluate"):
             section = data.get(stage) or {}
             if isinstance(section, dict) and section.get("output") is None:
                 data[stage] = {**section, "output": str(Path(root) / stage)}
@@ -193,6 +328,14 @@ class Config(Strict):
 
     def draft_path(self) -> str:
         return self.models.draft or str(Path(self.pretrain.output) / "draft" / "model")
+
+    def distill_data_path(self) -> str:
+        return self.distill.data or str(Path(self.generate.output) / "data")
+
+    def distilled_path(self, loss_name: str | None = None) -> str:
+        """The drafter `draftalign distill` exports for a loss (default: the configured one)."""
+        name = loss_name or self.distill.loss.name
+        return str(Path(self.distill.output) / name.replace("+", "p") / "model")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

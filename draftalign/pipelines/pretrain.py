@@ -7,9 +7,7 @@ already exists for the same inputs and config is reused, not retrained.
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,10 +22,10 @@ from draftalign.models import (
     drafter_config,
     load_model_config,
 )
-from draftalign.runinfo import fingerprint, write_json_atomic, write_run_info
+from draftalign.pipelines.outputs import claim_output, publish_model, reusable
+from draftalign.runinfo import fingerprint, write_run_info
 from draftalign.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
 
-MODEL_INFO = "draftalign_model.json"
 _DOC_SUFFIXES = (".txt", ".py", ".md", ".rst")
 _ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -186,42 +184,21 @@ def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, t
     job_dir = Path(cfg.pretrain.output).resolve() / name
     model_dir = job_dir / "model"
     fp = _job_fingerprint(cfg, job, mc, tok)
-    info_path = model_dir / MODEL_INFO
-    if info_path.is_file():
-        if json.loads(info_path.read_text()).get("fingerprint") == fp:
-            print(f"[pretrain {name}] reusing {model_dir} (same inputs and config)", flush=True)
-            return model_dir
-    _claim(job_dir, fp, cfg.pretrain.overwrite)
+    if reusable(model_dir, fp):
+        print(f"[pretrain {name}] reusing {model_dir} (same inputs and config)", flush=True)
+        return model_dir
+    claim_output(job_dir, fp, cfg.pretrain.overwrite, "pretrain.overwrite")
     write_run_info(job_dir, cfg, f"pretrain.{name}", {"fingerprint": fp, "parameters": count_parameters(mc)})
     result = _fit(cfg, name, job, mc, job_dir, str(tok_dir))
-    tmp = job_dir / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with result.checkpoint.as_directory() as d:
-        shutil.copytree(Path(d) / "hf", tmp)
-    tok.save_pretrained(str(tmp))
-    write_json_atomic(tmp / MODEL_INFO, {"fingerprint": fp, "role": name, "metrics": result.metrics,
-                                         "parameters": count_parameters(mc), "vocab": vocab_fingerprint(tok)})
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp.rename(model_dir)
+    publish_model(result.checkpoint, model_dir, tok,
+                  {"fingerprint": fp, "role": name, "metrics": result.metrics,
+                   "parameters": count_parameters(mc), "vocab": vocab_fingerprint(tok)})
     m = result.metrics
     ppl = m.get("holdout_perplexity")
     shown = f"{ppl:.1f}" if ppl is not None else "n/a (no held-out sequence)"
     print(f"[pretrain {name}] exported {model_dir}: held-out perplexity {shown} "
           f"(uniform: {mc.vocab_size}), {count_parameters(mc):,} parameters", flush=True)
     return model_dir
-
-
-def _claim(job_dir: Path, fp: str, overwrite: bool) -> None:
-    """Refuse to mix checkpoints of another config into this folder; never delete silently."""
-    marker = job_dir / "job.json"
-    if marker.is_file():
-        old = json.loads(marker.read_text()).get("fingerprint")
-        if old != fp and not overwrite:
-            raise ConfigError(f"{job_dir} holds a pretraining run with another config ({old} != {fp}); "
-                              "choose another pretrain.output or set pretrain.overwrite=true")
-        if old != fp:
-            shutil.rmtree(job_dir / "ray", ignore_errors=True)
-    write_json_atomic(marker, {"fingerprint": fp})
 
 
 def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_dir: str):

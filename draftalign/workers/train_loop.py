@@ -1,6 +1,7 @@
-"""The pretraining loop that runs inside each Ray Train worker, with DeepSpeed.
+"""The training loop that runs inside each Ray Train worker, with DeepSpeed.
 
-Everything it needs arrives in `loop_config` (see pipelines/pretrain.py); it reads no
+`run_training` is shared by pretraining and distillation (they differ in `LoopHooks`).
+Everything arrives in `loop_config` (see pipelines/); nothing reads
 globals. Checkpoints hold DeepSpeed's sharded state plus `state.json` (step and the
 position in the data), so a restarted worker group continues at the saved step.
 """
@@ -11,7 +12,9 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +51,30 @@ def _mean_across_workers(value: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
-def _evaluate(engine, shard, t: TrainConfig) -> float | None:
-    """Mean next-token loss on the first `eval_batches` held-out batches (None if there are none).
+@dataclass
+class LoopHooks:
+    """What differs between pretraining and distillation; the loop around it is shared.
+
+    micro_batches(skip): this epoch's micro-batches after the first `skip` (those were trained
+        before a restart), as (index in epoch, item); skipping happens before any work is done.
+    step(engine, item) -> (loss to backpropagate, tokens trained).
+    evaluate(engine) -> held-out metrics (the same on every worker).
+    extra_metrics() -> more numbers for each report (e.g. the target pool's).
+    """
+
+    micro_batches: Callable[[int], Iterator[tuple[int, Any]]]
+    step: Callable[[Any, Any], tuple[torch.Tensor, int]]
+    evaluate: Callable[[Any], dict[str, float]]
+    extra_metrics: Callable[[], dict[str, Any]] = dict
+    on_metrics: Callable[[dict[str, Any]], None] = lambda metrics: None  # e.g. dashboard gauges
+    eval_at_start: bool = False  # record the starting model's held-out metrics as initial_*
+
+
+def _evaluate_lm(engine, shard, t: TrainConfig) -> dict[str, float]:
+    """Mean next-token loss on the first `eval_batches` held-out batches ({} if there are none).
 
     Every worker sees the whole held-out set, so all compute the same number.
     """
-    engine.eval()
     total, n = 0.0, 0
     with torch.no_grad():
         for batch in shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long,
@@ -63,43 +84,87 @@ def _evaluate(engine, shard, t: TrainConfig) -> float | None:
             n += 1
             if n >= t.eval_batches:
                 break
-    engine.train()
-    return total / n if n else None
+    if not n:
+        return {}
+    held = total / n
+    return {"holdout_loss": held, "holdout_perplexity": math.exp(min(held, 50.0))}
 
 
 def pretrain_loop(loop_config: dict[str, Any]) -> None:
-    import deepspeed
     import ray.train
-    from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     job: PretrainJob = loop_config["job"]
-    t, o = job.train, job.optim
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    t = job.train
     torch.manual_seed(t.seed)
-
     if job.arch.init_from:
         model = LlamaForCausalLM.from_pretrained(job.arch.init_from, torch_dtype=torch.float32)
     else:
         model = LlamaForCausalLM(LlamaConfig(**loop_config["model_config"]))
+    train_shard = ray.train.get_dataset_shard("train")
+    holdout_shard = ray.train.get_dataset_shard("holdout")
+    device_holder: dict[str, Any] = {}
+
+    def micro_batches(skip: int) -> Iterator[tuple[int, Any]]:
+        batches = train_shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long,
+                                                 device=device_holder["device"], drop_last=True)
+        for i, batch in enumerate(batches):
+            if i >= skip:
+                yield i, batch["input_ids"]
+
+    def step(engine, ids) -> tuple[torch.Tensor, int]:
+        return engine(input_ids=ids, labels=ids).loss, ids.numel()
+
+    hooks = LoopHooks(micro_batches=micro_batches, step=step,
+                      evaluate=lambda engine: _evaluate_lm(engine, holdout_shard, t))
+    run_training(loop_config["name"], t, job.optim, model, hooks, device_holder)
+
+
+def run_training(name: str, t: TrainConfig, o: OptimConfig, model, hooks: LoopHooks,
+                 device_holder: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DeepSpeed around `model`, resume from Ray Train's checkpoint, train, report, export.
+
+    The last report carries the export (`hf/` in its checkpoint). Returns the final metrics.
+    """
+    import deepspeed
+    import ray.train
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=t.max_steps, min_lr_rate=o.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, o, world))
+    if device_holder is not None:
+        device_holder["device"] = engine.device
 
-    if rank == 0:
-        print(f"[{loop_config['name']}] {world} worker(s), {torch.get_num_threads()} torch threads each, "
-              f"ZeRO stage {t.zero_stage}, {t.dtype_name}", flush=True)
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "resumed_from": None}
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[{name}] {msg}", flush=True)
+
+    log(f"{world} worker(s), {torch.get_num_threads()} torch threads each, ZeRO stage {t.zero_stage}, "
+        f"{t.dtype_name}")
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "resumed_from": None, "initial": {}}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(str(Path(d) / "deepspeed"), tag="state")
-            state = json.loads((Path(d) / "state.json").read_text())
+            state = {**state, **json.loads((Path(d) / "state.json").read_text())}
         state["resumed_from"] = state["step"]
-        if rank == 0:
-            print(f"[{loop_config['name']}] resumed from checkpoint at step {state['step']}", flush=True)
+        log(f"resumed from checkpoint at step {state['step']}")
+
+    def evaluate() -> dict[str, float]:
+        engine.eval()
+        try:
+            return hooks.evaluate(engine)
+        finally:
+            engine.train()
+
+    if hooks.eval_at_start and not state["initial"]:
+        state["initial"] = {f"initial_{k}": v for k, v in evaluate().items()}
+        log(f"before training: {_rounded(state['initial'])}")
 
     def save(metrics: dict[str, Any], export: bool = False) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -111,27 +176,20 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
                 (Path(d) / "state.json").write_text(json.dumps(state))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    train_shard = ray.train.get_dataset_shard("train")
-    holdout_shard = ray.train.get_dataset_shard("holdout")
-    tokens_per_micro = t.micro_batch_size * t.seq_len
-    window_loss, window_micro, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     last_report = 0.0
     metrics: dict[str, Any] = {}
     while state["step"] < t.max_steps:
-        skip = state["micro_in_epoch"]  # resume mid-epoch: pass over what was already trained on
-        seen_any = False
-        for i, batch in enumerate(train_shard.iter_torch_batches(
-                batch_size=t.micro_batch_size, dtypes=torch.long, device=engine.device, drop_last=True)):
+        seen_any = state["micro_in_epoch"] > 0
+        for i, item in hooks.micro_batches(state["micro_in_epoch"]):
             seen_any = True
-            if i < skip:
-                continue
-            ids = batch["input_ids"]
-            loss = engine(input_ids=ids, labels=ids).loss
+            loss, tokens = hooks.step(engine, item)
             engine.backward(loss)
             engine.step()
             state["micro_in_epoch"] = i + 1
             window_loss += loss.item()
             window_micro += 1
+            window_tokens += tokens
             if not engine.is_gradient_accumulation_boundary():
                 continue
             state["step"] += 1
@@ -145,17 +203,14 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
                     "step": step, "epoch": state["epoch"],
                     "loss": _mean_across_workers(window_loss / max(window_micro, 1), engine.device),
                     "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": window_micro * tokens_per_micro * world / max(elapsed, 1e-9),
-                    "resumed_from_step": state["resumed_from"],
+                    "tokens_per_s": _mean_across_workers(window_tokens / max(elapsed, 1e-9), engine.device) * world,
+                    "resumed_from_step": state["resumed_from"], **state["initial"],
                 }
                 if (t.eval_every and step % t.eval_every == 0) or is_last:
-                    held = _evaluate(engine, holdout_shard, t)
-                    if held is not None:
-                        metrics["holdout_loss"] = held
-                        metrics["holdout_perplexity"] = math.exp(min(held, 50.0))
-                if rank == 0:
-                    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
-                    print(f"[{loop_config['name']}] step {step}/{t.max_steps} {shown}", flush=True)
+                    metrics.update(evaluate())
+                metrics.update(hooks.extra_metrics())  # after evaluation, so the counts include it
+                hooks.on_metrics(metrics)
+                log(f"step {step}/{t.max_steps} {_rounded(metrics)}")
                 if is_last:
                     break
                 if step % t.checkpoint_every == 0:
@@ -165,13 +220,18 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
                     ray.train.report(metrics)
                     last_report = time.perf_counter()
                 # Evaluation and checkpoint time stay out of the next window's tokens/s.
-                window_loss, window_micro, window_start = 0.0, 0, time.perf_counter()
+                window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         if not seen_any:
-            raise RuntimeError("the training data set is empty: no packed sequence of train.seq_len tokens")
+            raise RuntimeError("the training data set is empty: no batch of train.micro_batch_size rows")
         if state["step"] < t.max_steps:
             state["epoch"] += 1
             state["micro_in_epoch"] = 0
     save(metrics, export=True)
+    return metrics
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
 def _export(engine, t: TrainConfig, dest: Path, rank: int) -> None:

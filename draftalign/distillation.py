@@ -1,0 +1,109 @@
+"""Pure pieces of the distill stage: training sequences from distillation rows, and the
+held-out numbers that say whether the draft got closer to the target.
+
+Positions: a causal LM's logits at position t predict token t+1, so the loss mask marks
+t when token t+1 is one the draft should learn (a response token by default). Padding is on
+the right with attention 0 and loss 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from draftalign.corpus import is_holdout
+from draftalign.losses import expected_acceptance
+
+SEQUENCE_COLUMNS = ("input_ids", "attention_mask", "loss_mask")
+
+
+def build_sequences(prompt_ids: list, response_ids: list, seq_len: int, include_prompt: bool,
+                    pad_id: int) -> dict[str, np.ndarray]:
+    """Rows of prompt + response ids -> fixed-length int64 arrays [N, seq_len].
+
+    Sequences longer than ``seq_len`` are cut at the end (the response tail is lost, never
+    the prompt's start, which holds BOS and the chat frame the target conditioned on).
+    """
+    n = len(prompt_ids)
+    out = {c: np.zeros((n, seq_len), dtype=np.int64) for c in SEQUENCE_COLUMNS}
+    out["input_ids"][:] = pad_id
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        p, r = list(p), list(r)
+        ids = (p + r)[:seq_len]
+        length = len(ids)
+        out["input_ids"][i, :length] = ids
+        out["attention_mask"][i, :length] = 1
+        # Position t is trained when token t+1 exists and is learnable.
+        first = 1 if include_prompt else len(p)
+        start = max(first - 1, 0)
+        out["loss_mask"][i, start:max(length - 1, start)] = 1
+    return out
+
+
+def holdout_row(seed_id: str, fraction: float) -> bool:
+    """Held-out split by seed id, so every sampling setting of a seed lands on the same side."""
+    return is_holdout(f"distill:{seed_id}", fraction)
+
+
+def chained_block_efficiency(alpha: torch.Tensor, mask: torch.Tensor, gamma: int) -> torch.Tensor:
+    """Block efficiency τ_t implied by per-position acceptances along each sequence.
+
+    alpha, mask: [B, T]. A block drafted at position t emits 1 + α_t + α_t α_{t+1} + … +
+    Π_{j<γ} α_{t+j} tokens in expectation (the draft proposes γ tokens; each is accepted only
+    if all before it were; the target adds one token at the end). Returns τ_t [B, T] for the
+    start positions whose whole block of γ positions is in the mask, and 0 elsewhere: blocks
+    cut short by the end of a response would read as low acceptance.
+    """
+    m = mask.bool()
+    a = torch.where(m, alpha, torch.zeros_like(alpha)).to(torch.float64)
+    tau = torch.ones_like(a)
+    run = torch.ones_like(a)
+    full = m.clone()
+    for j in range(gamma):
+        shifted = torch.zeros_like(a)
+        shifted_mask = torch.zeros_like(m)
+        if j < a.shape[1]:
+            shifted[:, : a.shape[1] - j] = a[:, j:]
+            shifted_mask[:, : a.shape[1] - j] = m[:, j:]
+        run = run * shifted
+        tau = tau + run
+        full &= shifted_mask
+    return torch.where(full, tau, torch.zeros_like(tau))
+
+
+def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor, mask: torch.Tensor,
+                 gamma: int) -> dict[str, float]:
+    """Sums over the masked positions, to add up across batches and workers.
+
+    draft_logits, target_logprobs: [N, V] at the N positions where mask [B, T] is set, in
+    row-major order (``x[mask]``). Keys: positions, tvd, acceptance (Σ min(p, q)),
+    forward_kl, blocks, tau (Σ of :func:`chained_block_efficiency` over whole blocks).
+    """
+    m = mask.bool()
+    log_q = torch.log_softmax(draft_logits.float(), -1)
+    log_p = torch.log_softmax(target_logprobs.float(), -1)
+    alpha = expected_acceptance(log_p.exp(), log_q.exp())
+    fkl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    alpha_bt = torch.zeros(m.shape, dtype=alpha.dtype)
+    alpha_bt[m] = alpha
+    tau = chained_block_efficiency(alpha_bt, m, gamma)
+    blocks = tau > 0
+    return {
+        "positions": float(m.sum()),
+        "tvd": float((1 - alpha).sum()),
+        "acceptance": float(alpha.sum()),
+        "forward_kl": float(fkl.sum()),
+        "blocks": float(blocks.sum()),
+        "tau": float(tau[blocks].sum()),
+    }
+
+
+def heldout_means(sums: dict[str, float], gamma: int) -> dict[str, float]:
+    """Per-position means from :func:`heldout_sums` totals (empty sets give no keys)."""
+    n, b = sums.get("positions", 0.0), sums.get("blocks", 0.0)
+    if not n:
+        return {}
+    out = {f"holdout_{k}": sums[k] / n for k in ("tvd", "acceptance", "forward_kl")}
+    if b:
+        out[f"holdout_tau_gamma{gamma}"] = sums["tau"] / b
+    return out

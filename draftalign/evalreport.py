@@ -1,0 +1,162 @@
+"""The evaluation report: pooled summary records, summary.json/.csv, report.md and PNG plots.
+
+Rates pool the counts of every prompt of a (drafter, task, engine, γ, T) cell, as vLLM
+does, never a mean of per-prompt ratios (paper-spec 7.6). Speed-up is tokens/s of
+speculative decoding over tokens/s of the target alone on the same prompts, same process.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from draftalign.specmetrics import (
+    acceptance_per_position,
+    acceptance_rate,
+    block_efficiency,
+    implied_block_efficiency,
+    mbsu,
+)
+
+__all__ = ["CONTRACT_KEYS", "summarize_rows", "markdown_table", "write_report"]
+
+# summary.json's contract (issue 5): every record has at least these keys.
+CONTRACT_KEYS = ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency", "acceptance_rate",
+                 "mbsu", "num_prompts")
+_CELL = ("drafter", "task", "engine", "gamma", "temperature")
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_parameters: int) -> list[dict]:
+    """One record per (drafter, task, engine, γ, T), in the rows' order of first appearance.
+
+    parameters: drafter name -> parameter count; MBSU uses c = that / target_parameters.
+    """
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault(tuple(r[k] for k in _CELL), []).append(r)
+    out = []
+    for key, group in cells.items():
+        rec: dict[str, Any] = dict(zip(_CELL, key, strict=True))
+        gamma = rec["gamma"]
+        drafts = sum(r["num_drafts"] for r in group)
+        drafted = sum(r["num_draft_tokens"] for r in group)
+        accepted = sum(r["num_accepted"] for r in group)
+        per_pos = [sum(r["accepted_per_pos"][i] for r in group) for i in range(gamma)]
+        tau = block_efficiency(accepted, drafts, gamma)
+        alpha = acceptance_rate(accepted, drafted)
+        c = parameters[rec["drafter"]] / target_parameters
+        spec_tokens = sum(r["num_generated_tokens"] for r in group)
+        spec_secs = sum(r["spec_seconds"] for r in group)
+        timed_ar = [r for r in group if r.get("ar_seconds") is not None]
+        ar_tps = _ratio(sum(r["ar_generated_tokens"] for r in timed_ar), sum(r["ar_seconds"] for r in timed_ar))
+        spec_tps = _ratio(spec_tokens, spec_secs)
+        matches = [r["matches_autoregressive"] for r in group if r.get("matches_autoregressive") is not None]
+        rec.update({
+            "drafter_path": group[0]["drafter_path"], "top_p": group[0]["top_p"], "num_prompts": len(group),
+            "generated_tokens": spec_tokens, "num_drafts": drafts, "num_draft_tokens": drafted,
+            "num_accepted": accepted, "block_efficiency": tau, "acceptance_rate": alpha,
+            "acceptance_per_position": acceptance_per_position(per_pos, drafts),
+            "implied_block_efficiency": implied_block_efficiency(alpha, gamma),
+            "mbsu": mbsu(tau, gamma, c), "param_ratio": c, "draft_parameters": parameters[rec["drafter"]],
+            "target_parameters": target_parameters, "tokens_per_s_spec": spec_tps, "tokens_per_s_ar": ar_tps,
+            "speedup": _ratio(spec_tps or 0.0, ar_tps or 0.0) if ar_tps else None,
+            "greedy_match_rate": _ratio(sum(matches), len(matches)) if matches else None,
+        })
+        out.append(rec)
+    return out
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(records: Sequence[dict]) -> str:
+    """drafter × task × engine × γ × T → τ, acceptance, MBSU, speed-up (and the tokens/s behind it)."""
+    lines = ["| drafter | task | engine | γ | T | τ | acceptance | MBSU | speed-up | tok/s spec | tok/s AR |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['drafter']} | {r['task']} | {r['engine']} | {r['gamma']} | {r['temperature']:g} | "
+                     f"{_fmt(r['block_efficiency'])} | {_fmt(r['acceptance_rate'])} | {_fmt(r['mbsu'])} | "
+                     f"{_fmt(r['speedup'])} | {_fmt(r['tokens_per_s_spec'], 1)} | {_fmt(r['tokens_per_s_ar'], 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, records: Sequence[dict]) -> None:
+    cols = list(records[0])
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in records:
+            # a list does not fit a CSV cell: positions joined by ";"
+            w.writerow({k: ";".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v for k, v in r.items()})
+
+
+def _plots(out: Path, records: Sequence[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    engines = list(dict.fromkeys(r["engine"] for r in records))
+    written = []
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        lines: dict[tuple, list[dict]] = {}
+        for r in records:
+            if r["task"] == task:
+                lines.setdefault((r["drafter"], r["engine"], r["temperature"]), []).append(r)
+        gammas = sorted({r["gamma"] for r in records})
+        ax.plot(gammas, [g + 1 for g in gammas], ":", color="grey", label="γ + 1 (all accepted)")
+        for (drafter, engine, t), rs in lines.items():
+            rs = sorted(rs, key=lambda r: r["gamma"])
+            label = f"{drafter} T={t:g}" + (f" ({engine})" if len(engines) > 1 else "")
+            ax.plot([r["gamma"] for r in rs], [r["block_efficiency"] for r in rs], "o-" if t == 0 else "s--",
+                    label=label)
+        ax.set(title=task, xlabel="γ (draft tokens)", xticks=gammas)
+    axes[0][0].set_ylabel("block efficiency τ")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "tau_vs_gamma.png", dpi=110)
+    plt.close(fig)
+    written.append("tau_vs_gamma.png")
+    # acceptance per position at the largest γ, where the decay along the draft is longest
+    gmax = max(r["gamma"] for r in records)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for r in records:
+            if r["task"] == task and r["gamma"] == gmax:
+                label = f"{r['drafter']} T={r['temperature']:g}" + (f" ({r['engine']})" if len(engines) > 1 else "")
+                ax.plot(range(1, gmax + 1), r["acceptance_per_position"], "o-" if r["temperature"] == 0 else "s--",
+                        label=label)
+        ax.set(title=f"{task}, γ={gmax}", xlabel="draft position", xticks=list(range(1, gmax + 1)), ylim=(0, 1.02))
+    axes[0][0].set_ylabel("fraction of drafts accepted at position")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "acceptance_per_position.png", dpi=110)
+    plt.close(fig)
+    written.append("acceptance_per_position.png")
+    return written
+
+
+def write_report(out: str | Path, records: Sequence[dict], header: str = "", plots: bool = True) -> dict[str, str]:
+    """summary.json, summary.csv, report.md and (optionally) the PNG plots; returns their paths."""
+    from draftalign.runinfo import write_json_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "summary.json", list(records))
+    _write_csv(out / "summary.csv", records)
+    files = {"summary.json": str(out / "summary.json"), "summary.csv": str(out / "summary.csv")}
+    pngs = _plots(out, records) if plots else []
+    body = header + "\n" + markdown_table(records) + "".join(f"\n![{p}]({p})\n" for p in pngs)
+    (out / "report.md").write_text(body, encoding="utf-8")
+    files["report.md"] = str(out / "report.md")
+    files.update({p: str(out / p) for p in pngs})
+    return files

@@ -1,0 +1,124 @@
+"""Evaluation tasks: read a held-out set, map its fields, fill the task's prompt template.
+
+Three kinds, after the paper's evaluation (paper-spec 6.1): open-ended answering (Dolly),
+summarisation (CNN/DailyMail, XSum) and translation (WMT). A task reads the bundled set of
+its kind by default, or a JSONL/Parquet file or a Hugging Face data set through a field
+mapping. Unlike seeds, a bad row stops the run with its row number and field: a silently
+thinned evaluation set would make drafters look better or worse than they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from draftalign.config import EvalTaskConfig
+from draftalign.errors import DraftalignError
+from draftalign.seeds import SUPPORTED_SUFFIXES, read_seed_file
+
+__all__ = ["EvalDataError", "bundled_path", "task_rows", "build_prompts", "load_task_prompts"]
+
+# Summaries and translations have nothing to work on without their input; a Dolly
+# question often has no context.
+_INPUT_REQUIRED = {"open_ended": False, "summarize": True, "translate": True}
+_BUNDLED = Path(__file__).resolve().parent.parent / "examples" / "data" / "eval"
+
+
+class EvalDataError(DraftalignError, ValueError):
+    """An evaluation set that cannot be read as configured; the message names task, row and field."""
+
+
+def bundled_path(kind: str) -> Path:
+    """The held-out set shipped for `kind` (examples/data/eval/KIND.jsonl)."""
+    for base in (_BUNDLED, Path.cwd() / "examples" / "data" / "eval"):
+        if (base / f"{kind}.jsonl").is_file():
+            return base / f"{kind}.jsonl"
+    raise EvalDataError(f"the bundled evaluation set for {kind!r} is not found under {_BUNDLED}; "
+                        "set evaluate.tasks[].data to a file or data set")
+
+
+def _source(task: EvalTaskConfig) -> str:
+    return str(bundled_path(task.kind)) if task.data is None else task.data
+
+
+def task_rows(task: EvalTaskConfig) -> Iterator[dict]:
+    """Raw rows of the task's data set, streamed (a hub set is never downloaded whole)."""
+    source = _source(task)
+    path = Path(source).expanduser()
+    if path.suffix in SUPPORTED_SUFFIXES or path.exists():
+        return read_seed_file(path)
+    import datasets
+
+    return iter(datasets.load_dataset(source, task.hf_config, split=task.hf_split, streaming=True))
+
+
+def _field(row: dict, column: str) -> tuple[bool, Any]:
+    """(present, value) of a column; "a.b" reads row["a"]["b"]."""
+    node: Any = row
+    for part in column.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _text(task: EvalTaskConfig, n: int, row: dict, column: str, required: bool) -> str | None:
+    where = f"task {task.name!r} ({_source(task)}), row {n}"
+    present, value = _field(row, column)
+    if "__error__" in row:
+        raise EvalDataError(f"{where}: {row['__error__']}")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            state = "missing" if not present else "empty"
+            raise EvalDataError(f"{where}: {state} field {column!r} (fields: {sorted(row)})")
+        return None
+    if not isinstance(value, str):
+        raise EvalDataError(f"{where}: field {column!r} holds {type(value).__name__}, expected text")
+    return value
+
+
+def _row_id(task: EvalTaskConfig, n: int, row: dict, user: str) -> str:
+    if task.fields.id is not None:
+        present, value = _field(row, task.fields.id)
+        if present and value is not None and str(value).strip():
+            return str(value)
+    return "p-" + hashlib.sha256(user.encode("utf-8")).hexdigest()[:16]
+
+
+def build_prompts(task: EvalTaskConfig, rows: Iterator[dict] | list[dict], limit: int) -> list[dict]:
+    """The first `limit` rows as {"id", "task", "kind", "instruction", "input", "user"}.
+
+    `user` is the task's template filled with the row's instruction (or the task's fixed one)
+    and input ("" when absent), stripped. Raises EvalDataError on a bad row or mapping.
+    """
+    f = task.fields
+    if f.instruction is None and not task.instruction:
+        raise EvalDataError(f"task {task.name!r}: fields.instruction is null, so set the task's "
+                            "`instruction` text (e.g. 'Summarize the following article.')")
+    out: list[dict] = []
+    for n, row in enumerate(rows, start=1):
+        if len(out) >= limit:
+            break
+        if not isinstance(row, dict):
+            raise EvalDataError(f"task {task.name!r}, row {n}: not an object but {type(row).__name__}")
+        instruction = (_text(task, n, row, f.instruction, True) if f.instruction is not None
+                       else task.instruction)
+        context = _text(task, n, row, f.input, _INPUT_REQUIRED[task.kind]) if f.input is not None else None
+        if f.input is None and _INPUT_REQUIRED[task.kind] and "{input}" in task.template:
+            raise EvalDataError(f"task {task.name!r}: a {task.kind} task needs fields.input")
+        try:
+            user = task.template.format(instruction=instruction, input=context or "").strip()
+        except (KeyError, IndexError, ValueError) as exc:
+            raise EvalDataError(f"task {task.name!r}: bad template {task.template!r}: use only "
+                                f"{{instruction}} and {{input}} ({type(exc).__name__}: {exc})") from None
+        out.append({"id": _row_id(task, n, row, user), "task": task.name, "kind": task.kind,
+                    "instruction": instruction, "input": context, "user": user})
+    if not out:
+        raise EvalDataError(f"task {task.name!r}: no rows in {_source(task)}")
+    return out
+
+
+def load_task_prompts(task: EvalTaskConfig, default_limit: int) -> list[dict]:
+    return build_prompts(task, task_rows(task), task.max_prompts or default_limit)

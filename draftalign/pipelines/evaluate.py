@@ -1,0 +1,289 @@
+"""`draftalign evaluate`: speculative decoding of held-out prompts with each drafter.
+
+The driver resolves the drafters, refuses any that cannot draft for the target (vocabulary,
+then a few tokens as transformers' assistant_model), renders every task's prompts with the
+target's chat template, and runs the sweep drafter x task x γ x temperature on each engine:
+`reference` (draftalign.specdecode, exact, batch 1, in this process) and `vllm` (one engine
+per (drafter, γ) in a Ray actor). Per-prompt rows go to Parquet; the pooled summary to
+summary.json/.csv, report.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from draftalign.config import Config, ConfigError, EngineConfig
+from draftalign.evalreport import markdown_table, summarize_rows, write_report
+from draftalign.evaltasks import bundled_path, load_task_prompts
+from draftalign.runinfo import write_run_info
+from draftalign.schemas import EVAL_SCHEMA, to_table, write_parquet_atomic
+from draftalign.specmetrics import acceptance_rate, block_efficiency
+from draftalign.workers.generate_engine import engine_kwargs
+
+_LOSSES = ("forward_kl", "reverse_kl", "tvd", "tvd++")
+
+
+def _looks_local(path: str) -> bool:
+    # hub names are "org/name"; anything else that is path-like must exist here
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).expanduser().exists()
+
+
+def _exists(path: str) -> bool:
+    return Path(path).expanduser().is_dir() or not _looks_local(path)
+
+
+def _abs(path: str) -> str:
+    # Ray actors may not share the driver's working folder
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
+    """[{"name", "path", "exists"}]. Default: "pretrained" plus each distilled export that exists.
+
+    strict: raise ConfigError for a listed drafter that does not exist, or when none is left.
+    """
+    ev = cfg.evaluate
+    if ev.drafters is not None:
+        out = [{"name": d.name, "path": d.path, "exists": _exists(d.path)} for d in ev.drafters]
+        missing = [f"{d['name']} ({d['path']})" for d in out if not d["exists"]]
+        if strict and missing:
+            raise ConfigError(f"evaluate.drafters lists drafters that do not exist: {', '.join(missing)}")
+        return out
+    out = [{"name": "pretrained", "path": cfg.draft_path(), "exists": _exists(cfg.draft_path())}]
+    for loss in _LOSSES:
+        path = cfg.distilled_path(loss)
+        if Path(path).expanduser().is_dir():
+            out.append({"name": loss, "path": path, "exists": True})
+    if strict and not out[0]["exists"]:
+        out = out[1:]
+        if not out:
+            raise ConfigError(f"no drafter to evaluate: the pretrained drafter {cfg.draft_path()!r} does not "
+                              "exist (run `draftalign pretrain` or set models.draft) and no distilled one does")
+    return out
+
+
+def _engine_config(cfg: Config) -> EngineConfig:
+    v = cfg.evaluate.vllm
+    return EngineConfig(use_gpu=v.use_gpu, tensor_parallel_size=v.tensor_parallel_size,
+                        max_model_len=v.max_model_len, engine_kwargs=v.engine_kwargs)
+
+
+def describe_evaluate(cfg: Config) -> dict[str, Any]:
+    """The --plan view: drafters, tasks, the sweep and the engines, offline and without Ray."""
+    ev = cfg.evaluate
+    drafters = resolve_drafters(cfg, strict=False)
+    tasks = [{"name": t.name, "kind": t.kind, "data": t.data or str(bundled_path(t.kind)),
+              "max_prompts": t.max_prompts or ev.max_prompts} for t in ev.tasks]
+    cells = len(drafters) * len(ev.tasks) * len(ev.gammas) * len(ev.temperatures)
+    plan: dict[str, Any] = {
+        "target": cfg.target_path(), "output": ev.output,
+        "drafters": [{"name": d["name"], "path": d["path"], "exists": d["exists"]} for d in drafters],
+        "tasks": tasks, "engines": ev.engines, "gammas": ev.gammas, "temperatures": ev.temperatures,
+        "top_p": ev.top_p, "max_new_tokens": ev.max_new_tokens,
+        "cells": f"{cells} (drafter x task x γ x T) per engine",
+    }
+    if "vllm" in ev.engines:
+        v = ev.vllm
+        per = {"CPU": v.cpus_per_engine, **({"GPU": v.gpus_per_engine * v.tensor_parallel_size} if v.use_gpu else {})}
+        plan["vllm"] = {"engines": len(drafters) * len(ev.gammas) + int(v.measure_autoregressive),
+                        "one_at_a_time": True, "per_engine": per, "engine_kwargs": engine_kwargs(_engine_config(cfg))}
+    return plan
+
+
+def _prompts(cfg: Config, tok: Any, context: int, log) -> dict[str, list[dict]]:
+    from draftalign.prompts import encode_prompt, render_prompt
+
+    ev = cfg.evaluate
+    out: dict[str, list[dict]] = {}
+    for task in ev.tasks:
+        # read a few extra rows so that prompts dropped as too long can be replaced
+        rows = load_task_prompts(task, (task.max_prompts or ev.max_prompts) * 2)
+        keep, too_long = [], 0
+        for p in rows:
+            ids = encode_prompt(tok, render_prompt(tok, [{"role": "user", "content": p["user"]}], ev.system_prompt))
+            if len(ids) + ev.max_new_tokens > context:
+                too_long += 1
+                continue
+            if len(keep) < (task.max_prompts or ev.max_prompts):
+                keep.append({**p, "token_ids": ids})
+        if not keep:
+            raise ConfigError(f"task {task.name!r}: every prompt is longer than the context ({context}) "
+                              f"minus evaluate.max_new_tokens ({ev.max_new_tokens})")
+        out[task.name] = keep
+        log(f"[evaluate] task {task.name} ({task.kind}): {len(keep)} prompts"
+            + (f", {too_long} skipped as too long for the context" if too_long else ""))
+    return out
+
+
+def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str, list[dict]],
+               settings: dict[str, Any], log) -> list[dict]:
+    import ray
+
+    from draftalign.cluster.session import init_ray
+    from draftalign.workers.evaluate_reference import progress_line
+    from draftalign.workers.evaluate_vllm import VllmEngine
+
+    ev, v = cfg.evaluate, cfg.evaluate.vllm
+    init_ray(cfg.ray)
+    opts: dict[str, Any] = {"num_cpus": v.cpus_per_engine}
+    if v.use_gpu:
+        opts["num_gpus"] = v.gpus_per_engine * v.tensor_parallel_size
+    actor_cls = ray.remote(**opts)(VllmEngine)
+    kwargs, target = engine_kwargs(_engine_config(cfg)), _abs(target)
+
+    def sweep(draft: str | None, gamma: int, what: str) -> dict[tuple, dict]:
+        actor = actor_cls.remote(target, draft, gamma, kwargs)
+        try:
+            res = {}
+            for task, rows in prompts.items():
+                for t in ev.temperatures:
+                    t0 = time.time()
+                    got = ray.get(actor.generate.remote(
+                        [{"id": p["id"], "token_ids": p["token_ids"]} for p in rows], t, ev.top_p,
+                        ev.max_new_tokens, ev.seed, cfg.evaluate.reference.warmup_tokens))
+                    res.update({(task, t, g["id"]): g for g in got})
+                    if draft is None:
+                        n, s = sum(len(g["tokens"]) for g in got), sum(g["seconds"] for g in got)
+                        log(f"[evaluate] vllm autoregressive / {task} T={t:g}: {n / s:.1f} tokens/s "
+                            f"({len(rows)} prompts, {time.time() - t0:.1f} s)")
+                    else:
+                        vllm_rows.extend(_rows_from_vllm(what, draft, task, rows, gamma, t, got, ar, settings))
+                        log(progress_line("vllm", what, task, gamma, t, vllm_rows[-len(rows):], time.time() - t0))
+            return res
+        except ray.exceptions.RayError as exc:
+            role = f"drafter {what!r} ({draft}) as vLLM draft_model" if draft else "the target"
+            raise RuntimeError(f"vLLM could not serve {role} for target {target!r}: {exc}") from exc
+        finally:
+            try:  # let vLLM stop its engine-core process before the actor goes
+                ray.get(actor.close.remote(), timeout=60)
+            except Exception:
+                pass
+            ray.kill(actor)
+
+    vllm_rows: list[dict] = []
+    ar: dict[tuple, dict] = sweep(None, 0, "target") if v.measure_autoregressive else {}
+    for d in drafters:
+        for gamma in ev.gammas:
+            log(f"[evaluate] vllm: starting an engine for {d['name']} γ={gamma}")
+            sweep(_abs(d["path"]), gamma, d["name"])
+    return vllm_rows
+
+
+def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: int, t: float, got: list[dict],
+                    ar: dict[tuple, dict], s: dict[str, Any]) -> list[dict]:
+    out = []
+    for p, g in zip(rows, got, strict=True):
+        base = ar.get((task, t, p["id"]))
+        out.append({
+            "drafter": name, "drafter_path": draft, "task": task, "task_kind": p["kind"], "prompt_id": p["id"],
+            "engine": "vllm", "gamma": gamma, "temperature": float(t), "top_p": float(s["top_p"]),
+            "num_input_tokens": len(p["token_ids"]), "num_generated_tokens": len(g["tokens"]),
+            "num_drafts": g["num_drafts"], "num_draft_tokens": g["num_draft_tokens"],
+            "num_accepted": g["num_accepted"], "accepted_per_pos": g["accepted_per_pos"],
+            "block_efficiency": block_efficiency(g["num_accepted"], g["num_drafts"], gamma),
+            "acceptance_rate": acceptance_rate(g["num_accepted"], g["num_draft_tokens"]),
+            "spec_seconds": g["seconds"], "ar_seconds": base["seconds"] if base else None,
+            "ar_generated_tokens": len(base["tokens"]) if base else None,
+            "matches_autoregressive": (g["tokens"] == base["tokens"]) if base and t == 0 else None,
+            "generated_token_ids": g["tokens"], "target_model": s["target_model"],
+        })
+    return out
+
+
+def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: list[int], check: bool,
+                     log) -> tuple[int, dict[str, int]]:
+    """Parameter counts from the loaded models, after the assistant_model check when asked."""
+    from draftalign.exportcheck import check_transformers, parameter_count
+
+    params = {}
+    for d in drafters:
+        draft = engine.load_draft(d["path"])
+        params[d["name"]] = parameter_count(draft)
+        if check:
+            check_transformers(engine.target, draft, target, d["path"], prompt[:16])
+            log(f"[evaluate] export check: {d['name']} ({d['path']}) runs as transformers' assistant_model")
+        del draft
+    return parameter_count(engine.target), params
+
+
+def _meta_parameters(path: str, trust_remote_code: bool) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from draftalign.models import load_model_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_model_config(path, trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, int], target_params: int) -> str:
+    ev = cfg.evaluate
+    lines = ["# draftalign evaluate", "",
+             f"Command: `{shlex.join(['draftalign', *sys.argv[1:]])}`", "",
+             f"Target: `{target}` ({target_params / 1e6:.1f}M parameters). "
+             f"Tasks: {', '.join(t.name for t in ev.tasks)}. γ: {ev.gammas}; temperatures: {ev.temperatures}; "
+             f"top-p {ev.top_p}; at most {ev.max_new_tokens} new tokens per prompt, batch 1.", ""]
+    for d in drafters:
+        c = params[d["name"]] / target_params
+        lines.append(f"- drafter `{d['name']}`: `{d['path']}` ({params[d['name']] / 1e6:.1f}M parameters, c = {c:.4f})")
+    lines += ["", "τ: tokens per target call, pooled over prompts; acceptance: accepted / drafted tokens; "
+              "MBSU = τ / (1 + γc); speed-up: tokens/s speculative over tokens/s of the target alone.", ""]
+    return "\n".join(lines)
+
+
+def run_evaluate(cfg: Config, log=None) -> list[dict]:
+    """Run the sweep and write the report under evaluate.output; returns the summary records."""
+    from draftalign.exportcheck import check_vocab
+    from draftalign.tokenization import ensure_chat_template, load_tokenizer
+    from draftalign.workers.evaluate_reference import ReferenceEngine, reference_rows
+
+    log = log or (lambda msg: print(msg, flush=True))
+    ev, t_start = cfg.evaluate, time.time()
+    target = cfg.target_path()
+    if _looks_local(target) and not Path(target).expanduser().is_dir():
+        raise ConfigError(f"target {target!r} does not exist: run `draftalign pretrain` or set models.target")
+    drafters = resolve_drafters(cfg)
+    out = Path(ev.output)
+    write_run_info(out, cfg, "evaluate", {"drafters": drafters})
+    for d in drafters:
+        check_vocab(target, d["path"], cfg.models.trust_remote_code)
+    tok = ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
+    from draftalign.models import load_model_config
+
+    context = load_model_config(target, cfg.models.trust_remote_code).get_text_config().max_position_embeddings
+    if "vllm" in ev.engines:
+        context = min(context, ev.vllm.max_model_len)
+    prompts = _prompts(cfg, tok, context, log)
+    first = next(iter(prompts.values()))[0]["token_ids"]
+    engine = None
+    if "reference" in ev.engines or ev.export_check:
+        engine = ReferenceEngine(target, ev.reference.device, cfg.models.trust_remote_code,
+                                 ev.reference.threads)
+        target_params, params = _check_and_count(engine, target, drafters, first, ev.export_check, log)
+    else:  # a vLLM-only run on a big target: count on the meta device instead of loading it here
+        target_params = _meta_parameters(target, cfg.models.trust_remote_code)
+        params = {d["name"]: _meta_parameters(d["path"], cfg.models.trust_remote_code) for d in drafters}
+    settings = {"gammas": ev.gammas, "temperatures": ev.temperatures, "top_p": ev.top_p,
+                "max_new_tokens": ev.max_new_tokens, "eos": tok.eos_token_id, "seed": ev.seed,
+                "measure_ar": ev.reference.measure_autoregressive, "warmup_tokens": ev.reference.warmup_tokens,
+                "target_model": target}
+    rows: list[dict] = []
+    if "reference" in ev.engines:
+        rows += reference_rows(engine, drafters, prompts, settings, log)
+    del engine
+    if "vllm" in ev.engines:
+        rows += _vllm_rows(cfg, target, drafters, prompts, settings, log)
+    write_parquet_atomic(to_table(rows, EVAL_SCHEMA), out / "rows.parquet")
+    records = summarize_rows(rows, params, target_params)
+    files = write_report(out, records, _header(cfg, target, drafters, params, target_params), ev.plots)
+    log(f"[evaluate] {len(rows)} per-prompt rows in {out / 'rows.parquet'}; report files: "
+        f"{', '.join(files)} in {out} ({time.time() - t_start:.0f} s)")
+    print(markdown_table(records), end="", flush=True)
+    return records

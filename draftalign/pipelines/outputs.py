@@ -1,0 +1,52 @@
+"""Output folders shared by the training stages: claim one for a config, publish a model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from draftalign.errors import ConfigError
+from draftalign.runinfo import write_json_atomic
+
+MODEL_INFO = "draftalign_model.json"  # written next to every exported model
+
+
+def claim_output(job_dir: Path, fp: str, overwrite: bool, overwrite_key: str) -> None:
+    """Refuse to mix checkpoints of another config into this folder; never delete silently."""
+    marker = job_dir / "job.json"
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot write to output folder {str(job_dir)!r}: {exc.strerror or exc}") from exc
+    if marker.is_file():
+        old = json.loads(marker.read_text()).get("fingerprint")
+        if old != fp and not overwrite:
+            raise ConfigError(f"{job_dir} holds a run with another config ({old} != {fp}); "
+                              f"choose another output folder or set {overwrite_key}=true")
+        if old != fp:
+            shutil.rmtree(job_dir / "ray", ignore_errors=True)
+    write_json_atomic(marker, {"fingerprint": fp})
+
+
+def reusable(model_dir: Path, fp: str) -> bool:
+    """True when `model_dir` holds a finished export made from the same inputs and config."""
+    info = model_dir / MODEL_INFO
+    return info.is_file() and json.loads(info.read_text()).get("fingerprint") == fp
+
+
+def publish_model(checkpoint, model_dir: Path, tokenizer, info: dict[str, Any]) -> Path:
+    """Copy the final checkpoint's `hf/` export with the tokenizer and info, then swap it in.
+
+    The folder appears whole or not at all: readers never see a half-written model.
+    """
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with checkpoint.as_directory() as d:
+        shutil.copytree(Path(d) / "hf", tmp)
+    tokenizer.save_pretrained(str(tmp))
+    write_json_atomic(tmp / MODEL_INFO, info)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
+    return model_dir

@@ -1,0 +1,91 @@
+"""`draftalign run`: every stage in order, in one run folder.
+
+Each stage reuses its output when it exists for the same inputs and config (pretrain and
+distill by fingerprint, generate by row key) and resumes when it was cut short, so
+rerunning `draftalign run` after a kill finishes the run instead of redoing it.
+`run.output/run_manifest.json` records each stage's output, status and time as it goes;
+`run.output/logs/run.log` keeps the driver's output (worker logs included).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from draftalign.config import Config
+from draftalign.runinfo import write_json_atomic, write_run_info
+
+
+class _Tee:
+    """Write to the terminal and to the run log alike."""
+
+    def __init__(self, stream: TextIO, log: TextIO) -> None:
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def _logged(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
+def _stages(cfg: Config) -> list[tuple[str, Callable[[Config], Any], str]]:
+    from draftalign.pipelines.distill import run_distill
+    from draftalign.pipelines.evaluate import run_evaluate
+    from draftalign.pipelines.generate import run_generate
+    from draftalign.pipelines.pretrain import run_pretrain
+
+    stages = [("pretrain", run_pretrain, cfg.pretrain.output)] if cfg.pretrain.jobs else []
+    return stages + [("generate", run_generate, cfg.generate.output),
+                     ("distill", run_distill, str(Path(cfg.distilled_path()).parent)),
+                     ("evaluate", run_evaluate, cfg.evaluate.output)]
+
+
+def run_all(cfg: Config) -> dict[str, Any]:
+    """Run the stages in order; returns the run manifest (also written as it goes)."""
+    root = Path(cfg.run.output)
+    write_run_info(root, cfg, "run")
+    manifest: dict[str, Any] = {"run": cfg.run.name, "output": str(root), "stages": []}
+    path = root / "run_manifest.json"
+    start = time.time()
+    with _logged(root / "logs" / "run.log"):
+        for name, fn, output in _stages(cfg):
+            entry = {"stage": name, "output": output, "status": "running"}
+            manifest["stages"].append(entry)
+            write_json_atomic(path, manifest)
+            print(f"==> [run] {name} -> {output}", flush=True)
+            t0 = time.time()
+            try:
+                fn(cfg)
+            except BaseException:
+                entry.update(status="failed", seconds=round(time.time() - t0, 1))
+                write_json_atomic(path, manifest)
+                raise
+            entry.update(status="done", seconds=round(time.time() - t0, 1))
+            write_json_atomic(path, manifest)
+        manifest["seconds"] = round(time.time() - start, 1)
+        manifest["report"] = str(Path(cfg.evaluate.output) / "report.md")
+        write_json_atomic(path, manifest)
+        print(f"==> [run] done in {manifest['seconds'] / 60:.1f} min; report: {manifest['report']}", flush=True)
+    return manifest

@@ -1,0 +1,144 @@
+"""The `reference` evaluation engine: draftalign.specdecode at batch 1, timed against plain decoding.
+
+The target is loaded once; each drafter in turn. Plain autoregressive decoding of the target
+is timed once per (task, temperature, prompt) and shared by every drafter and γ, since it
+does not depend on them. Wall-clock figures are tokens/s of each run, so sampled runs of
+different lengths still compare. An untimed warm-up run keeps one-off start-up costs (kernel
+selection, allocator growth) out of the first measurement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from draftalign.specdecode import autoregressive_generate, speculative_generate
+
+__all__ = ["ReferenceEngine", "progress_line", "prompt_generator", "reference_rows"]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def prompt_generator(seed: int, prompt_id: str, temperature: float, device: torch.device) -> torch.Generator:
+    """A generator seeded from (seed, prompt, temperature): a rerun samples the same answers."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(hashlib.sha256(f"{seed}/{prompt_id}/{temperature}".encode()).hexdigest()[:15], 16))
+    return g
+
+
+class ReferenceEngine:
+    """A target held in memory, plus timed speculative and plain decoding of one prompt at a time."""
+
+    def __init__(self, target: str, device: str = "auto", trust_remote_code: bool = False,
+                 threads: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = _device(device)
+        self.trust_remote_code = trust_remote_code
+        # float32: the exact acceptance test compares p and q; half precision would add ties
+        self.target = AutoModelForCausalLM.from_pretrained(
+            target, dtype=torch.float32, trust_remote_code=trust_remote_code).to(self.device).eval()
+
+    def load_draft(self, path: str) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=self.trust_remote_code).to(self.device).eval()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def autoregressive(self, ids: list[int], temperature: float, top_p: float, max_new_tokens: int,
+                       eos: Any, generator: torch.Generator) -> tuple[list[int], float]:
+        self._sync()
+        t0 = time.perf_counter()
+        out = autoregressive_generate(self.target, ids, max_new_tokens, temperature, top_p, eos, generator)
+        self._sync()
+        return out, time.perf_counter() - t0
+
+    def speculative(self, draft: Any, ids: list[int], gamma: int, temperature: float, top_p: float,
+                    max_new_tokens: int, eos: Any, generator: torch.Generator):
+        self._sync()
+        t0 = time.perf_counter()
+        res = speculative_generate(self.target, draft, ids, gamma, max_new_tokens, temperature, top_p, eos, generator)
+        self._sync()
+        return res, time.perf_counter() - t0
+
+
+def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[str, list[dict]],
+                   settings: dict[str, Any], log: Callable[[str], None] = print) -> list[dict]:
+    """Per-prompt rows (EVAL_SCHEMA) for every drafter x task x γ x temperature.
+
+    drafters: [{"name", "path"}]; prompts: task name -> [{"id", "kind", "token_ids"}];
+    settings: gammas, temperatures, top_p, max_new_tokens, eos, seed, measure_ar, warmup_tokens,
+    target_model.
+    """
+    s = settings
+    gen = lambda pid, t: prompt_generator(s["seed"], pid, t, engine.device)  # noqa: E731
+    first = next(iter(prompts.values()))[0]["token_ids"]
+    if s["warmup_tokens"]:
+        engine.autoregressive(first, 0.0, 1.0, s["warmup_tokens"], None, gen("warmup", 0.0))
+    ar: dict[tuple[str, float, str], tuple[list[int], float]] = {}
+    if s["measure_ar"]:
+        for task, rows in prompts.items():
+            for t in s["temperatures"]:
+                t0 = time.time()
+                for p in rows:
+                    ar[(task, t, p["id"])] = engine.autoregressive(p["token_ids"], t, s["top_p"], s["max_new_tokens"],
+                                                                   s["eos"], gen(p["id"], t))
+                n = sum(len(ar[(task, t, p['id'])][0]) for p in rows)
+                secs = sum(ar[(task, t, p['id'])][1] for p in rows)
+                log(f"[evaluate] reference autoregressive / {task} T={t:g}: {n / secs:.1f} tokens/s "
+                    f"({len(rows)} prompts, {time.time() - t0:.1f} s)")
+    out: list[dict] = []
+    for d in drafters:
+        draft = engine.load_draft(d["path"])
+        if s["warmup_tokens"]:
+            engine.speculative(draft, first, 2, 0.0, 1.0, s["warmup_tokens"], None, gen("warmup", 0.0))
+        for task, rows in prompts.items():
+            for gamma in s["gammas"]:
+                for t in s["temperatures"]:
+                    t0, batch = time.time(), []
+                    for p in rows:
+                        res, secs = engine.speculative(draft, p["token_ids"], gamma, t, s["top_p"],
+                                                       s["max_new_tokens"], s["eos"], gen(p["id"], t))
+                        base = ar.get((task, t, p["id"]))
+                        st = res.stats
+                        batch.append({
+                            "drafter": d["name"], "drafter_path": d["path"], "task": task, "task_kind": p["kind"],
+                            "prompt_id": p["id"], "engine": "reference", "gamma": gamma, "temperature": float(t),
+                            "top_p": float(s["top_p"]), "num_input_tokens": len(p["token_ids"]),
+                            "num_generated_tokens": len(res.tokens), "num_drafts": st.num_drafts,
+                            "num_draft_tokens": st.num_draft_tokens, "num_accepted": st.num_accepted,
+                            "accepted_per_pos": list(st.accepted_per_pos),
+                            "block_efficiency": st.block_efficiency, "acceptance_rate": st.acceptance_rate,
+                            "spec_seconds": secs, "ar_seconds": base[1] if base else None,
+                            "ar_generated_tokens": len(base[0]) if base else None,
+                            "matches_autoregressive": (res.tokens == base[0]) if base and t == 0 else None,
+                            "generated_token_ids": list(res.tokens), "target_model": s["target_model"],
+                        })
+                    out.extend(batch)
+                    log(progress_line("reference", d["name"], task, gamma, t, batch, time.time() - t0))
+        del draft
+    return out
+
+
+def progress_line(engine: str, drafter: str, task: str, gamma: int, t: float, rows: list[dict], secs: float) -> str:
+    drafts = sum(r["num_drafts"] for r in rows)
+    accepted = sum(r["num_accepted"] for r in rows)
+    drafted = sum(r["num_draft_tokens"] for r in rows)
+    tau = 1 + accepted / drafts if drafts else 1.0
+    alpha = accepted / drafted if drafted else 0.0
+    return (f"[evaluate] {engine} {drafter} / {task} γ={gamma} T={t:g}: τ={tau:.2f} "
+            f"acceptance={alpha:.2f} ({len(rows)} prompts, {secs:.1f} s)")

@@ -1,0 +1,181 @@
+"""The target-logit worker pool: Ray actors holding the frozen target, streaming next-token
+log-probs to a train worker.
+
+Wire format, per request: only the positions the loss uses travel. For a batch with loss
+mask [B, T] and N = mask.sum(), the reply holds ``logprobs`` [N, V] (full vocabulary, in
+``wire_dtype``), or with ``top_k``: ``values`` [N, K] and ``indices`` [N, K] (int32), which the
+loss densifies with the tail mass spread uniformly (see losses.densify_topk).
+
+Guarantees: the client keeps every batch it sent until its reply arrives, in order, so a
+batch is used once and never skipped. Ray restarts a dead actor (``max_restarts``) and
+retries its pending calls (``max_task_retries``) on the new incarnation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from draftalign.config import TargetPoolConfig
+from draftalign.errors import DraftalignError
+
+_WIRE = {"float16": torch.float16, "float32": torch.float32}
+
+
+def load_target(path: str, precision: str, use_gpu: bool, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and use_gpu) else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if use_gpu and torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval()
+
+
+@torch.inference_mode()
+def target_logprobs(model, batch: dict[str, Any], top_k: int | None, wire_dtype: str) -> dict[str, np.ndarray]:
+    """Next-token log-probs of the target at the masked positions of a batch (see module doc)."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(batch["input_ids"], device=device)
+    attn = torch.as_tensor(batch["attention_mask"], device=device)
+    mask = torch.as_tensor(batch["loss_mask"], device=device).bool()
+    logits = model(input_ids=ids, attention_mask=attn).logits[mask]
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V], normalised in float32
+    if top_k is None:
+        # float16 keeps log-probs down to -65504; -inf (impossible tokens) stays -inf.
+        return {"logprobs": logp.to(_WIRE[wire_dtype]).cpu().numpy()}
+    values, indices = logp.topk(top_k, dim=-1)
+    return {"values": values.to(_WIRE[wire_dtype]).cpu().numpy(),
+            "indices": indices.to(torch.int32).cpu().numpy()}
+
+
+class TargetActor:
+    """One replica of the target; Ray restarts it when it dies (see TargetPool)."""
+
+    def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None) -> None:
+        self.model = load_target(path, cfg.precision, cfg.use_gpu)
+        self.cfg = cfg
+        self.requests = 0
+        self.death_marker = death_marker
+
+    def logprobs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self.requests += 1
+        if (self.death_marker and self.requests == self.cfg.inject_actor_death_at_request
+                and not Path(self.death_marker).exists()):
+            Path(self.death_marker).write_text(str(os.getpid()))  # once per run, not per incarnation
+            os._exit(1)
+        start = time.perf_counter()
+        out = target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype)
+        return {**out, "pid": os.getpid(), "compute_s": time.perf_counter() - start}
+
+
+class PoolStats:
+    """What the trainer reports: queue depth, wait, target throughput, restarts seen."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.positions = 0
+        self.compute_s = 0.0
+        self.wait_s = 0.0
+        self.queue_depth = 0
+        self.restarts = 0
+
+    def snapshot(self) -> dict[str, float]:
+        return {"pool_requests": self.requests, "pool_queue_depth": self.queue_depth,
+                "trainer_wait_s": round(self.wait_s, 3), "pool_restarts": self.restarts,
+                "target_positions_per_s": self.positions / self.compute_s if self.compute_s else 0.0}
+
+
+class TargetPool:
+    """Actors beside this train worker, fed round-robin, at most ``prefetch`` batches ahead."""
+
+    def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.cfg = cfg
+        self.stats = PoolStats()
+        node = ray.get_runtime_context().get_node_id()
+        actor_cls = ray.remote(TargetActor).options(
+            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
+            max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts,
+            # Beside the train worker: the log-probs are the largest thing on the wire.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True))
+        self.actors = [actor_cls.remote(path, cfg, death_marker) for _ in range(cfg.actors)]
+        self._next = 0
+        self._pids: dict[int, int] = {}
+
+    def _submit(self, batch: dict[str, Any]):
+        i = self._next
+        self._next = (self._next + 1) % len(self.actors)
+        payload = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
+        return i, self.actors[i].logprobs.remote(payload)
+
+    def _resolve(self, i: int, ref) -> dict[str, Any]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        start = time.perf_counter()
+        try:
+            out = ray.get(ref)
+        except RayActorError as exc:
+            raise DraftalignError(f"target-pool actor {i} died more than target_pool.max_restarts="
+                                  f"{self.cfg.max_restarts} times; last error: {exc}") from exc
+        self.stats.wait_s += time.perf_counter() - start
+        if self._pids.get(i, out["pid"]) != out["pid"]:
+            self.stats.restarts += 1
+        self._pids[i] = out["pid"]
+        self.stats.requests += 1
+        self.stats.compute_s += out["compute_s"]
+        self.stats.positions += int(np.asarray(out.get("logprobs", out.get("values"))).shape[0])
+        return out
+
+    def stream(self, batches: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """Yield (batch, target reply) in order, keeping up to ``prefetch`` requests in flight."""
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, *self._submit(batch)))
+            if len(pending) > self.cfg.prefetch:
+                batch0, i, ref = pending.popleft()
+                self.stats.queue_depth = len(pending)
+                yield batch0, self._resolve(i, ref)
+        while pending:
+            batch0, i, ref = pending.popleft()
+            self.stats.queue_depth = len(pending)
+            yield batch0, self._resolve(i, ref)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+class LocalTarget:
+    """The baseline: the same target computed inside the train worker, no pipelining."""
+
+    def __init__(self, path: str, cfg: TargetPoolConfig) -> None:
+        self.model = load_target(path, cfg.precision, cfg.use_gpu)
+        self.cfg = cfg
+        self.stats = PoolStats()
+
+    def stream(self, batches: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        for batch in batches:
+            start = time.perf_counter()
+            out = target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype)
+            took = time.perf_counter() - start
+            self.stats.requests += 1
+            self.stats.compute_s += took
+            self.stats.wait_s += took  # the trainer waits for all of it
+            self.stats.positions += int(next(iter(out.values())).shape[0])
+            yield batch, out
+
+    def shutdown(self) -> None:
+        pass

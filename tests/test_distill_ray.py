@@ -1,0 +1,98 @@
+"""`draftalign distill` end to end on CPU: Ray Data shards, Ray Train + DeepSpeed, the target
+pool (slow: starts Ray). Tiny random models and a hand-made distillation set keep it quick."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from worlds import distill_set, tiny_llama
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
+LOSSES = {"forward_kl": "forward_kl", "reverse_kl": "reverse_kl", "tvd": "tvd", "tvd++": "tvdpp"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    tiny_llama(root / "target", seed=0, hidden=64)
+    tiny_llama(root / "draft", seed=1, hidden=32)
+    distill_set(root / "set", 40)
+    return root
+
+
+def _overrides(root: Path, out: Path, **train) -> list[str]:
+    t = {"num_workers": 1, "cpus_per_worker": 1, "seq_len": 32, "micro_batch_size": 4, "max_steps": 4,
+         "checkpoint_every": 2, "log_every": 1, "eval_batches": 1, **train}
+    return [f"run.output={out}", f"models.target={root / 'target'}", f"distill.init_from={root / 'draft'}",
+            f"distill.data={root / 'set'}", "distill.holdout_fraction=0.2", "distill.target_pool.cpus_per_actor=0.5",
+            "ray.num_cpus=3", "ray.include_dashboard=false", "distill.optim.warmup_steps=1",
+            *[f"distill.train.{k}={v}" for k, v in t.items()]]
+
+
+def _distill(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "draftalign", "distill", str(TINY), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _info(out: Path, folder: str = "tvdpp") -> dict:
+    return json.loads((out / "distill" / folder / "model" / "draftalign_model.json").read_text())
+
+
+def test_every_loss_trains_and_exports_a_loadable_drafter(world):
+    # One process, one Ray start, four distillations: the losses differ only in the objective.
+    out = world / "losses"
+    script = textwrap.dedent(f"""
+        from draftalign.config import load_config
+        from draftalign.pipelines.distill import run_distill
+        for name in {list(LOSSES)!r}:
+            run_distill(load_config({str(TINY)!r}, {_overrides(world, out)!r} + ["distill.loss.name=" + name]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    from transformers import AutoModelForCausalLM
+
+    weights = []
+    for name, folder in LOSSES.items():
+        info = _info(out, folder)
+        m = info["metrics"]
+        assert info["loss"]["name"] == name and m["step"] == 4
+        for key in ("holdout_acceptance", "holdout_tvd", "holdout_tau_gamma3", "initial_holdout_acceptance"):
+            assert key in m
+        assert 0.0 < m["holdout_acceptance"] < 1.0 and 1.0 <= m["holdout_tau_gamma3"] <= 4.0
+        assert m["holdout_acceptance"] == pytest.approx(1 - m["holdout_tvd"])
+        # Every batch the trainer used came from the pool, once: 1 eval batch before, 4 steps, 1 after.
+        assert m["pool_requests"] == 6 and m["pool_restarts"] == 0
+        model = AutoModelForCausalLM.from_pretrained(out / "distill" / folder / "model")
+        assert model.config.vocab_size == 32000 and model.config.hidden_size == 32
+        weights.append(model.lm_head.weight.detach().clone())
+    assert all(not w.equal(weights[0]) for w in weights[1:])  # four objectives, four different drafters
+
+
+def test_a_target_actor_that_dies_is_restarted_and_no_batch_is_lost(world):
+    out = world / "actor-death"
+    proc = _distill(*_overrides(world, out), "distill.target_pool.inject_actor_death_at_request=3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (out / "distill" / "tvdpp" / "chaos" / "target_actor_died").is_file()  # it did die
+    m = _info(out)["metrics"]
+    assert m["step"] == 4 and m["pool_restarts"] == 1
+    assert m["pool_requests"] == 6  # the request in flight at the death was retried, not dropped
+
+
+def test_a_killed_trainer_resumes_at_its_checkpoint_when_rerun(world):
+    out = world / "resume"
+    args = _overrides(world, out)
+    crashed = _distill(*args, "distill.train.inject_failure_at_step=3", "distill.train.max_failures=0")
+    assert crashed.returncode != 0
+    assert "injected failure at step 3" in crashed.stdout + crashed.stderr
+    assert not (out / "distill" / "tvdpp" / "model").exists()
+    rerun = _distill(*args)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    m = _info(out)["metrics"]
+    assert m["step"] == 4 and m["resumed_from_step"] == 2
+    again = _distill(*args)  # a finished run with the same inputs and config is reused
+    assert again.returncode == 0 and "reusing" in again.stdout

@@ -1,0 +1,185 @@
+"""`draftalign evaluate` without Ray or vLLM: tasks and templates, the export check, the report files.
+
+The report test runs the whole stage in-process with the reference engine on tiny random-weight
+Llamas (embedded 32k tokenizer, hidden 64), a few prompts and a few tokens: seconds, not minutes.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from draftalign.config import EvalTaskConfig, load_config
+from draftalign.errors import ConfigError, VocabMismatchError
+from draftalign.evaltasks import EvalDataError, build_prompts, load_task_prompts
+
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
+
+
+def _llama(folder: Path, seed: int, vocab_size: int = 32000, layers: int = 1, tokenizer: bool = True) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from draftalign.tokenization import materialize_tokenizer
+
+    if tokenizer:
+        materialize_tokenizer("embedded", folder)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                                 tie_word_embeddings=False)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalmodels")
+    return {"target": _llama(root / "target", 0, layers=2), "draft": _llama(root / "draft", 1),
+            "small_vocab": _llama(root / "small_vocab", 2, vocab_size=1000, tokenizer=False), "root": root}
+
+
+# ---- tasks and templates -------------------------------------------------------------------------
+
+def test_bundled_tasks_load_with_their_templates():
+    cfg = load_config(TINY)
+    by_kind = {t.kind: load_task_prompts(t, 3) for t in cfg.evaluate.tasks}
+    assert set(by_kind) == {"open_ended", "summarize", "translate"}
+    for kind, prompts in by_kind.items():
+        assert len(prompts) == 3 and len({p["id"] for p in prompts}) == 3
+        assert all(p["kind"] == kind and p["user"].strip() == p["user"] for p in prompts)
+    assert by_kind["open_ended"][0]["input"] is None
+    assert by_kind["open_ended"][0]["user"] == by_kind["open_ended"][0]["instruction"]
+    s = by_kind["summarize"][0]
+    assert s["user"] == f"{s['instruction']}\n\n{s['input']}" and s["user"].startswith("Summarize")
+
+
+def test_hf_style_mapping_with_nested_field_and_fixed_instruction(tmp_path):
+    data = tmp_path / "wmt.jsonl"
+    rows = [{"translation": {"de": f"Hallo Welt {i}", "en": f"Hello world {i}"}} for i in range(4)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    task = EvalTaskConfig(name="wmt", kind="translate", data=str(data),
+                          fields={"instruction": None, "input": "translation.de", "id": None},
+                          instruction="Translate the following German text into English.",
+                          template="{instruction}\n\nGerman: {input}\nEnglish:")
+    prompts = load_task_prompts(task, 2)
+    assert len(prompts) == 2
+    assert prompts[1]["user"] == "Translate the following German text into English.\n\nGerman: Hallo Welt 1\nEnglish:"
+    assert prompts[0]["id"].startswith("p-") and prompts[0]["id"] != prompts[1]["id"]
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    rows = [{"id": "a", "instruction": "Summarize.", "input": "text"}, {"id": "b", "instruction": "Summarize."}]
+    task = EvalTaskConfig(name="sums", kind="summarize", data=str(tmp_path / "x.jsonl"))
+    with pytest.raises(EvalDataError, match=r"task 'sums'.*row 2: missing field 'input'"):
+        build_prompts(task, rows, 10)
+    with pytest.raises(EvalDataError, match=r"row 1: missing field 'question'"):
+        build_prompts(task.model_copy(update={"fields": task.fields.model_copy(update={"instruction": "question"})}),
+                      rows, 10)
+    with pytest.raises(EvalDataError, match="set the task's `instruction`"):
+        build_prompts(EvalTaskConfig(name="x", kind="summarize", fields={"instruction": None}), rows, 10)
+    with pytest.raises(EvalDataError, match="bad template"):
+        build_prompts(EvalTaskConfig(name="x", kind="open_ended", template="{question}"), rows, 10)
+    with pytest.raises(EvalDataError, match="field 'instruction' holds int"):
+        build_prompts(EvalTaskConfig(name="x", kind="open_ended"), [{"instruction": 3}], 10)
+    with pytest.raises(ConfigError, match="unknown config key 'evaluate.tasks.0.fieldz'"):
+        load_config(TINY, ["evaluate.tasks=[{name: a, kind: open_ended, fieldz: {}}]"])
+
+
+# ---- export check ---------------------------------------------------------------------------------
+
+def test_export_check_refuses_a_mismatched_vocabulary_naming_both(models):
+    from transformers import AutoModelForCausalLM
+
+    from draftalign.exportcheck import check_transformers, check_vocab
+
+    check_vocab(str(models["target"]), str(models["draft"]))  # same tokenizer and size: fine
+    with pytest.raises(VocabMismatchError) as err:
+        check_vocab(str(models["target"]), str(models["small_vocab"]))
+    msg = str(err.value)
+    assert str(models["target"]) in msg and str(models["small_vocab"]) in msg and "vocab_size: target 32000 != draft 1000" in msg
+    target = AutoModelForCausalLM.from_pretrained(models["target"]).eval()
+    ok = check_transformers(target, AutoModelForCausalLM.from_pretrained(models["draft"]).eval(), "T", "D",
+                            [1, 100, 200], max_new_tokens=3)
+    assert ok["transformers"] == "ok" and len(ok["tokens"]) == 3
+    with pytest.raises(VocabMismatchError, match="drafter 'S' cannot draft for target 'T'"):
+        check_transformers(target, AutoModelForCausalLM.from_pretrained(models["small_vocab"]).eval(), "T", "S")
+
+
+def test_a_listed_drafter_that_does_not_exist_is_an_error(models, tmp_path):
+    from draftalign.pipelines.evaluate import describe_evaluate, resolve_drafters
+
+    cfg = load_config(TINY, [f"run.output={tmp_path}", f"models.target={models['target']}",
+                             f"evaluate.drafters=[{{name: gone, path: {tmp_path / 'nope'}}}]"])
+    with pytest.raises(ConfigError, match="do not exist: gone"):
+        resolve_drafters(cfg)
+    plan = describe_evaluate(cfg)  # --plan still describes it, marked missing
+    assert plan["drafters"] == [{"name": "gone", "path": str(tmp_path / "nope"), "exists": False}]
+    # default drafters: the pretrained one plus distilled exports that exist
+    (tmp_path / "distill" / "tvdpp" / "model").mkdir(parents=True)
+    cfg = load_config(TINY, [f"run.output={tmp_path}", f"models.draft={models['draft']}"])
+    assert [d["name"] for d in resolve_drafters(cfg)] == ["pretrained", "tvd++"]
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def report(models, tmp_path_factory):
+    from draftalign.pipelines.evaluate import run_evaluate
+
+    out = tmp_path_factory.mktemp("evalrun") / "evaluate"
+    cfg = load_config(TINY, [f"models.target={models['target']}", f"models.draft={models['draft']}",
+                             f"evaluate.output={out}", "evaluate.max_prompts=2", "evaluate.max_new_tokens=6",
+                             "evaluate.gammas=[1, 3]", "evaluate.temperatures=[0, 1]",
+                             f"evaluate.drafters=[{{name: rand, path: {models['draft']}}}, "
+                             f"{{name: self, path: {models['target']}}}]"])
+    lines: list[str] = []
+    records = run_evaluate(cfg, log=lines.append)
+    return {"out": out, "records": records, "log": lines}
+
+
+def test_report_files_are_written_and_readable(report):
+    import csv
+
+    out = report["out"]
+    for name in ("summary.json", "summary.csv", "report.md", "rows.parquet", "tau_vs_gamma.png",
+                 "acceptance_per_position.png", "config.yaml", "run_info.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    records = json.loads((out / "summary.json").read_text())
+    assert records == json.loads(json.dumps(report["records"]))
+    assert len(records) == 2 * 3 * 2 * 2  # drafters x tasks x γ x T
+    for r in records:
+        for key in ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency", "acceptance_rate",
+                    "mbsu", "num_prompts", "acceptance_per_position", "tokens_per_s_spec", "tokens_per_s_ar",
+                    "speedup"):
+            assert key in r, key
+        assert 1.0 <= r["block_efficiency"] <= r["gamma"] + 1 and 0.0 <= r["acceptance_rate"] <= 1.0
+        assert r["num_prompts"] == 2 and r["engine"] == "reference" and len(r["acceptance_per_position"]) == r["gamma"]
+        assert r["mbsu"] <= r["block_efficiency"] and r["speedup"] > 0
+        if r["temperature"] == 0:
+            assert r["greedy_match_rate"] == 1.0  # lossless: greedy speculative == target greedy
+    # the target drafting for itself accepts everything greedily: τ = γ + 1 up to the token budget
+    for r in records:
+        if r["drafter"] == "self" and r["temperature"] == 0:
+            assert r["acceptance_rate"] == 1.0
+    with (out / "summary.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(records)
+    md = (out / "report.md").read_text()
+    assert "| drafter | task | engine | γ | T | τ | acceptance | MBSU | speed-up |" in md
+    assert any(line.startswith("[evaluate] reference rand / summarize γ=3 T=1: τ=") for line in report["log"])
+
+
+def test_rows_parquet_matches_its_schema(report):
+    import pyarrow.parquet as pq
+
+    from draftalign.schemas import EVAL_SCHEMA, check_table
+
+    table = pq.read_table(report["out"] / "rows.parquet")
+    check_table(table, EVAL_SCHEMA)
+    assert table.num_rows == 2 * 3 * 2 * 2 * 2  # cells x prompts
+    rows = table.to_pylist()
+    for r in rows:
+        assert len(r["accepted_per_pos"]) == r["gamma"] and sum(r["accepted_per_pos"]) == r["num_accepted"]
+        assert 1 <= r["num_generated_tokens"] <= 6 and r["schema_version"] == 1
+    with pytest.raises(ValueError, match="missing column 'gamma'"):
+        check_table(table.drop_columns(["gamma"]), EVAL_SCHEMA)

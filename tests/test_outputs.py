@@ -1,0 +1,60 @@
+"""Output folders of the training stages: refusal, reuse, and publishing that never half-writes."""
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from draftalign.errors import ConfigError
+from draftalign.pipelines.outputs import MODEL_INFO, claim_output, publish_model, reusable
+
+
+class _Checkpoint:
+    def __init__(self, folder):
+        self.folder = folder
+
+    @contextmanager
+    def as_directory(self):
+        yield str(self.folder)
+
+
+class _Tokenizer:
+    def save_pretrained(self, path):
+        (Path(path) / "tokenizer.json").write_text("{}")
+
+
+def test_a_folder_of_another_config_is_refused_unless_overwrite(tmp_path):
+    job = tmp_path / "job"
+    claim_output(job, "aaa", False, "distill.overwrite")
+    (job / "ray").mkdir()
+    claim_output(job, "aaa", False, "distill.overwrite")  # same config: fine, checkpoints kept
+    assert (job / "ray").is_dir()
+    with pytest.raises(ConfigError, match="distill.overwrite=true"):
+        claim_output(job, "bbb", False, "distill.overwrite")
+    assert (job / "ray").is_dir()  # refusing deletes nothing
+    claim_output(job, "bbb", True, "distill.overwrite")
+    assert not (job / "ray").exists() and json.loads((job / "job.json").read_text())["fingerprint"] == "bbb"
+
+
+def test_an_unwritable_output_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output folder should go")
+    with pytest.raises(OSError, match="cannot write to output folder"):
+        claim_output(blocker / "job", "aaa", False, "x")
+    assert blocker.read_text().startswith("a file")
+
+
+def test_publish_swaps_in_a_whole_model_or_keeps_the_old_one(tmp_path):
+    model = tmp_path / "job" / "model"
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "hf").mkdir(parents=True)
+    (ckpt / "hf" / "config.json").write_text("{}")
+    publish_model(_Checkpoint(ckpt), model, _Tokenizer(), {"fingerprint": "f1"})
+    assert reusable(model, "f1") and not reusable(model, "f2")
+    assert (model / "tokenizer.json").is_file()
+    broken = tmp_path / "broken"
+    broken.mkdir()  # a checkpoint without its hf/ export
+    with pytest.raises(OSError):
+        publish_model(_Checkpoint(broken), model, _Tokenizer(), {"fingerprint": "f2"})
+    assert json.loads((model / MODEL_INFO).read_text())["fingerprint"] == "f1"  # the old model is intact

@@ -1,0 +1,99 @@
+"""`draftalign submit` against a real local Ray head (loopback only), and the project's metrics on
+its Prometheus endpoint (slow: starts a Ray head and runs a smoke-sized distillation as a job)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from worlds import distill_set, tiny_llama
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    ports = {"gcs": _free_port(), "dashboard": _free_port(), "metrics": _free_port()}
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], env=env,
+                   capture_output=True, timeout=60)
+    # --block keeps the head in this process group, so the test stops exactly this cluster.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={ports['gcs']}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+         f"--metrics-export-port={ports['metrics']}", "--num-cpus=3", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{ports['dashboard']}"
+        _wait_http(f"{address}/api/version", 180)
+        yield {"address": address, "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "env": env}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "draftalign", *args], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=ROOT)
+
+
+def test_submit_runs_a_stage_as_a_ray_job_and_its_metrics_reach_prometheus(head, tmp_path):
+    tiny_llama(tmp_path / "target", seed=0, hidden=64)
+    tiny_llama(tmp_path / "draft", seed=1, hidden=32)
+    distill_set(tmp_path / "set", 24)
+    overrides = [f"run.output={tmp_path / 'run'}", f"models.target={tmp_path / 'target'}",
+                 f"distill.init_from={tmp_path / 'draft'}", f"distill.data={tmp_path / 'set'}",
+                 "distill.holdout_fraction=0.2", "distill.train.max_steps=3", "distill.train.seq_len=32",
+                 "distill.train.micro_batch_size=4", "distill.train.log_every=1", "distill.train.eval_batches=1",
+                 "distill.target_pool.cpus_per_actor=0.5", "ray.address=auto"]
+    bad = _cli("submit", "examples/tiny.yaml", "distill.no_such_key=1", "--address", head["address"],
+               env=head["env"])
+    assert bad.returncode == 2 and "unknown config key 'distill.no_such_key'" in bad.stderr
+
+    sub = _cli("submit", "examples/tiny.yaml", *overrides, "--stage", "distill", "--address", head["address"],
+               env=head["env"])
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    job_id = sub.stdout.split("job ", 1)[1].split()[0]
+    assert head["address"] in sub.stdout
+
+    logs = _cli("job", "logs", job_id, "--follow", "--address", head["address"], env=head["env"])
+    status = _cli("job", "status", job_id, "--address", head["address"], env=head["env"])
+    assert "SUCCEEDED" in status.stdout, logs.stdout[-4000:] + status.stdout
+    assert "distilled drafter:" in logs.stdout
+    assert (tmp_path / "run" / "distill" / "tvdpp" / "model" / "config.json").is_file()
+
+    deadline, text = time.time() + 120, ""
+    while time.time() < deadline:  # Ray exports custom metrics every few seconds
+        text = urllib.request.urlopen(head["metrics"], timeout=10).read().decode()
+        if "ray_draftalign_distill_loss" in text and "ray_draftalign_target_tokens_total" in text:
+            break
+        time.sleep(5)
+    for name in ("draftalign_distill_loss", "draftalign_target_tokens_total", "draftalign_trainer_wait_seconds_total"):
+        assert f"ray_{name}" in text, f"{name} not on {head['metrics']}"

@@ -1,0 +1,37 @@
+"""Small worlds the Ray tests build: tiny models and a hand-made distillation set."""
+
+import random
+from pathlib import Path
+
+
+def tiny_llama(path: Path, seed: int, hidden: int) -> None:
+    """A 1-layer random Llama with the embedded 32k tokenizer saved beside it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from draftalign.tokenization import materialize_tokenizer
+
+    materialize_tokenizer("embedded", path)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=2 * hidden,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2)).save_pretrained(path)
+
+
+def distill_set(folder: Path, n_seeds: int) -> None:
+    """A distillation set of random token rows, one greedy row per seed, in `folder/data`."""
+    from draftalign.schemas import DISTILL_SCHEMA, SCHEMA_VERSION, to_table, write_parquet_atomic
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(n_seeds):
+        prompt = [1] + [rng.randrange(3, 32000) for _ in range(rng.randrange(4, 12))]
+        response = [rng.randrange(3, 32000) for _ in range(rng.randrange(3, 14))] + [2]
+        rows.append({
+            "id": f"s{i}", "row_key": f"s{i}/greedy", "source": "test", "instruction": f"seed {i}", "input": None,
+            "messages": [{"role": "user", "content": f"seed {i}"}], "prompt_text": "", "prompt_token_ids": prompt,
+            "response_text": "", "response_token_ids": response, "finish_reason": "stop",
+            "sampling": {"name": "greedy", "temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": None},
+            "num_input_tokens": len(prompt), "num_generated_tokens": len(response), "target_model": "t",
+            "target_hash": "h", "chat_template_hash": "c", "schema_version": SCHEMA_VERSION})
+    write_parquet_atomic(to_table(rows, DISTILL_SCHEMA), folder / "data" / "part-0.parquet")
