@@ -113,3 +113,28 @@ def test_target_logprobs_on_the_wire_full_and_topk():
                                               torch.from_numpy(top["values"])), 64)
     kept = torch.from_numpy(top["indices"]).long()
     assert torch.allclose(dense.gather(-1, kept), ref.gather(-1, kept), atol=1e-5)
+
+
+def test_distill_refuses_missing_inputs_before_starting_ray(tmp_path, capsys):
+    from pathlib import Path
+
+    from draftalign.cli import main
+
+    tiny = str(Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml")
+    assert main(["distill", tiny, f"run.output={tmp_path}", f"models.target={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the target" in err and "nowhere" in err
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for name, hidden in (("target", 64), ("draft", 32)):
+        LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / name)
+    args = ["distill", tiny, f"run.output={tmp_path}", f"models.target={tmp_path / 'target'}",
+            f"distill.init_from={tmp_path / 'draft'}"]
+    assert main(args) == 2
+    assert "no distillation set" in capsys.readouterr().err  # generate has not run
+    (tmp_path / "generate" / "data").mkdir(parents=True)
+    (tmp_path / "generate" / "data" / "part-0.parquet").write_bytes(b"not parquet")
+    assert main(args) == 2
+    assert "part-0.parquet" in capsys.readouterr().err
+    assert not (tmp_path / "distill").exists()  # nothing was written for a refused run

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def _wait_http(url: str, timeout: float) -> None:
         try:
             urllib.request.urlopen(url, timeout=5)
             return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without a token: authentication is on, as it should be)
         except OSError:
             time.sleep(2)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
@@ -37,15 +40,20 @@ def _wait_http(url: str, timeout: float) -> None:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    ports = {"gcs": _free_port(), "dashboard": _free_port(), "metrics": _free_port()}
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # Every port this head opens is a free one, so another Ray on the machine cannot collide.
+    ports = {k: _free_port() for k in ("gcs", "dashboard", "metrics", "agent", "runtime_env", "client")}
+    # The job's `python` is whatever the head's PATH finds first: this test's interpreter.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], env=env,
                    capture_output=True, timeout=60)
     # --block keeps the head in this process group, so the test stops exactly this cluster.
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={ports['gcs']}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-         f"--metrics-export-port={ports['metrics']}", "--num-cpus=3", "--include-dashboard=true"],
+         f"--metrics-export-port={ports['metrics']}", f"--dashboard-agent-listen-port={ports['agent']}",
+         f"--runtime-env-agent-port={ports['runtime_env']}", f"--ray-client-server-port={ports['client']}",
+         "--num-cpus=3", "--include-dashboard=true"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{ports['dashboard']}"

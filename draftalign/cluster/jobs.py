@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import yaml
 from draftalign.errors import ConfigError
 
 DEFAULT_RUNTIME_ENV = Path(__file__).resolve().parents[2] / "cluster" / "runtime_env.yaml"
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 120  # how long to wait for a freshly started head's job agent
 
 
 def runtime_env(path: str | Path | None, root: Path) -> dict[str, Any]:
@@ -59,5 +60,14 @@ def submit(address: str, stage: str, config: str, overrides: list[str], env_file
         raise ConfigError(f"config {config!r} is outside the working directory {root}: the job could "
                           "not read it; move it into the repository") from None
     env = runtime_env(env_file, root)
-    return client(address).submit_job(entrypoint=entrypoint(stage, config_in_job, overrides), runtime_env=env,
-                                      metadata={"draftalign_stage": stage, "config": config_in_job})
+    c = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return c.submit_job(entrypoint=entrypoint(stage, config_in_job, overrides), runtime_env=env,
+                                metadata={"draftalign_stage": stage, "config": config_in_job})
+        except RuntimeError as exc:
+            # A head that has just started answers before its job agent is up; that passes.
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(3)

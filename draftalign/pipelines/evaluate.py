@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, EngineConfig
 from draftalign.evalreport import markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
+from draftalign.losses import LOSSES
 from draftalign.runinfo import write_run_info
 from draftalign.schemas import EVAL_SCHEMA, to_table, write_parquet_atomic
 from draftalign.specmetrics import acceptance_rate, block_efficiency
 from draftalign.workers.generate_engine import engine_kwargs
-
-_LOSSES = ("forward_kl", "reverse_kl", "tvd", "tvd++")
 
 
 def _looks_local(path: str) -> bool:
@@ -55,7 +55,7 @@ def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
             raise ConfigError(f"evaluate.drafters lists drafters that do not exist: {', '.join(missing)}")
         return out
     out = [{"name": "pretrained", "path": cfg.draft_path(), "exists": _exists(cfg.draft_path())}]
-    for loss in _LOSSES:
+    for loss in LOSSES:
         path = cfg.distilled_path(loss)
         if Path(path).expanduser().is_dir():
             out.append({"name": loss, "path": path, "exists": True})
@@ -282,6 +282,9 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
         rows += _vllm_rows(cfg, target, drafters, prompts, settings, log)
     write_parquet_atomic(to_table(rows, EVAL_SCHEMA), out / "rows.parquet")
     records = summarize_rows(rows, params, target_params)
+    for r in records:
+        record("draftalign_eval_block_efficiency", r["block_efficiency"], stage="evaluate", drafter=r["drafter"],
+               task=r["task"], engine=r["engine"], gamma=r["gamma"], temperature=r["temperature"])
     files = write_report(out, records, _header(cfg, target, drafters, params, target_params), ev.plots)
     log(f"[evaluate] {len(rows)} per-prompt rows in {out / 'rows.parquet'}; report files: "
         f"{', '.join(files)} in {out} ({time.time() - t_start:.0f} s)")
