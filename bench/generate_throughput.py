@@ -1,9 +1,18 @@
 """Generated tokens/s: the Ray Data + vLLM path of `draftalign generate` against a plain transformers loop.
 
-Both answer the same rendered seed prompts greedily with the same model and max new tokens,
-so both do the same work; the ratio is printed at the end. The Ray path is timed end to
-end (engine load included) and in steady state (the difference between a full and a
-quarter-size pass), since start-up is a fixed cost that a long run amortises.
+Both answer the same rendered seed prompts with the same model, dtype (float32) and max new
+tokens, once greedily and once sampled (T=1.0, top-p 0.95), as `draftalign generate` does.
+The transformers loop is batched with left padding and timed after its model load; the Ray
+path is timed from the Ray Data pass's start, so its engine start-up counts. The Ray path
+is reported two ways:
+
+- end to end: all tokens / (time to the last row), start-up included;
+- steady state: a second pass over a quarter of the prompts pays the same start-up, so
+  (tokens of the full pass - tokens of the quarter) / (difference of their times) is the
+  rate a long run approaches once the engine is up.
+
+Time to the first block is printed too: Ray actor start + vLLM engine start + the first
+wave of batches (batch_size x max_concurrent_batches requests decode together).
 
     .venv/bin/python bench/generate_throughput.py                      # the embedded toy target
     .venv/bin/python bench/generate_throughput.py --model DIR --prompts 256 --replicas 2
@@ -32,80 +41,100 @@ def _requests(model: str, n: int, max_tokens: int) -> list[dict]:
         text = render_prompt(tok, messages)
         return text, encode_prompt(tok, text)
 
-    greedy = [SamplingSetting(name="greedy", temperature=0.0, max_tokens=max_tokens)]
-    return expand_requests(seeds, greedy, render, max_model_len=10**6)[0]
+    settings = [SamplingSetting(name="greedy", temperature=0.0, max_tokens=max_tokens),
+                SamplingSetting(name="t1.0", temperature=1.0, top_p=0.95, max_tokens=max_tokens, seed=0)]
+    return expand_requests(seeds, settings, render, max_model_len=10**6)[0]
 
 
-def bench_transformers(model: str, requests: list[dict], max_tokens: int, batch_size: int) -> tuple[int, float]:
+def bench_transformers(model: str, requests: list[dict], batch_size: int) -> tuple[int, float]:
+    """(tokens, seconds) of batched `generate` calls, one sampling setting per batch."""
     import torch
     from transformers import LlamaForCausalLM
 
     lm = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     eos, tokens = lm.config.eos_token_id, 0
+    by_setting: dict[str, list[dict]] = {}
+    for r in requests:
+        by_setting.setdefault(r["sampling"]["name"], []).append(r)
+    torch.manual_seed(0)
     start = time.perf_counter()
-    for i in range(0, len(requests), batch_size):
-        prompts = [r["prompt_token_ids"] for r in requests[i: i + batch_size]]
-        width = max(map(len, prompts))
-        # Left padding, so every answer starts at the same position.
-        ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.no_grad():
-            out = lm.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                              eos_token_id=eos, pad_token_id=eos)
-        for row in out[:, width:].tolist():
-            tokens += row.index(eos) + 1 if eos in row else len(row)  # EOS counted, padding not
+    for group in by_setting.values():
+        s = group[0]["sampling"]
+        sample = {"do_sample": True, "temperature": s["temperature"], "top_p": s["top_p"]} if s["temperature"] > 0 \
+            else {"do_sample": False}
+        for i in range(0, len(group), batch_size):
+            prompts = [r["prompt_token_ids"] for r in group[i: i + batch_size]]
+            width = max(map(len, prompts))
+            # Left padding, so every answer starts at the same position.
+            ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            with torch.no_grad():
+                out = lm.generate(ids, attention_mask=mask, max_new_tokens=s["max_tokens"], eos_token_id=eos,
+                                  pad_token_id=eos, **sample)
+            for row in out[:, width:].tolist():
+                tokens += row.index(eos) + 1 if eos in row else len(row)  # EOS counted, padding not
     return tokens, time.perf_counter() - start
 
 
-def bench_ray_vllm(model: str, requests: list[dict], args) -> tuple[int, float]:
-    """(tokens, seconds) of one Ray Data pass over `requests`, engine start-up included."""
+def bench_ray_vllm(model: str, requests: list[dict], args) -> dict[str, float]:
+    """One Ray Data pass over `requests`, engine start-up included: tokens, seconds, first block."""
     import ray.data
 
     from draftalign.config import EngineConfig
     from draftalign.workers.generate_engine import build_engine_stage
 
     engine = EngineConfig(replicas=args.replicas, batch_size=args.batch_size, cpus_per_replica=args.cpus_per_replica,
-                          max_model_len=args.max_model_len)
+                          max_concurrent_batches=args.max_concurrent_batches, max_model_len=args.max_model_len)
     start = time.perf_counter()
     blocks = max(1, len(requests) // args.batch_size)
     ds = build_engine_stage(model, engine)(ray.data.from_items(requests, override_num_blocks=blocks))
-    tokens = 0
-    for row in ds.iter_rows():
-        assert not row.get("__inference_error__"), row["__inference_error__"]
-        tokens += len(row["response_token_ids"])
-    return tokens, time.perf_counter() - start
+    tokens, first_at = 0, None
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # blocks, as they arrive
+        errors = [e for e in batch.column("__inference_error__").to_pylist() if e]
+        assert not errors, errors[0]
+        tokens += sum(len(ids) for ids in batch.column("response_token_ids").to_pylist())
+        if first_at is None:
+            first_at = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": time.perf_counter() - start, "first_s": first_at}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "runs/tiny/pretrain/target/model"))
-    p.add_argument("--prompts", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=128, help="seeds; each is answered greedy and sampled")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--hf-batch-size", type=int, default=8)
+    p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-concurrent-batches", type=int, default=4)
     p.add_argument("--cpus-per-replica", type=float, default=0.5)
     p.add_argument("--ray-cpus", type=int, default=4)
     p.add_argument("--max-model-len", type=int, default=512)
     args = p.parse_args()
     requests = _requests(args.model, args.prompts, args.max_tokens)
-    print(f"{len(requests)} prompts, greedy, max {args.max_tokens} new tokens, model {args.model}", flush=True)
-    hf_tokens, hf_s = bench_transformers(args.model, requests, args.max_tokens, args.hf_batch_size)
+    print(f"{len(requests)} requests ({args.prompts} prompts x greedy, T=1.0 top-p 0.95), max {args.max_tokens} "
+          f"new tokens, float32, model {args.model}", flush=True)
+    hf_tokens, hf_s = bench_transformers(args.model, requests, args.hf_batch_size)
     hf_rate = hf_tokens / hf_s
-    print(f"transformers generate (batch {args.hf_batch_size}): {hf_tokens} tokens in {hf_s:.1f}s = "
-          f"{hf_rate:.0f} tokens/s", flush=True)
+    print(f"transformers generate (batch {args.hf_batch_size}, left padding): {hf_tokens} tokens in {hf_s:.1f}s = "
+          f"{hf_rate:.0f} tokens/s (model load excluded)", flush=True)
     import ray
 
+    t0 = time.perf_counter()
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False)
-    # Two passes, the second on a quarter of the prompts: both pay the same engine start-up, so
-    # the difference is the steady-state rate a long run approaches.
-    rv_tokens, rv_s = bench_ray_vllm(args.model, requests, args)
-    small_tokens, small_s = bench_ray_vllm(args.model, requests[: max(1, len(requests) // 4)], args)
-    steady = (rv_tokens - small_tokens) / (rv_s - small_s) if rv_s > small_s else float("nan")
-    print(f"Ray Data + vLLM ({args.replicas} replica(s), batch {args.batch_size}): {rv_tokens} tokens in "
-          f"{rv_s:.1f}s = {rv_tokens / rv_s:.0f} tokens/s end to end; a quarter of the prompts took "
-          f"{small_s:.1f}s, so {steady:.0f} tokens/s steady state (start-up excluded)")
-    print(f"ratio Ray Data + vLLM / transformers: {rv_tokens / rv_s / hf_rate:.2f}x end to end, "
+    ray_init_s = time.perf_counter() - t0
+    r = bench_ray_vllm(args.model, requests, args)
+    q = bench_ray_vllm(args.model, requests[: max(1, len(requests) // 4)], args)
+    end_to_end = r["tokens"] / r["seconds"]
+    steady = (r["tokens"] - q["tokens"]) / (r["seconds"] - q["seconds"]) if r["seconds"] > q["seconds"] \
+        else float("nan")
+    print(f"Ray Data + vLLM ({args.replicas} replica(s), batch {args.batch_size} x {args.max_concurrent_batches} "
+          f"in flight): {r['tokens']} tokens in {r['seconds']:.1f}s, first block after {r['first_s']:.1f}s "
+          f"(ray.init {ray_init_s:.1f}s before that, not counted); a quarter of the requests took "
+          f"{q['seconds']:.1f}s ({q['tokens']} tokens, first block after {q['first_s']:.1f}s)")
+    print(f"tokens/s  transformers {hf_rate:.0f} | Ray Data + vLLM end to end {end_to_end:.0f}, "
+          f"steady state {steady:.0f}")
+    print(f"ratio Ray Data + vLLM / transformers: {end_to_end / hf_rate:.2f}x end to end, "
           f"{steady / hf_rate:.2f}x steady state")
 
 

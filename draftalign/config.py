@@ -31,7 +31,8 @@ class RunConfig(Strict):
 
 
 class RayConfig(Strict):
-    # None starts a local Ray; "auto" or "ray://host:10001" joins a cluster.
+    # None: a fresh local Ray (or, inside a Ray job, the job's cluster); "auto" or
+    # "ray://host:10001" joins a running cluster.
     address: str | None = None
     num_cpus: int | None = None  # local Ray only: caps what a laptop hands to Ray
     dashboard_host: str = "127.0.0.1"  # loopback unless the operator opts in

