@@ -340,3 +340,43 @@ def test_a_dead_engine_ends_run_passes_at_once_and_a_retry_skips_what_was_writte
     res = ge.run_passes(cfg, reqs, tmp_path, {}, 2, "t")
     assert calls[2] == ["s2/greedy", "s3/greedy"]  # the chunk the dead pass wrote is not generated again
     assert (res["rows_written"], res["tokens"], res["passes"], res["failed"]) == (4, 17, 2, [])
+
+
+def _engine_actor_pids(root_pid: int) -> list[int]:
+    """The vLLM engine actor processes among the run's descendants (Ray names them by class)."""
+    out = []
+    for pid in _descendants(root_pid):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::") and "vLLMEngine" in title:
+            out.append(pid)
+    return out
+
+
+def test_killing_the_engine_actor_mid_run_still_gives_the_whole_set(world):
+    """kill -9 of the engine actor (not the driver): Ray restarts it once and the run completes."""
+    import os
+    import signal
+    import time
+
+    run = world["root"] / "engine-killed"
+    cmd = [sys.executable, "-m", "draftalign", *_args(run, world["model"], world["seeds"], "generate.max_retries=1",
+                                                      "generate.engine.max_concurrent_batches=1")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    data = run / "generate" / "data"
+    killed = []
+    deadline = time.time() + 600
+    while not killed and proc.poll() is None and time.time() < deadline:
+        if list(data.glob("part-*.parquet")):  # the engine is up and answering: kill it now
+            for pid in _engine_actor_pids(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=800)
+    assert killed, "no engine actor was found to kill (or the run ended first)"
+    assert proc.returncode == 0, out[-5000:]
+    keys = [r["row_key"] for r in _rows(run / "generate")]
+    assert len(keys) == len(set(keys)) and set(keys) == {f"g{i}/{s}" for i in range(6) for s in ("greedy", "t1.0")}
+    assert json.loads((run / "generate" / "manifest.json").read_text())["counts"]["duplicate_rows"] == 0
