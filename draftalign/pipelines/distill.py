@@ -139,32 +139,17 @@ def run_distill(cfg: Config) -> Path:
 
 
 def _fit(cfg: Config, files: list[Path], job_dir: Path, target: str, init_from: str, pad_id: int):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from draftalign.cluster.session import init_ray
+    from draftalign.pipelines.training import fit
     from draftalign.workers.distill_loop import distill_loop
 
     d = cfg.distill
-    t = d.train
     init_ray(cfg.ray)
     train_ds, holdout_ds = _split(files, d, pad_id)
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # a resumed epoch skips exactly the batches already trained on
     marker = job_dir / "chaos" / "target_actor_died" if d.target_pool.inject_actor_death_at_request else None
     if marker:
         marker.parent.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        distill_loop,
-        train_loop_config={"name": f"distill {d.loss.name}", "distill": d, "target": target,
-                           "init_from": init_from, "death_marker": str(marker) if marker else None},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=_resources(d)["per_worker"]),
-        run_config=RunConfig(
-            name=f"{cfg.run.name}-distill", storage_path=str(job_dir / "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": train_ds, "holdout": holdout_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
-    )
-    return trainer.fit()
+    loop_config = {"name": f"distill {d.loss.name}", "distill": d, "target": target, "init_from": init_from,
+                   "death_marker": str(marker) if marker else None}
+    return fit(distill_loop, loop_config, d.train, f"{cfg.run.name}-distill", job_dir,
+               {"train": train_ds, "holdout": holdout_ds}, _resources(d)["per_worker"])

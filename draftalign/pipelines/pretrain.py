@@ -202,30 +202,13 @@ def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, t
 
 
 def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_dir: str):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from draftalign.cluster.session import init_ray
+    from draftalign.pipelines.training import fit
     from draftalign.workers.train_loop import pretrain_loop
 
     init_ray(cfg.ray)
     t = job.train
     train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, t.seq_len, t.seed)
-    res = train_resources(job)
-    # Rows in the same order on every run, so a resumed epoch can skip exactly what was trained.
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True
-    trainer = TorchTrainer(
-        pretrain_loop,
-        train_loop_config={"name": f"pretrain {name}", "job": job, "model_config": mc.to_dict()},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=res["per_worker"]),
-        run_config=RunConfig(
-            name=f"{cfg.run.name}-pretrain-{name}", storage_path=str(job_dir / "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures)),
-        datasets={"train": train_ds, "holdout": holdout_ds},
-        # Each worker evaluates the same held-out rows: small, and no shard can come out empty.
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
-    )
-    return trainer.fit()
+    loop_config = {"name": f"pretrain {name}", "job": job, "model_config": mc.to_dict()}
+    return fit(pretrain_loop, loop_config, t, f"{cfg.run.name}-pretrain-{name}", job_dir,
+               {"train": train_ds, "holdout": holdout_ds}, train_resources(job)["per_worker"])

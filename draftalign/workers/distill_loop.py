@@ -16,7 +16,7 @@ from draftalign.cluster.metrics import record
 from draftalign.config import DistillConfig
 from draftalign.distillation import heldout_means, heldout_sums
 from draftalign.losses import SparseTargetLogprobs, get_loss, masked_mean
-from draftalign.workers.train_loop import LoopHooks, _mean_across_workers, run_training
+from draftalign.workers.train_loop import LoopHooks, mean_across_workers, run_training
 
 
 def _target_tensor(reply: dict[str, Any], device) -> torch.Tensor | SparseTargetLogprobs:
@@ -53,7 +53,6 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
         target = TargetPool(loop_config["target"], pool_cfg, loop_config.get("death_marker"))
     train_shard = ray.train.get_dataset_shard("train")
     holdout_shard = ray.train.get_dataset_shard("holdout")
-    device: dict[str, Any] = {}
 
     def batches(shard, skip: int = 0, limit: int | None = None) -> Iterator[tuple[int, dict]]:
         it = shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long, drop_last=limit is None)
@@ -64,18 +63,9 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                 yield i, batch
 
     def micro_batches(skip: int) -> Iterator[tuple[int, Any]]:
-        # The index rides along with each batch so the loop knows where the epoch stands;
-        # skipped batches never reach the pool.
-        pairs = batches(train_shard, skip)
-        index: list[int] = []
-
-        def only_batches():
-            for i, b in pairs:
-                index.append(i)
-                yield b
-
-        for batch, reply in target.stream(only_batches()):
-            yield index.pop(0), (batch, reply)
+        # Skipped batches (trained before a restart) never reach the pool.
+        for i, batch, reply in target.stream(batches(train_shard, skip)):
+            yield i, (batch, reply)
 
     def draft_and_target(engine, batch, reply):
         mask = batch["loss_mask"].to(engine.device).bool()
@@ -93,7 +83,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         loss_total, n = 0.0, 0
         with torch.no_grad():
-            for batch, reply in target.stream(b for _, b in batches(holdout_shard, limit=t.eval_batches)):
+            for _, batch, reply in target.stream(batches(holdout_shard, limit=t.eval_batches)):
                 draft_sel, target_sel, mask = draft_and_target(engine, batch, reply)
                 if not mask.any():
                     continue
@@ -105,7 +95,7 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
                     sums[k] = sums.get(k, 0.0) + v
         out = heldout_means(sums, d.eval_gamma)
         if n:
-            out["holdout_loss"] = _mean_across_workers(loss_total / n, engine.device)
+            out["holdout_loss"] = mean_across_workers(loss_total / n, engine.device)
         return out
 
     recorded = {"wait_s": 0.0, "positions": 0}
@@ -123,6 +113,6 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     hooks = LoopHooks(micro_batches=micro_batches, step=step, evaluate=evaluate,
                       extra_metrics=target.stats.snapshot, on_metrics=to_dashboard, eval_at_start=True)
     try:
-        run_training(loop_config["name"], t, d.optim, model, hooks, device)
+        run_training(loop_config["name"], t, d.optim, model, hooks)
     finally:
         target.shutdown()

@@ -98,6 +98,7 @@ def build_engine_stage(model: str, engine: EngineConfig, fail_keys: frozenset[st
         should_continue_on_error=True,
         log_engine_metrics=False,  # needs a Prometheus setup the CPU engine actor lacks
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+        runtime_env={"env_vars": dict(engine.env)} if engine.env else None,
     )
     small = {"num_cpus": 0.25}  # light row maps must not compete with the engines for whole CPUs
     processor = build_processor(config, preprocess=partial(_preprocess, fail_keys=fail_keys),

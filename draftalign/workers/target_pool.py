@@ -137,19 +137,20 @@ class TargetPool:
         self.stats.positions += int(np.asarray(out.get("logprobs", out.get("values"))).shape[0])
         return out
 
-    def stream(self, batches: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-        """Yield (batch, target reply) in order, keeping up to ``prefetch`` requests in flight."""
+    def stream(self, items: Iterable[tuple[Any, dict[str, Any]]]) -> Iterator[tuple[Any, dict, dict]]:
+        """(tag, batch) in -> (tag, batch, target reply) out, in order, up to `prefetch` ahead."""
         pending: deque = deque()
-        for batch in batches:
-            pending.append((batch, *self._submit(batch)))
+        for tag, batch in items:
+            pending.append((tag, batch, *self._submit(batch)))
             if len(pending) > self.cfg.prefetch:
-                batch0, i, ref = pending.popleft()
-                self.stats.queue_depth = len(pending)
-                yield batch0, self._resolve(i, ref)
+                yield self._next_reply(pending)
         while pending:
-            batch0, i, ref = pending.popleft()
-            self.stats.queue_depth = len(pending)
-            yield batch0, self._resolve(i, ref)
+            yield self._next_reply(pending)
+
+    def _next_reply(self, pending: deque) -> tuple[Any, dict, dict]:
+        tag, batch, i, ref = pending.popleft()
+        self.stats.queue_depth = len(pending)
+        return tag, batch, self._resolve(i, ref)
 
     def shutdown(self) -> None:
         import ray
@@ -166,8 +167,8 @@ class LocalTarget:
         self.cfg = cfg
         self.stats = PoolStats()
 
-    def stream(self, batches: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-        for batch in batches:
+    def stream(self, items: Iterable[tuple[Any, dict[str, Any]]]) -> Iterator[tuple[Any, dict, dict]]:
+        for tag, batch in items:
             start = time.perf_counter()
             out = target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype)
             took = time.perf_counter() - start
@@ -175,7 +176,7 @@ class LocalTarget:
             self.stats.compute_s += took
             self.stats.wait_s += took  # the trainer waits for all of it
             self.stats.positions += int(next(iter(out.values())).shape[0])
-            yield batch, out
+            yield tag, batch, out
 
     def shutdown(self) -> None:
         pass

@@ -41,7 +41,7 @@ def deepspeed_config(t: TrainConfig, o: OptimConfig, world_size: int) -> dict[st
     }
 
 
-def _mean_across_workers(value: float, device: torch.device) -> float:
+def mean_across_workers(value: float, device: torch.device) -> float:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -201,9 +201,9 @@ def run_training(name: str, t: TrainConfig, o: OptimConfig, model, hooks: LoopHo
                 elapsed = time.perf_counter() - window_start
                 metrics = {
                     "step": step, "epoch": state["epoch"],
-                    "loss": _mean_across_workers(window_loss / max(window_micro, 1), engine.device),
+                    "loss": mean_across_workers(window_loss / max(window_micro, 1), engine.device),
                     "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": _mean_across_workers(window_tokens / max(elapsed, 1e-9), engine.device) * world,
+                    "tokens_per_s": mean_across_workers(window_tokens / max(elapsed, 1e-9), engine.device) * world,
                     "resumed_from_step": state["resumed_from"], **state["initial"],
                 }
                 if (t.eval_every and step % t.eval_every == 0) or is_last:

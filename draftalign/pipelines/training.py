@@ -1,0 +1,36 @@
+"""The Ray Train set-up both training stages share: one TorchTrainer per job."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from draftalign.config import TrainConfig
+
+
+def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], t: TrainConfig, run_name: str,
+        job_dir: Path, datasets: dict[str, Any], per_worker: dict[str, float]):
+    """Train `loop` on `t.num_workers` workers; checkpoints under job_dir/ray; returns the Result.
+
+    Only "train" is split across workers: each evaluates the same held-out rows (small, and no
+    shard can come out empty). Rows keep their order on every run, so a resumed epoch can skip
+    exactly what was trained. A rerun with the same name and folder resumes the run.
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(job_dir / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
+    )
+    return trainer.fit()
