@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/pretrain_throughput.py
 	$(BIN)/python bench/generate_throughput.py
 	$(BIN)/python bench/distill_throughput.py  # needs the world `make demo` builds
+	$(BIN)/python bench/topk_tail_error.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

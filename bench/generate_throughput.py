@@ -84,7 +84,8 @@ def bench_ray_vllm(model: str, requests: list[dict], args) -> dict[str, float]:
     from draftalign.workers.generate_engine import build_engine_stage
 
     engine = EngineConfig(replicas=args.replicas, batch_size=args.batch_size, cpus_per_replica=args.cpus_per_replica,
-                          max_concurrent_batches=args.max_concurrent_batches, max_model_len=args.max_model_len)
+                          max_concurrent_batches=args.max_concurrent_batches, max_model_len=args.max_model_len,
+                          env=dict(kv.split("=", 1) for kv in args.engine_env))
     start = time.perf_counter()
     blocks = max(1, len(requests) // args.batch_size)
     ds = build_engine_stage(model, engine)(ray.data.from_items(requests, override_num_blocks=blocks))
@@ -110,6 +111,8 @@ def main() -> None:
     p.add_argument("--cpus-per-replica", type=float, default=0.5)
     p.add_argument("--ray-cpus", type=int, default=4)
     p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine actor environment, as generate.engine.env (e.g. VLLM_CPU_NUM_OF_RESERVED_CPU=0)")
     args = p.parse_args()
     requests = _requests(args.model, args.prompts, args.max_tokens)
     print(f"{len(requests)} requests ({args.prompts} prompts x greedy, T=1.0 top-p 0.95), max {args.max_tokens} "

@@ -1,0 +1,66 @@
+"""What top-k target log-probs cost against the full vocabulary, on real distillation rows.
+
+For each k, the target pool could send k values and ids instead of all V log-probs
+(`distill.target_pool.top_k`). This measures, over the response positions of the first
+`--rows` rows of the distillation set: the TVD between the target's full distribution and its
+top-k form (`losses.topk_tail_error`), and the relative error of the TVD and forward-KL
+losses of the pretrained drafter computed from the top-k form. Bytes per position are those
+on the wire (float16 values + int32 ids, against float16 for the full vocabulary).
+
+    .venv/bin/python bench/topk_tail_error.py            # needs the world `make demo` builds
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default=str(ROOT / "runs/tiny"))
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--k", type=int, nargs="+", default=[8, 32, 128, 512, 2048])
+    args = ap.parse_args()
+
+    import pyarrow.dataset as pads
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from draftalign.distillation import build_sequences
+    from draftalign.losses import LOSSES, densify_topk, masked_mean, sparsify_topk, topk_tail_error
+
+    run = Path(args.run)
+    table = pads.dataset(run / "generate/data", format="parquet").head(
+        args.rows, columns=["prompt_token_ids", "response_token_ids"])
+    target = AutoModelForCausalLM.from_pretrained(run / "pretrain/target/model").eval()
+    draft = AutoModelForCausalLM.from_pretrained(run / "pretrain/draft/model").eval()
+    seqs = build_sequences(table["prompt_token_ids"].to_pylist(), table["response_token_ids"].to_pylist(),
+                           args.seq_len, False, target.config.pad_token_id or 0)
+    ids, attn = torch.from_numpy(seqs["input_ids"]), torch.from_numpy(seqs["attention_mask"])
+    mask = torch.from_numpy(seqs["loss_mask"]).bool()
+    with torch.no_grad():
+        logp = torch.log_softmax(target(input_ids=ids, attention_mask=attn).logits.float(), -1)
+        q_logits = draft(input_ids=ids, attention_mask=attn).logits.float()
+        # Quantised as the pool sends it by default, so only the top-k step differs below.
+        logp = torch.log_softmax(logp.half().float(), -1)
+        full = {name: masked_mean(LOSSES[name](q_logits, logp, mask), mask).item() for name in ("tvd", "forward_kl")}
+        vocab = logp.shape[-1]
+        print(f"{int(mask.sum())} response positions, V={vocab}; full vocabulary: {2 * vocab} bytes/position, "
+              f"tvd {full['tvd']:.4f}, forward_kl {full['forward_kl']:.4f}")
+        print("| k | bytes/position | mean TVD(p, p_k) | p95 | tvd rel. error | forward_kl rel. error |")
+        print("|---|---|---|---|---|---|")
+        for k in args.k:
+            err = topk_tail_error(logp, k)[mask]
+            approx = densify_topk(sparsify_topk(logp, k), vocab)
+            rel = {name: abs(masked_mean(LOSSES[name](q_logits, approx, mask), mask).item() - full[name])
+                   / max(abs(full[name]), 1e-12) for name in full}
+            print(f"| {k} | {6 * k} | {err.mean():.4f} | {err.quantile(0.95):.4f} | "
+                  f"{rel['tvd']:.2%} | {rel['forward_kl']:.2%} |")
+
+
+if __name__ == "__main__":
+    main()
