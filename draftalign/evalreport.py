@@ -8,6 +8,7 @@ speculative decoding over tokens/s of the target alone on the same prompts, same
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,13 +89,15 @@ def markdown_table(records: Sequence[dict]) -> str:
 
 
 def _write_csv(path: Path, records: Sequence[dict]) -> None:
-    cols = list(records[0])
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in records:
-            # a list does not fit a CSV cell: positions joined by ";"
-            w.writerow({k: ";".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v for k, v in r.items()})
+    from draftalign.runinfo import write_text_atomic
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(records[0]))
+    w.writeheader()
+    for r in records:
+        # a list does not fit a CSV cell: positions joined by ";"
+        w.writerow({k: ";".join(f"{x:.4f}" for x in v) if isinstance(v, list) else v for k, v in r.items()})
+    write_text_atomic(path, buf.getvalue())
 
 
 def _plots(out: Path, records: Sequence[dict]) -> list[str]:
@@ -147,7 +150,7 @@ def _plots(out: Path, records: Sequence[dict]) -> list[str]:
 
 def write_report(out: str | Path, records: Sequence[dict], header: str = "", plots: bool = True) -> dict[str, str]:
     """summary.json, summary.csv, report.md and (optionally) the PNG plots; returns their paths."""
-    from draftalign.runinfo import write_json_atomic
+    from draftalign.runinfo import write_json_atomic, write_text_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +159,7 @@ def write_report(out: str | Path, records: Sequence[dict], header: str = "", plo
     files = {"summary.json": str(out / "summary.json"), "summary.csv": str(out / "summary.csv")}
     pngs = _plots(out, records) if plots else []
     body = header + "\n" + markdown_table(records) + "".join(f"\n![{p}]({p})\n" for p in pngs)
-    (out / "report.md").write_text(body, encoding="utf-8")
+    write_text_atomic(out / "report.md", body)
     files["report.md"] = str(out / "report.md")
     files.update({p: str(out / p) for p in pngs})
     return files

@@ -49,11 +49,24 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` whole or not at all: a full disk or a kill midway leaves the old
+    file as it was and no temp file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk shows here at the latest, before the old file is gone
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_run_info(folder: str | Path, cfg: Config, stage: str, extra: dict[str, Any] | None = None) -> Path:
@@ -61,7 +74,7 @@ def write_run_info(folder: str | Path, cfg: Config, stage: str, extra: dict[str,
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        write_text_atomic(folder / "config.yaml", dump_config(cfg))
     except OSError as exc:
         raise OSError(f"cannot write to output folder {str(folder)!r}: {exc.strerror or exc}") from exc
     info = {

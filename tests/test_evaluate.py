@@ -115,9 +115,13 @@ def test_a_listed_drafter_that_does_not_exist_is_an_error(models, tmp_path):
         resolve_drafters(cfg)
     plan = describe_evaluate(cfg)  # --plan still describes it, marked missing
     assert plan["drafters"] == [{"name": "gone", "path": str(tmp_path / "nope"), "exists": False}]
-    # default drafters: the pretrained one plus distilled exports that exist
-    (tmp_path / "distill" / "tvdpp" / "model").mkdir(parents=True)
+    # default drafters: the pretrained one plus distilled exports that exist; a plan also lists
+    # the one the configured distillation will make
     cfg = load_config(TINY, [f"run.output={tmp_path}", f"models.draft={models['draft']}"])
+    assert [d["name"] for d in resolve_drafters(cfg)] == ["pretrained"]
+    assert [(d["name"], d["exists"]) for d in describe_evaluate(cfg)["drafters"]] == [
+        ("pretrained", True), ("tvd++", False)]
+    (tmp_path / "distill" / "tvdpp" / "model").mkdir(parents=True)
     assert [d["name"] for d in resolve_drafters(cfg)] == ["pretrained", "tvd++"]
 
 

@@ -1,6 +1,8 @@
 """Output folders of the training stages: refusal, reuse, and publishing that never half-writes."""
 
+import errno
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,3 +60,29 @@ def test_publish_swaps_in_a_whole_model_or_keeps_the_old_one(tmp_path):
     with pytest.raises(OSError):
         publish_model(_Checkpoint(broken), model, _Tokenizer(), {"fingerprint": "f2"})
     assert json.loads((model / MODEL_INFO).read_text())["fingerprint"] == "f1"  # the old model is intact
+
+
+def _disk_full(*_args):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_keeps_the_earlier_files_whole_and_leaves_no_temp_files(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import draftalign.runinfo as runinfo
+    import draftalign.schemas as schemas
+
+    manifest, part = tmp_path / "manifest.json", tmp_path / "data" / "part-0.parquet"
+    runinfo.write_json_atomic(manifest, {"rows": 1})
+    schemas.write_parquet_atomic(pa.table({"x": [1]}), part)
+
+    monkeypatch.setattr(os, "fsync", _disk_full)  # the bytes are written, then the disk is full
+    with pytest.raises(OSError, match="No space left"):
+        runinfo.write_json_atomic(manifest, {"rows": 2})
+    with pytest.raises(OSError, match="No space left"):
+        schemas.write_parquet_atomic(pa.table({"x": [1, 2]}), part)
+
+    assert json.loads(manifest.read_text()) == {"rows": 1}
+    assert pq.read_table(part).column("x").to_pylist() == [1]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "manifest.json", "part-0.parquet"]

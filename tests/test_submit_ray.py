@@ -1,6 +1,7 @@
 """`draftalign submit` against a real local Ray head (loopback only), and the project's metrics on
-its Prometheus endpoint (slow: starts a Ray head and runs a smoke-sized distillation as a job)."""
+its Prometheus endpoint (slow: starts a Ray head and runs a smoke-sized pipeline as a job)."""
 
+import json
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from worlds import distill_set, tiny_llama
+from worlds import tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -72,21 +73,26 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
                           timeout=600, env=env, cwd=ROOT)
 
 
-def test_submit_runs_a_stage_as_a_ray_job_and_its_metrics_reach_prometheus(head, tmp_path):
+def test_submit_runs_the_whole_pipeline_as_a_ray_job_and_its_metrics_reach_prometheus(head, tmp_path):
     tiny_llama(tmp_path / "target", seed=0, hidden=64)
     tiny_llama(tmp_path / "draft", seed=1, hidden=32)
-    distill_set(tmp_path / "set", 24)
-    overrides = [f"run.output={tmp_path / 'run'}", f"models.target={tmp_path / 'target'}",
-                 f"distill.init_from={tmp_path / 'draft'}", f"distill.data={tmp_path / 'set'}",
-                 "distill.holdout_fraction=0.2", "distill.train.max_steps=3", "distill.train.seq_len=32",
+    run = tmp_path / "run"
+    # A smoke-sized `draftalign run` without pretraining: generate 8 seeds x 2 settings with vLLM,
+    # distill 3 steps, evaluate both drafters on one prompt per task.
+    overrides = [f"run.output={run}", "pretrain.jobs={}", f"models.target={tmp_path / 'target'}",
+                 f"models.draft={tmp_path / 'draft'}", "generate.max_seeds=8",
+                 "generate.sampling=[{name: greedy, temperature: 0, max_tokens: 8}, "
+                 "{name: t1.0, temperature: 1.0, top_p: 0.95, max_tokens: 8}]",
+                 "generate.engine.max_model_len=256", "generate.engine.batch_size=4",
+                 "distill.holdout_fraction=0.3", "distill.train.max_steps=3", "distill.train.seq_len=48",
                  "distill.train.micro_batch_size=4", "distill.train.log_every=1", "distill.train.eval_batches=1",
-                 "distill.target_pool.cpus_per_actor=0.5", "ray.address=auto"]
+                 "distill.target_pool.cpus_per_actor=0.5", "evaluate.gammas=[2]", "evaluate.temperatures=[0.0]",
+                 "evaluate.max_prompts=1", "evaluate.max_new_tokens=8", "ray.address=auto"]
     bad = _cli("submit", "examples/tiny.yaml", "distill.no_such_key=1", "--address", head["address"],
                env=head["env"])
     assert bad.returncode == 2 and "unknown config key 'distill.no_such_key'" in bad.stderr
 
-    sub = _cli("submit", "examples/tiny.yaml", *overrides, "--stage", "distill", "--address", head["address"],
-               env=head["env"])
+    sub = _cli("submit", "examples/tiny.yaml", *overrides, "--address", head["address"], env=head["env"])
     assert sub.returncode == 0, sub.stderr[-3000:]
     job_id = sub.stdout.split("job ", 1)[1].split()[0]
     assert head["address"] in sub.stdout
@@ -94,14 +100,24 @@ def test_submit_runs_a_stage_as_a_ray_job_and_its_metrics_reach_prometheus(head,
     logs = _cli("job", "logs", job_id, "--follow", "--address", head["address"], env=head["env"])
     status = _cli("job", "status", job_id, "--address", head["address"], env=head["env"])
     assert "SUCCEEDED" in status.stdout, logs.stdout[-4000:] + status.stdout
-    assert "distilled drafter:" in logs.stdout
-    assert (tmp_path / "run" / "distill" / "tvdpp" / "model" / "config.json").is_file()
+    manifest = json.loads((run / "run_manifest.json").read_text())
+    assert [(s["stage"], s["status"]) for s in manifest["stages"]] == [
+        ("generate", "done"), ("distill", "done"), ("evaluate", "done")]
+    summary = json.loads((run / "evaluate" / "summary.json").read_text())
+    assert {(r["drafter"], r["task"]) for r in summary} == {
+        (d, t) for d in ("pretrained", "tvd++") for t in ("open_ended", "summarize", "translate")}
+    for r in summary:
+        assert r["engine"] == "reference" and r["gamma"] == 2 and r["num_prompts"] == 1
+        assert 1.0 <= r["block_efficiency"] <= 3.0 and 0.0 <= r["acceptance_rate"] <= 1.0 and r["mbsu"] > 0
+    assert "| tvd++ | translate | reference | 2 |" in logs.stdout  # the run ends by printing the table
 
+    names = ("draftalign_generated_tokens_total", "draftalign_distill_loss", "draftalign_target_tokens_total",
+             "draftalign_trainer_wait_seconds_total", "draftalign_eval_block_efficiency")
     deadline, text = time.time() + 120, ""
     while time.time() < deadline:  # Ray exports custom metrics every few seconds
         text = urllib.request.urlopen(head["metrics"], timeout=10).read().decode()
-        if "ray_draftalign_distill_loss" in text and "ray_draftalign_target_tokens_total" in text:
+        if all(f"ray_{n}" in text for n in names):
             break
         time.sleep(5)
-    for name in ("draftalign_distill_loss", "draftalign_target_tokens_total", "draftalign_trainer_wait_seconds_total"):
+    for name in names:
         assert f"ray_{name}" in text, f"{name} not on {head['metrics']}"

@@ -45,7 +45,8 @@ def _abs(path: str) -> str:
 def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
     """[{"name", "path", "exists"}]. Default: "pretrained" plus each distilled export that exists.
 
-    strict: raise ConfigError for a listed drafter that does not exist, or when none is left.
+    strict: raise ConfigError for a listed drafter that does not exist, or when none is left;
+    without it (a plan) the configured distillation's drafter is listed even before it exists.
     """
     ev = cfg.evaluate
     if ev.drafters is not None:
@@ -57,8 +58,10 @@ def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
     out = [{"name": "pretrained", "path": cfg.draft_path(), "exists": _exists(cfg.draft_path())}]
     for loss in LOSSES:
         path = cfg.distilled_path(loss)
-        if Path(path).expanduser().is_dir():
-            out.append({"name": loss, "path": path, "exists": True})
+        made = Path(path).expanduser().is_dir()
+        # A plan shows the drafter the configured distillation will export, made or not yet.
+        if made or (not strict and loss == cfg.distill.loss.name):
+            out.append({"name": loss, "path": path, "exists": made})
     if strict and not out[0]["exists"]:
         out = out[1:]
         if not out:
