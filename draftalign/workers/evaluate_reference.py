@@ -47,13 +47,15 @@ class ReferenceEngine:
         self.trust_remote_code = trust_remote_code
         # float32: the exact acceptance test compares p and q; half precision would add ties
         self.target = AutoModelForCausalLM.from_pretrained(
-            target, dtype=torch.float32, trust_remote_code=trust_remote_code).to(self.device).eval()
+            target, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            use_safetensors=True).to(self.device).eval()
 
     def load_draft(self, path: str) -> Any:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=self.trust_remote_code).to(self.device).eval()
+            path, dtype=torch.float32, trust_remote_code=self.trust_remote_code,
+            use_safetensors=True).to(self.device).eval()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -43,8 +43,9 @@ class EngineError(DraftalignError, RuntimeError):
 
 def engine_kwargs(engine: EngineConfig) -> dict[str, Any]:
     """vllm.LLM kwargs: the config's, plus what the CPU backend needs unless overridden."""
+    # safetensors only: vLLM's "auto" would fall back to unpickling *.bin files from elsewhere.
     kwargs: dict[str, Any] = {"max_model_len": engine.max_model_len,
-                              "tensor_parallel_size": engine.tensor_parallel_size}
+                              "tensor_parallel_size": engine.tensor_parallel_size, "load_format": "safetensors"}
     if not engine.use_gpu:
         # An explicit KV-cache size: the CPU backend's gpu_memory_utilization is a share of RAM
         # minus the engine's own footprint, which comes out negative for small shares.

@@ -33,7 +33,8 @@ def load_target(path: str, precision: str, use_gpu: bool, trust_remote_code: boo
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and use_gpu) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
     if use_gpu and torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval()

@@ -98,7 +98,8 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
     t = job.train
     torch.manual_seed(t.seed)
     if job.arch.init_from:
-        model = LlamaForCausalLM.from_pretrained(job.arch.init_from, torch_dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(job.arch.init_from, dtype=torch.float32,
+                                                 use_safetensors=True)
     else:
         model = LlamaForCausalLM(LlamaConfig(**loop_config["model_config"]))
     train_shard = ray.train.get_dataset_shard("train")
