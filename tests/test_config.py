@@ -26,6 +26,13 @@ def test_overrides_are_typed_and_nested():
     assert cfg.ray.address is None
 
 
+def test_an_empty_mapping_override_empties_it_and_a_partial_one_merges():
+    assert load_config(TINY, ["pretrain.jobs={}"]).pretrain.jobs == {}
+    cfg = load_config(TINY, ["pretrain.jobs={draft: {train: {max_steps: 5}}}"])
+    assert set(cfg.pretrain.jobs) == {"target", "draft"} and cfg.pretrain.jobs["draft"].train.max_steps == 5
+    assert cfg.pretrain.jobs["draft"].train.seq_len == load_config(TINY).pretrain.jobs["draft"].train.seq_len
+
+
 def test_unknown_key_names_its_dotted_path():
     with pytest.raises(ConfigError, match=r"unknown config key 'pretrain\.jobs\.target\.train\.stpes'"):
         load_config(TINY, ["pretrain.jobs.target.train.stpes=3"])
