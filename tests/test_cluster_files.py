@@ -1,0 +1,89 @@
+"""The deployment files in cluster/ against the paper's plan: every stage's actors fit the nodes
+they describe, and the job runs the project's own command and config."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from draftalign.cluster.resources import train_resources
+from draftalign.config import load_config
+from draftalign.workers.generate_engine import replica_bundles
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = ROOT / "examples" / "paper.yaml"
+
+
+def _stage_bundles(cfg) -> dict[str, list[dict[str, float]]]:
+    """Per stage, the resource bundles it asks Ray for at once (one per actor or worker)."""
+    stages = {}
+    for name, job in cfg.pretrain.jobs.items():
+        r = train_resources(job)
+        stages[f"pretrain {name}"] = [r["per_worker"]] * r["ray_train_workers"]
+    eng = cfg.generate.engine
+    replica: dict[str, float] = {}
+    for b in replica_bundles(eng):  # a replica's tensor-parallel bundles go on one node (PACK)
+        replica = {k: replica.get(k, 0) + b.get(k, 0) for k in {*replica, *b}}
+    stages["generate"] = [replica] * eng.replicas
+    d = cfg.distill
+    worker = {"CPU": d.train.cpus_per_worker, "GPU": 1 if d.train.use_gpu else 0}
+    actor = {"CPU": d.target_pool.cpus_per_actor, "GPU": d.target_pool.gpus_per_actor if d.target_pool.use_gpu else 0}
+    stages["distill"] = [worker] * d.train.num_workers + [actor] * (d.target_pool.actors * d.train.num_workers)
+    v = cfg.evaluate.vllm  # one engine at a time
+    stages["evaluate"] = [{"CPU": v.cpus_per_engine * v.tensor_parallel_size,
+                           "GPU": v.gpus_per_engine * v.tensor_parallel_size if v.use_gpu else 0}]
+    return stages
+
+
+def _fits(bundles: list[dict[str, float]], nodes: int, cpu: float, gpu: float) -> bool:
+    """First-fit decreasing packing of the bundles onto `nodes` nodes of (cpu, gpu)."""
+    free = [[cpu, gpu] for _ in range(nodes)]
+    for b in sorted(bundles, key=lambda b: (b.get("GPU", 0), b.get("CPU", 0)), reverse=True):
+        for node in free:
+            if node[0] >= b.get("CPU", 0) and node[1] >= b.get("GPU", 0):
+                node[0] -= b.get("CPU", 0)
+                node[1] -= b.get("GPU", 0)
+                break
+        else:
+            return False
+    return True
+
+
+def test_the_packing_check_can_fail():
+    assert _fits([{"CPU": 8, "GPU": 1}] * 8, 1, 64, 8)
+    assert not _fits([{"CPU": 8, "GPU": 1}] * 8, 1, 48, 8)
+    assert not _fits([{"CPU": 1, "GPU": 1}] * 9, 1, 96, 8)
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_config(PAPER)
+
+
+def test_the_kuberay_job_runs_the_paper_config_and_every_stage_fits_its_pods(paper):
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
+    assert job["spec"]["entrypoint"].split()[-3:] == ["draftalign", "run", "examples/paper.yaml"]
+    assert "working_dir" in yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    assert head["num-cpus"] == "0"  # no actor lands on the head
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    cpu, gpu = float(limits["cpu"]), float(limits["nvidia.com/gpu"])
+    for stage, bundles in _stage_bundles(paper).items():
+        assert _fits(bundles, group["replicas"], cpu, gpu), f"{stage} does not fit {group['replicas']} pods"
+
+
+def test_the_launcher_cluster_fits_every_stage_and_keeps_the_dashboard_on_loopback(paper):
+    cluster = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    assert cluster["available_node_types"][cluster["head_node_type"]]["resources"] == {"CPU": 0}
+    (gpu_type,) = [t for n, t in cluster["available_node_types"].items() if n != cluster["head_node_type"]]
+    res = gpu_type["resources"]
+    for stage, bundles in _stage_bundles(paper).items():
+        assert _fits(bundles, gpu_type["max_workers"], res["CPU"], res["GPU"]), stage
+    (head_start,) = [c for c in cluster["head_start_ray_commands"] if c.startswith("ray start")]
+    assert "--dashboard-host=127.0.0.1" in head_start
+
+
+def test_the_runtime_env_leaves_outputs_secrets_and_weights_behind():
+    env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+    assert {"runs/", ".venv/", ".git/", ".env", "*.safetensors"} <= set(env["excludes"])
