@@ -13,6 +13,7 @@ on the wire (float16 values + int32 ids, against float16 for the full vocabulary
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,8 @@ def main() -> None:
     from draftalign.losses import LOSSES, densify_topk, masked_mean, sparsify_topk, topk_tail_error
 
     run = Path(args.run)
+    if not (run / "generate/data").is_dir() or not (run / "pretrain/target/model").is_dir():
+        sys.exit(f"no embedded world in {run}: run `make demo` (or pretrain and generate) first")
     table = pads.dataset(run / "generate/data", format="parquet").head(
         args.rows, columns=["prompt_token_ids", "response_token_ids"])
     target = AutoModelForCausalLM.from_pretrained(run / "pretrain/target/model").eval()

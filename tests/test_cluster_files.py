@@ -8,30 +8,25 @@ import yaml
 
 from draftalign.cluster.resources import train_resources
 from draftalign.config import load_config
-from draftalign.workers.generate_engine import replica_bundles
+from draftalign.pipelines.distill import describe_distill
+from draftalign.pipelines.evaluate import describe_evaluate
+from draftalign.pipelines.generate import describe_generate
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "examples" / "paper.yaml"
 
 
 def _stage_bundles(cfg) -> dict[str, list[dict[str, float]]]:
-    """Per stage, the resource bundles it asks Ray for at once (one per actor or worker)."""
+    """Per stage, the resource bundles its --plan asks Ray for at once (one per actor or worker)."""
     stages = {}
     for name, job in cfg.pretrain.jobs.items():
         r = train_resources(job)
         stages[f"pretrain {name}"] = [r["per_worker"]] * r["ray_train_workers"]
-    eng = cfg.generate.engine
-    replica: dict[str, float] = {}
-    for b in replica_bundles(eng):  # a replica's tensor-parallel bundles go on one node (PACK)
-        replica = {k: replica.get(k, 0) + b.get(k, 0) for k in {*replica, *b}}
-    stages["generate"] = [replica] * eng.replicas
-    d = cfg.distill
-    worker = {"CPU": d.train.cpus_per_worker, "GPU": 1 if d.train.use_gpu else 0}
-    actor = {"CPU": d.target_pool.cpus_per_actor, "GPU": d.target_pool.gpus_per_actor if d.target_pool.use_gpu else 0}
-    stages["distill"] = [worker] * d.train.num_workers + [actor] * (d.target_pool.actors * d.train.num_workers)
-    v = cfg.evaluate.vllm  # one engine at a time
-    stages["evaluate"] = [{"CPU": v.cpus_per_engine * v.tensor_parallel_size,
-                           "GPU": v.gpus_per_engine * v.tensor_parallel_size if v.use_gpu else 0}]
+    g = describe_generate(cfg)["resources"]  # a replica's tensor-parallel bundles go on one node (PACK)
+    stages["generate"] = [g["per_replica"]] * g["engine_replicas"]
+    d = describe_distill(cfg)["resources"]
+    stages["distill"] = [d["per_worker"]] * d["ray_train_workers"] + [d["per_target_actor"]] * d["target_actors"]
+    stages["evaluate"] = [describe_evaluate(cfg)["vllm"]["per_engine"]]  # one engine at a time
     return stages
 
 
