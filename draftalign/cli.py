@@ -153,11 +153,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DraftalignError, FileNotFoundError) as exc:
-        print(f"draftalign: error: {exc}", file=sys.stderr)
+        _fail(exc)
         return 2
     except OSError as exc:
-        print(f"draftalign: error: {exc}", file=sys.stderr)
+        _fail(exc)
         return 1
+
+
+def _fail(exc: BaseException) -> None:
+    """Print the error as the run's last line.
+
+    Ray forwards worker logs (a dying engine's crash dump, say) to this process's stderr from a
+    background thread; shutting Ray down first stops that, so the reason is not buried under them.
+    """
+    ray = sys.modules.get("ray")  # never import Ray just to fail
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    print(f"draftalign: error: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

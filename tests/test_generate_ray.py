@@ -272,8 +272,11 @@ def test_an_engine_that_cannot_start_fails_the_job_at_once_with_the_reason(world
                               "generate.engine.engine_kwargs={max_model_len: 100000}"))
     elapsed = time.time() - t0
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # The reason is the run's last line: Ray's forwarded worker logs (the dead engine's crash dump)
+    # must not come after it.
     err = proc.stderr.strip().splitlines()[-1]
-    assert err.startswith("draftalign: error: the vLLM engine for") and "max_model_len (100000)" in err
+    assert err.startswith("draftalign: error: the vLLM engine for") and "max_model_len (100000)" in err, \
+        proc.stderr[-3000:]
     assert "[generate] pass 2" not in proc.stdout  # no retry pass: it would fail the same way
     assert not list((run / "generate" / "data").glob("*.parquet")) and elapsed < 400
 
