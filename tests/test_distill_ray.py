@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from procs import ray_processes
 from worlds import distill_set, tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -96,3 +97,64 @@ def test_a_killed_trainer_resumes_at_its_checkpoint_when_rerun(world):
     assert m["step"] == 4 and m["resumed_from_step"] == 2
     again = _distill(*args)  # a finished run with the same inputs and config is reused
     assert again.returncode == 0 and "reusing" in again.stdout
+
+
+def _registered_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the newest checkpoint Ray Train's controller has registered (it polls the
+    workers every 2 s, so a checkpoint reported just before a kill may not be in it yet)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest["metrics"]["step"] if latest else None
+
+
+def test_kill_9_of_the_train_worker_then_of_a_target_actor_mid_run(world):
+    """Real kills from outside, as an OOM killer or a lost node deals them: SIGKILL to the train
+    worker once Ray Train holds a checkpoint, then, in the worker group it restarts, SIGKILL to the
+    target actor. The run finishes on its own, resumed at that checkpoint, and the restarted pool
+    served each remaining batch exactly once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    out, steps = world / "sigkill", 40
+    cmd = [sys.executable, "-m", "draftalign", "distill", str(TINY),
+           *_overrides(world, out, max_steps=steps, checkpoint_every=4, max_failures=1)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    run_dir = out / "distill" / "tvdpp" / "ray" / "tiny-distill"
+    saved, first, killed = None, [], {}
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and len(killed) < 2:
+        workers, targets = ray_processes(proc.pid, "RayTrainWorker"), ray_processes(proc.pid, "TargetActor")
+        if "worker" not in killed:
+            saved = _registered_checkpoint_step(run_dir)
+            if saved is not None and len(workers) == 1 and targets:
+                first = targets
+                killed["worker"] = workers[0]
+                os.kill(workers[0], signal.SIGKILL)
+        else:
+            # The new group is training once its worker logs a step: its pool has answered.
+            new = [w for w in workers if w != killed["worker"]]
+            serving = new and any(f"RayTrainWorker pid={new[0]})" in line and "] step " in line for line in log)
+            fresh = [t for t in targets if t not in first]
+            if serving and fresh:
+                killed["target"] = fresh[0]
+                os.kill(fresh[0], signal.SIGKILL)
+        time.sleep(0.05)
+    proc.wait(timeout=600)
+    reader.join(timeout=10)
+    text = "".join(log)
+    assert set(killed) == {"worker", "target"}, f"the run ended before both kills: {killed}\n" + text[-3000:]
+    assert proc.returncode == 0, text[-5000:]
+    m = _info(out)["metrics"]
+    assert m["step"] == steps and m["resumed_from_step"] == saved
+    assert m["pool_restarts"] == 1
+    # The steps after the checkpoint and the final evaluation batch: each batch once, the one in
+    # flight at the kill retried.
+    assert m["pool_requests"] == steps - saved + 1

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import descendants, ray_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -168,24 +169,6 @@ def test_rerun_after_lost_chunks_writes_exactly_the_missing_rows(world):
             assert list(r["response_token_ids"]) == list(before[r["row_key"]]["response_token_ids"])
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (Ray puts its workers in process groups of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def _kill_tree(proc: subprocess.Popen) -> set[int]:
     """SIGKILL the driver, its process group and every process it started; returns the pids."""
     import os
@@ -195,7 +178,7 @@ def _kill_tree(proc: subprocess.Popen) -> set[int]:
     # Freeze the tree first so that nothing it spawns meanwhile escapes, then kill it whole.
     pids: set[int] = set()
     for _ in range(20):
-        new = _descendants(proc.pid) - pids
+        new = descendants(proc.pid) - pids
         if not new and pids:
             break
         for pid in new | {proc.pid}:
@@ -345,19 +328,6 @@ def test_a_dead_engine_ends_run_passes_at_once_and_a_retry_skips_what_was_writte
     assert (res["rows_written"], res["tokens"], res["passes"], res["failed"]) == (4, 17, 2, [])
 
 
-def _engine_actor_pids(root_pid: int) -> list[int]:
-    """The vLLM engine actor processes among the run's descendants (Ray names them by class)."""
-    out = []
-    for pid in _descendants(root_pid):
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if title.startswith("ray::") and "vLLMEngine" in title:
-            out.append(pid)
-    return out
-
-
 def test_killing_the_engine_actor_mid_run_still_gives_the_whole_set(world):
     """kill -9 of the engine actor (not the driver): Ray restarts it once and the run completes."""
     import os
@@ -373,7 +343,7 @@ def test_killing_the_engine_actor_mid_run_still_gives_the_whole_set(world):
     deadline = time.time() + 600
     while not killed and proc.poll() is None and time.time() < deadline:
         if list(data.glob("part-*.parquet")):  # the engine is up and answering: kill it now
-            for pid in _engine_actor_pids(proc.pid):
+            for pid in ray_processes(proc.pid, "vLLMEngine"):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
         time.sleep(0.05)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -143,7 +144,9 @@ def run_training(name: str, t: TrainConfig, o: OptimConfig, model, hooks: LoopHo
 
     def log(msg: str) -> None:
         if rank == 0:
-            print(f"[{name}] {msg}", flush=True)
+            # To the process's own stdout: Ray Train's patched print() would both write the line
+            # and log it to the console, so every progress line reached the driver twice.
+            print(f"[{name}] {msg}", file=sys.__stdout__, flush=True)
 
     log(f"{world} worker(s), {torch.get_num_threads()} torch threads each, ZeRO stage {t.zero_stage}, "
         f"{t.dtype_name}")
