@@ -20,6 +20,10 @@ def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], t: 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    for ds in datasets.values():
+        # Training prints its own progress every log step. Ray Data's bars for these streams,
+        # redrawn around each forwarded log line, were most of a run's output and outlived it.
+        ds.context.enable_progress_bars = False
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     trainer = TorchTrainer(
