@@ -44,9 +44,10 @@ def load_target(path: str, precision: str, use_gpu: bool, trust_remote_code: boo
 def target_logprobs(model, batch: dict[str, Any], top_k: int | None, wire_dtype: str) -> dict[str, np.ndarray]:
     """Next-token log-probs of the target at the masked positions of a batch (see module doc)."""
     device = next(model.parameters()).device
-    ids = torch.as_tensor(batch["input_ids"], device=device)
-    attn = torch.as_tensor(batch["attention_mask"], device=device)
-    mask = torch.as_tensor(batch["loss_mask"], device=device).bool()
+    # Arrays from Ray's object store are read-only; torch warns on wrapping them, so copy (ints, small).
+    ids, attn, mask = (torch.tensor(np.asarray(batch[k]), device=device)
+                       for k in ("input_ids", "attention_mask", "loss_mask"))
+    mask = mask.bool()
     logits = model(input_ids=ids, attention_mask=attn).logits[mask]
     logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V], normalised in float32
     if top_k is None:
