@@ -146,7 +146,8 @@ class EngineConfig(Strict):
 
 class GenerateConfig(Strict):
     output: str  # filled from run.output when absent
-    # A .jsonl/.parquet file, or a Hugging Face data set name (hf_config, hf_split apply).
+    # A .jsonl/.parquet file, or a Hugging Face data set: a local folder (a cloned hub repo or
+    # `save_to_disk` output) or a hub name (hf_config, hf_split apply).
     seeds: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
@@ -221,8 +222,8 @@ class EvalTaskConfig(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=64)
     kind: Literal["open_ended", "summarize", "translate"]
-    # A .jsonl/.parquet file or a Hugging Face data set name; None: the bundled held-out set
-    # of this kind (examples/data/eval/KIND.jsonl).
+    # A .jsonl/.parquet file or a Hugging Face data set (local folder or hub name, as for
+    # generate.seeds); None: the bundled held-out set of this kind (examples/data/eval/KIND.jsonl).
     data: str | None = None
     hf_config: str | None = None
     hf_split: str = "test"

@@ -16,7 +16,7 @@ from typing import Any
 
 from draftalign.config import EvalTaskConfig
 from draftalign.errors import DraftalignError
-from draftalign.seeds import SUPPORTED_SUFFIXES, read_seed_file
+from draftalign.seeds import open_rows
 
 __all__ = ["EvalDataError", "bundled_path", "task_rows", "build_prompts", "load_task_prompts"]
 
@@ -45,13 +45,7 @@ def _source(task: EvalTaskConfig) -> str:
 
 def task_rows(task: EvalTaskConfig) -> Iterator[dict]:
     """Raw rows of the task's data set, streamed (a hub set is never downloaded whole)."""
-    source = _source(task)
-    path = Path(source).expanduser()
-    if path.suffix in SUPPORTED_SUFFIXES or path.exists():
-        return read_seed_file(path)
-    import datasets
-
-    return iter(datasets.load_dataset(source, task.hf_config, split=task.hf_split, streaming=True))
+    return open_rows(_source(task), task.hf_config, task.hf_split, f"evaluate task {task.kind!r} data")
 
 
 def _field(row: dict, column: str) -> tuple[bool, Any]:

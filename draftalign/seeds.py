@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from draftalign.errors import ConfigError
+
 __all__ = ["SeedFields", "normalize_text", "seed_id", "prepare_seeds", "read_seed_file", "SUPPORTED_SUFFIXES"]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
@@ -176,6 +178,26 @@ def prepare_seeds(
             {"id": row_id, "source": row_source, "instruction": instruction, "input": context, "messages": messages}
         )
     return good, errors
+
+
+def open_rows(source: str, hf_config: str | None, hf_split: str, what: str) -> Iterator[dict]:
+    """Rows of `source`, streamed: a .jsonl/.parquet file (read_seed_file), else a Hugging Face
+    data set, i.e. a local folder (a cloned hub repo of data files, or `save_to_disk` output:
+    how an offline cluster holds Dolly or CNN/DailyMail) or a hub name. `what` names the config
+    key in errors.
+    """
+    path = Path(source).expanduser()
+    if path.suffix in SUPPORTED_SUFFIXES or path.is_file():
+        return read_seed_file(path)
+    import datasets
+
+    try:
+        return iter(datasets.load_dataset(str(path) if path.is_dir() else source, hf_config,
+                                          split=hf_split, streaming=True))
+    except Exception as exc:  # hub unreachable, no such set or split, unreadable folder: one message
+        kind = "local folder" if path.is_dir() else "Hugging Face data set"
+        raise ConfigError(f"{what} {source!r} (split {hf_split!r}): cannot load it as a {kind}: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def read_seed_file(path: str | Path) -> Iterator[dict]:

@@ -22,7 +22,7 @@ from draftalign.config import Config, ConfigError, GenerateConfig
 from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.runinfo import write_json_atomic, write_run_info
 from draftalign.schemas import ERROR_SCHEMA, to_table, write_parquet_atomic
-from draftalign.seeds import SUPPORTED_SUFFIXES, prepare_seeds, read_seed_file
+from draftalign.seeds import open_rows, prepare_seeds
 from draftalign.workers.generate_engine import engine_kwargs, replica_bundles
 from draftalign.workers.generate_rows import error_row, expand_requests, pending, row_key_counts
 
@@ -91,13 +91,9 @@ def seed_rows(gen: GenerateConfig) -> tuple[Any, str]:
     """(row iterator, source name) for a seed file or a Hugging Face data set."""
     if gen.seeds is None:
         raise ConfigError("generate.seeds is not set: give a .jsonl/.parquet file or a Hugging Face data set")
-    path = Path(gen.seeds).expanduser()
-    if path.suffix in SUPPORTED_SUFFIXES or path.exists():
-        return read_seed_file(path), gen.source or path.name
-    import datasets
-
-    hf = datasets.load_dataset(gen.seeds, gen.hf_config, split=gen.hf_split, streaming=True)
-    return iter(hf), gen.source or gen.seeds
+    local = Path(gen.seeds).expanduser()
+    name = local.name if local.exists() else gen.seeds  # a hub name stays whole: org/set
+    return open_rows(gen.seeds, gen.hf_config, gen.hf_split, "generate.seeds"), gen.source or name
 
 
 def existing_row_keys(data_dir: Path) -> set[str]:
