@@ -262,6 +262,8 @@ class VllmEvalConfig(Strict):
     # Passed to vllm.LLM as they are. On CPU the generate stage's defaults apply (256 MiB KV
     # cache, enforce_eager, float32) unless set here.
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Extra speculative_config keys (e.g. draft_sample_method), over method/model/num_speculative_tokens.
+    speculative_config: dict[str, Any] = Field(default_factory=dict)
     measure_autoregressive: bool = True  # also run the target alone for the tokens/s baseline
 
 

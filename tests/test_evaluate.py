@@ -208,3 +208,13 @@ def test_weights_that_would_need_unpickling_are_refused(models, tmp_path):
         load_target(str(pickled), "fp32", use_gpu=False)
     with pytest.raises(OSError, match="safetensors"):
         ReferenceEngine(str(models["target"]), "cpu").load_draft(str(pickled))
+
+
+@pytest.mark.parametrize(("engines", "temperatures", "noted"), [
+    ("[reference, vllm]", "[0, 1]", True), ("[reference, vllm]", "[0]", False), ("[reference]", "[0, 1]", False)])
+def test_the_report_says_when_vllm_rows_use_vllms_own_sampled_acceptance(engines, temperatures, noted):
+    from draftalign.pipelines.evaluate import VLLM_SAMPLED_NOTE, _header
+
+    cfg = load_config(TINY, [f"evaluate.engines={engines}", f"evaluate.temperatures={temperatures}"])
+    header = _header(cfg, "t", [{"name": "d", "path": "p"}], {"d": 10}, 1000)
+    assert (VLLM_SAMPLED_NOTE in header) is noted

@@ -48,13 +48,15 @@ def request_seed(seed: int, prompt_id: str, temperature: float) -> int:
 class VllmEngine:
     """A vllm.LLM for `target`, speculating with `draft` at `gamma` tokens (no draft: plain decoding)."""
 
-    def __init__(self, target: str, draft: str | None, gamma: int, engine_kwargs: dict[str, Any]):
+    def __init__(self, target: str, draft: str | None, gamma: int, engine_kwargs: dict[str, Any],
+                 speculative_extra: dict[str, Any] | None = None):
         from vllm import LLM
 
         self.gamma = gamma if draft else 0
         kwargs = dict(engine_kwargs)
         if draft:
-            kwargs["speculative_config"] = {"method": "draft_model", "model": draft, "num_speculative_tokens": gamma}
+            kwargs["speculative_config"] = {"method": "draft_model", "model": draft, "num_speculative_tokens": gamma,
+                                            **(speculative_extra or {})}
         # disable_log_stats=False: the spec-decode counters are stats, off by default in LLM
         self.llm = LLM(model=target, disable_log_stats=False, **kwargs)
 
