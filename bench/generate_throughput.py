@@ -124,7 +124,9 @@ def main() -> None:
     import ray
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False)
+    # A Ray of its own, as `draftalign generate` starts: never a cluster left running (or a stale
+    # /tmp/ray/ray_current_cluster) that would refuse num_cpus.
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False)
     ray_init_s = time.perf_counter() - t0
     r = bench_ray_vllm(args.model, requests, args)
     q = bench_ray_vllm(args.model, requests[: max(1, len(requests) // 4)], args)
