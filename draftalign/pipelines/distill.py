@@ -17,6 +17,7 @@ from draftalign.distillation import build_sequences, holdout_row
 from draftalign.models import check_compatible, count_parameters, load_model_config
 from draftalign.pipelines.generate import target_identity
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
+from draftalign.pipelines.training import fit, materialize_in_order
 from draftalign.runinfo import fingerprint, write_run_info
 from draftalign.schemas import DISTILL_SCHEMA, check_table
 
@@ -81,7 +82,7 @@ def _split(files: list[Path], d: DistillConfig, pad_id: int):
     # One seeded shuffle, so rows of one seed are not back to back and a rerun sees one order.
     train = train.random_shuffle(seed=d.train.seed).map_batches(to_sequences, batch_format="numpy")
     holdout = ds.filter(lambda r: holdout_row(r["id"], frac)).map_batches(to_sequences, batch_format="numpy")
-    return train, holdout.materialize()
+    return train, materialize_in_order(holdout)
 
 
 def _absolute(path: str) -> str:
@@ -140,7 +141,6 @@ def run_distill(cfg: Config) -> Path:
 
 def _fit(cfg: Config, files: list[Path], job_dir: Path, target: str, init_from: str, pad_id: int):
     from draftalign.cluster.session import init_ray
-    from draftalign.pipelines.training import fit
     from draftalign.workers.distill_loop import distill_loop
 
     d = cfg.distill

@@ -23,6 +23,7 @@ from draftalign.models import (
     load_model_config,
 )
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
+from draftalign.pipelines.training import fit, materialize_in_order
 from draftalign.runinfo import fingerprint, write_run_info
 from draftalign.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
 
@@ -141,7 +142,7 @@ def corpus_datasets(corpus: CorpusConfig, tokenizer_dir: str, seq_len: int, seed
     holdout = splits["holdout"].map_batches(tokenize_and_pack, fn_kwargs=kwargs, batch_size=64)
     # No all-to-all shuffle here: it would hold training back until the whole corpus is read,
     # which never happens for a 600B-token stream. File order is shuffled at the source instead.
-    return train, holdout.materialize()
+    return train, materialize_in_order(holdout)
 
 
 def _read_files(paths: list[Path], corpus: CorpusConfig, bytes_to_text):
@@ -203,7 +204,6 @@ def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, t
 
 def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_dir: str):
     from draftalign.cluster.session import init_ray
-    from draftalign.pipelines.training import fit
     from draftalign.workers.train_loop import pretrain_loop
 
     init_ray(cfg.ray)

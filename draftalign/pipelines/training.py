@@ -38,3 +38,12 @@ def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], t: 
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
     )
     return trainer.fit()
+
+
+def materialize_in_order(ds):
+    """`ds` materialized in read order. Held-out metrics use its first `eval_batches` batches;
+    in completion order the same weights scored differently from run to run (held-out
+    perplexity 350.9 and 392.5 in two demo runs with identical weights)."""
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
+
