@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict
 
 from draftalign.errors import ConfigError
 
-__all__ = ["SeedFields", "normalize_text", "seed_id", "prepare_seeds", "read_seed_file", "SUPPORTED_SUFFIXES"]
+__all__ = ["SeedFields", "normalize_text", "seed_id", "prepare_seeds", "open_rows", "read_seed_file",
+           "SUPPORTED_SUFFIXES"]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
 RAW_LIMIT = 2000  # chars of the original row kept in an error row: enough to find it, not a copy

@@ -153,8 +153,11 @@ def test_kill_9_of_the_train_worker_then_of_a_target_actor_mid_run(world):
     assert set(killed) == {"worker", "target"}, f"the run ended before both kills: {killed}\n" + text[-3000:]
     assert proc.returncode == 0, text[-5000:]
     m = _info(out)["metrics"]
-    assert m["step"] == steps and m["resumed_from_step"] == saved
+    # At least the checkpoint registered before the kill (one the controller registers in the
+    # instant between that read and the kill is newer still, and also right).
+    resumed = m["resumed_from_step"]
+    assert m["step"] == steps and resumed is not None and resumed >= saved
     assert m["pool_restarts"] == 1
     # The steps after the checkpoint and the final evaluation batch: each batch once, the one in
     # flight at the kill retried.
-    assert m["pool_requests"] == steps - saved + 1
+    assert m["pool_requests"] == steps - resumed + 1
