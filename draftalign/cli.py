@@ -63,7 +63,10 @@ def _run_stage(cfg: Config, stage: str) -> int:
 
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        cfg = load_config(args.config, args.overrides)
+        from draftalign.modelimport import resolve_sources
+
+        # GGUF models become folders here, once, before Ray starts (a bad file fails now).
+        cfg = resolve_sources(load_config(args.config, args.overrides))
         if args.plan:
             print(dump_config(cfg), end="")
             print("---")

@@ -41,16 +41,20 @@ class RayConfig(Strict):
 
 class TokenizerConfig(Strict):
     # "embedded": the SentencePiece model shipped inside mistral_common (Llama 2 family,
-    # 32k tokens, byte fallback); otherwise a Hugging Face folder or hub name.
+    # 32k tokens, byte fallback); otherwise a Hugging Face folder or hub name, or a GGUF
+    # source as in models.target.
     source: str = "embedded"
     chat_template: Literal["auto", "llama2"] = "auto"  # auto: the tokenizer's own, else Llama 2
 
 
 class ModelsConfig(Strict):
-    # A Hugging Face folder or hub name. None means "the model the pretrain stage exports".
+    # A Hugging Face folder or hub name, a .gguf file, or `pkg:DIST/PATH` (a GGUF file inside an
+    # installed package); GGUF models are imported once into import_dir (draftalign/modelimport.py).
+    # None means "the model the pretrain stage exports".
     target: str | None = None
     draft: str | None = None
     trust_remote_code: bool = False
+    import_dir: str = ".cache/draftalign/models"  # on a cluster: storage every node sees
 
 
 class ArchConfig(Strict):
@@ -59,6 +63,9 @@ class ArchConfig(Strict):
     preset: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
     init_from: str | None = None  # continue pretraining an existing HF model instead
+    # "target": start the (drafter's) input embeddings from the target's, projected to the
+    # drafter's width (models.project_embeddings); "random": the usual random initialisation.
+    init_embeddings: Literal["random", "target"] = "random"
 
 
 class CorpusConfig(Strict):
@@ -173,7 +180,22 @@ class GenerateConfig(Strict):
 class LossConfig(Strict):
     name: Literal["forward_kl", "reverse_kl", "tvd", "tvd++"] = "tvd++"
     variant: Literal["vocab", "exact", "sampled"] = "vocab"  # tvd++ only (paper-spec 5.3)
-    include_prompt: bool = False  # also train on prompt positions (default: response only)
+
+    @model_validator(mode="after")
+    def _variant_only_for_tvdpp(self) -> LossConfig:
+        if self.name != "tvd++" and self.variant != "vocab":
+            raise ValueError(f"variant={self.variant} applies to tvd++ only, not to {self.name}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The drafter's name in reports: the loss, plus the variant when it is not the default."""
+        return self.name if self.variant == "vocab" else f"{self.name}-{self.variant}"
+
+    @property
+    def folder(self) -> str:
+        """The drafter's folder under distill.output ("+" is awkward in paths: tvd++ -> tvdpp)."""
+        return self.label.replace("+", "p")
 
 
 class TargetPoolConfig(Strict):
@@ -191,6 +213,10 @@ class TargetPoolConfig(Strict):
     max_restarts: int = Field(3, ge=0)  # a dead actor is restarted and its request retried
     # Benchmark/baseline: compute the target inside the train worker instead of the pool.
     in_process: bool = False
+    # Memoise each sequence's log-probs on local disk (wire_dtype, V values per trained position:
+    # 98 KB for a 49k vocabulary), so later passes and the other losses cost only the drafter.
+    # Off by default: for a large set and vocabulary it is terabytes.
+    cache: bool = False
     # Chaos testing: the first actor exits (os._exit) on this request number, once.
     inject_actor_death_at_request: int | None = Field(None, ge=1)
 
@@ -200,12 +226,22 @@ class DistillConfig(Strict):
     data: str | None = None  # a distillation set folder or file; default: generate.output
     init_from: str | None = None  # the drafter to start from; default: the pretrained drafter
     holdout_fraction: float = Field(0.05, ge=0.0, lt=0.5)  # seeds kept aside for evaluation
-    loss: LossConfig = LossConfig()
+    include_prompt: bool = False  # also train on prompt positions (default: response only)
+    # One drafter per loss, each from the same starting drafter on the same set, one after the
+    # other; with target_pool.cache they share the target's log-probs (computed once).
+    losses: list[LossConfig] = Field(default_factory=lambda: [LossConfig()], min_length=1)
     target_pool: TargetPoolConfig = TargetPoolConfig()
     train: TrainConfig = TrainConfig(seq_len=192, micro_batch_size=8, max_steps=100, checkpoint_every=25)
     optim: OptimConfig = OptimConfig(lr=3e-4, warmup_steps=10, weight_decay=0.0, min_lr_ratio=0.0)
     eval_gamma: int = Field(3, ge=1)  # the γ at which the implied block efficiency is reported
     overwrite: bool = False  # replace an output made from a different config
+
+    @model_validator(mode="after")
+    def _unique_losses(self) -> DistillConfig:
+        labels = [loss.label for loss in self.losses]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"distill.losses lists a loss twice: {labels}")
+        return self
 
 
 class EvalFields(Strict):
@@ -339,10 +375,9 @@ class Config(Strict):
     def distill_data_path(self) -> str:
         return self.distill.data or str(Path(self.generate.output) / "data")
 
-    def distilled_path(self, loss_name: str | None = None) -> str:
-        """The drafter `draftalign distill` exports for a loss (default: the configured one)."""
-        name = loss_name or self.distill.loss.name
-        return str(Path(self.distill.output) / name.replace("+", "p") / "model")
+    def distilled_path(self, loss: LossConfig) -> str:
+        """The drafter `draftalign distill` exports for `loss`."""
+        return str(Path(self.distill.output) / loss.folder / "model")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -213,3 +213,8 @@ def get_loss(name: str) -> LossFn:
         return LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}") from None
+
+
+def loss_options(loss) -> dict[str, str]:
+    """The keyword options a configured loss (config.LossConfig) passes to its function."""
+    return {"variant": loss.variant} if loss.name == "tvd++" else {}

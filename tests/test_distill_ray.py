@@ -4,7 +4,6 @@ pool (slow: starts Ray). Tiny random models and a hand-made distillation set kee
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from worlds import distill_set, tiny_llama
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
-LOSSES = {"forward_kl": "forward_kl", "reverse_kl": "reverse_kl", "tvd": "tvd", "tvd++": "tvdpp"}
 
 
 @pytest.fixture(scope="module")
@@ -44,34 +42,43 @@ def _info(out: Path, folder: str = "tvdpp") -> dict:
     return json.loads((out / "distill" / folder / "model" / "draftalign_model.json").read_text())
 
 
-def test_every_loss_trains_and_exports_a_loadable_drafter(world):
-    # One process, one Ray start, four distillations: the losses differ only in the objective.
+# Every loss of the paper's table, as one `distill.losses` run (the comparison config's shape).
+ALL_LOSSES = [{"name": "forward_kl"}, {"name": "reverse_kl"}, {"name": "tvd"}, {"name": "tvd++"},
+              {"name": "tvd++", "variant": "exact"}, {"name": "tvd++", "variant": "sampled"}]
+
+
+def test_every_loss_trains_from_one_run_sharing_the_target_cache(world):
+    # One command, six drafters from the same start on the same set; the target pool's disk cache
+    # means the target scores each sequence once, for the first loss, and serves the rest from disk.
     out = world / "losses"
-    script = textwrap.dedent(f"""
-        from draftalign.config import load_config
-        from draftalign.pipelines.distill import run_distill
-        for name in {list(LOSSES)!r}:
-            run_distill(load_config({str(TINY)!r}, {_overrides(world, out)!r} + ["distill.loss.name=" + name]))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=800)
+    losses = "distill.losses=" + json.dumps(ALL_LOSSES)
+    proc = _distill(*_overrides(world, out), losses, "distill.target_pool.cache=true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     from transformers import AutoModelForCausalLM
 
-    weights = []
-    for name, folder in LOSSES.items():
+    weights, computed = [], []
+    for loss, folder in zip(ALL_LOSSES, ["forward_kl", "reverse_kl", "tvd", "tvdpp",
+                                                         "tvdpp-exact", "tvdpp-sampled"], strict=True):
         info = _info(out, folder)
         m = info["metrics"]
-        assert info["loss"]["name"] == name and m["step"] == 4
+        assert info["loss"]["name"] == loss["name"] and info["loss"]["variant"] == loss.get("variant", "vocab")
+        assert m["step"] == 4
         for key in ("holdout_acceptance", "holdout_tvd", "holdout_tau_gamma3", "initial_holdout_acceptance"):
             assert key in m
         assert 0.0 < m["holdout_acceptance"] < 1.0 and 1.0 <= m["holdout_tau_gamma3"] <= 4.0
         assert m["holdout_acceptance"] == pytest.approx(1 - m["holdout_tvd"])
         # Every batch the trainer used came from the pool, once: 1 eval batch before, 4 steps, 1 after.
         assert m["pool_requests"] == 6 and m["pool_restarts"] == 0
+        computed.append(6 * 4 - m["pool_cached_rows"])  # 6 requests of 4 rows
         model = AutoModelForCausalLM.from_pretrained(out / "distill" / folder / "model")
         assert model.config.vocab_size == 32000 and model.config.hidden_size == 32
         weights.append(model.lm_head.weight.detach().clone())
-    assert all(not w.equal(weights[0]) for w in weights[1:])  # four objectives, four different drafters
+    assert all(not w.equal(weights[0]) for w in weights[1:])  # six objectives, six different drafters
+    # The target scored each sequence once, whichever loss first needed it: the rows computed add
+    # up to the cache's entries, at most the set's 40, and the first loss computed most of them.
+    entries = list((out / "distill" / "target_cache").rglob("*.npz"))
+    assert sum(computed) == len(entries) <= 40 and computed[0] >= 16 and sum(computed[1:]) < computed[0]
+    assert "tvd++-exact" in proc.stdout and "tvd++-sampled" in proc.stdout
 
 
 def test_a_target_actor_that_dies_is_restarted_and_no_batch_is_lost(world):

@@ -9,10 +9,11 @@ target pool beside it (workers/distill_loop.py). The export lands in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from draftalign.config import Config, ConfigError, DistillConfig
+from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
 from draftalign.distillation import build_sequences, holdout_row
 from draftalign.models import check_compatible, count_parameters, load_model_config
 from draftalign.pipelines.generate import target_identity
@@ -64,8 +65,9 @@ def _resources(d: DistillConfig) -> dict[str, Any]:
 def describe_distill(cfg: Config) -> dict[str, Any]:
     d = cfg.distill
     return {"data": cfg.distill_data_path(), "init_from": d.init_from or cfg.draft_path(),
-            "target": cfg.target_path(), "loss": d.loss.model_dump(),
-            "output": str(Path(cfg.distilled_path())), "resources": _resources(d)}
+            "target": cfg.target_path(),
+            "losses": [{**loss.model_dump(), "output": cfg.distilled_path(loss)} for loss in d.losses],
+            "resources": _resources(d)}
 
 
 def _split(files: list[Path], d: DistillConfig, pad_id: int):
@@ -74,7 +76,7 @@ def _split(files: list[Path], d: DistillConfig, pad_id: int):
 
     def to_sequences(batch: dict[str, Any]) -> dict[str, Any]:
         return build_sequences(batch["prompt_token_ids"], batch["response_token_ids"], d.train.seq_len,
-                               d.loss.include_prompt, pad_id)
+                               d.include_prompt, pad_id)
 
     ds = ray.data.read_parquet([str(f) for f in files], columns=_COLUMNS)
     frac = d.holdout_fraction
@@ -97,12 +99,23 @@ def _model_config(cfg: Config, role: str, path: str, key: str):
                           f"`draftalign pretrain` first or set {key}") from None
 
 
-def run_distill(cfg: Config) -> Path:
-    """Distil (or reuse) the drafter for `distill.loss`; returns the exported model folder."""
+@dataclass(frozen=True)
+class DistillInputs:
+    """What every loss of one `draftalign distill` shares, checked once before Ray starts."""
+
+    target: str  # absolute paths: Ray workers run in another directory
+    init_from: str
+    files: list[Path]
+    pad_id: int
+    tokenizer: Any
+    parameters: int  # the drafter's
+    identity: tuple[str, str]  # target and starting-drafter hashes, for fingerprints
+
+
+def _inputs(cfg: Config) -> DistillInputs:
     from draftalign.tokenization import load_tokenizer
 
     d = cfg.distill
-    # Ray workers run in another directory: hand them absolute paths for local folders.
     target, init_from = (_absolute(p) for p in (cfg.target_path(), d.init_from or cfg.draft_path()))
     target_cfg = _model_config(cfg, "target", target, "models.target")
     draft_cfg = _model_config(cfg, "drafter to start from", init_from, "distill.init_from")
@@ -110,46 +123,71 @@ def run_distill(cfg: Config) -> Path:
     files = data_files(cfg.distill_data_path())
     _check_schema(files)
     tok = load_tokenizer(init_from)
-    job_dir = Path(cfg.distilled_path()).resolve().parent
+    return DistillInputs(target, init_from, files, tok.pad_token_id or 0, tok, count_parameters(draft_cfg),
+                         (target_identity(target)["target_hash"], target_identity(init_from)["target_hash"]))
+
+
+def run_distill(cfg: Config) -> list[Path]:
+    """Distil (or reuse) one drafter per loss of `distill.losses`; returns their model folders."""
+    inputs = _inputs(cfg)
+    return [_distill_one(cfg, loss, inputs) for loss in cfg.distill.losses]
+
+
+def _fingerprint(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> str:
+    # Chaos switches, the failure budget and the other losses do not change what this loss
+    # trains: a rerun without them (or with another list) resumes or reuses the same run.
+    chaos = {"output": True, "overwrite": True, "losses": True,
+             "train": {"inject_failure_at_step", "max_failures"},
+             "target_pool": {"inject_actor_death_at_request", "cache"}}
+    return fingerprint(cfg.distill.model_dump(mode="json", exclude=chaos), loss.model_dump(mode="json"),
+                       [(f.name, f.stat().st_size) for f in inputs.files], *inputs.identity)
+
+
+def _distill_one(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> Path:
+    tag = f"[distill {loss.label}]"
+    job_dir = Path(cfg.distilled_path(loss)).resolve().parent
     model_dir = job_dir / "model"
-    # Chaos switches and the failure budget do not change what is trained: a rerun without them
-    # resumes the same run.
-    chaos = {"output": True, "overwrite": True, "train": {"inject_failure_at_step", "max_failures"},
-             "target_pool": {"inject_actor_death_at_request"}}
-    fp = fingerprint(d.model_dump(mode="json", exclude=chaos),
-                     [(f.name, f.stat().st_size) for f in files],
-                     target_identity(target)["target_hash"], target_identity(init_from)["target_hash"])
+    fp = _fingerprint(cfg, loss, inputs)
     if reusable(model_dir, fp):
-        print(f"[distill {d.loss.name}] reusing {model_dir} (same inputs and config)", flush=True)
+        print(f"{tag} reusing {model_dir} (same inputs and config)", flush=True)
         return model_dir
-    claim_output(job_dir, fp, d.overwrite, "distill.overwrite")
-    write_run_info(job_dir, cfg, "distill", {"fingerprint": fp, "data_files": [str(f) for f in files]})
-    result = _fit(cfg, files, job_dir, target, init_from, tok.pad_token_id or 0)
+    claim_output(job_dir, fp, cfg.distill.overwrite, "distill.overwrite")
+    write_run_info(job_dir, cfg, "distill", {"fingerprint": fp, "loss": loss.model_dump(),
+                                             "data_files": [str(f) for f in inputs.files]})
+    result = _fit(cfg, loss, inputs, job_dir)
     m = result.metrics
-    publish_model(result.checkpoint, model_dir, tok,
-                  {"fingerprint": fp, "role": "distilled", "loss": d.loss.model_dump(), "metrics": m,
-                   "initialised_from": init_from, "parameters": count_parameters(draft_cfg)})
-    g = d.eval_gamma
+    publish_model(result.checkpoint, model_dir, inputs.tokenizer,
+                  {"fingerprint": fp, "role": "distilled", "drafter": loss.label, "loss": loss.model_dump(),
+                   "metrics": m, "initialised_from": inputs.init_from, "parameters": inputs.parameters})
+    g = cfg.distill.eval_gamma
     before = (m.get("initial_holdout_acceptance"), m.get(f"initial_holdout_tau_gamma{g}"))
-    after = (m.get("holdout_acceptance"), m.get(f"holdout_tau_gamma{g}"))
+    after = (m.get("holdout_acceptance"), m.get(f"export_holdout_tau_gamma{g}", m.get(f"holdout_tau_gamma{g}")))
     if None not in before + after:
-        print(f"[distill {d.loss.name}] held-out expected acceptance {before[0]:.4f} -> {after[0]:.4f}, "
-              f"implied tau at gamma={g} {before[1]:.3f} -> {after[1]:.3f}", flush=True)
-    print(f"[distill {d.loss.name}] exported {model_dir}", flush=True)
+        print(f"{tag} held-out expected acceptance Σmin(p,q) {before[0]:.4f} -> {after[0]:.4f} (last step), "
+              f"implied tau at gamma={g} {before[1]:.3f} -> {after[1]:.3f} "
+              f"(exported step {m.get('export_step', m.get('step'))})", flush=True)
+    print(f"{tag} exported {model_dir}", flush=True)
     return model_dir
 
 
-def _fit(cfg: Config, files: list[Path], job_dir: Path, target: str, init_from: str, pad_id: int):
+def _fit(cfg: Config, loss: LossConfig, inputs: DistillInputs, job_dir: Path):
     from draftalign.cluster.session import init_ray
-    from draftalign.workers.distill_loop import distill_loop
+    from draftalign.workers.distill_loop import DistillLoopConfig, distill_loop
 
     d = cfg.distill
     init_ray(cfg.ray)
-    train_ds, holdout_ds = _split(files, d, pad_id)
+    train_ds, holdout_ds = _split(inputs.files, d, inputs.pad_id)
     marker = job_dir / "chaos" / "target_actor_died" if d.target_pool.inject_actor_death_at_request else None
     if marker:
         marker.parent.mkdir(parents=True, exist_ok=True)
-    loop_config = {"name": f"distill {d.loss.name}", "distill": d, "target": target, "init_from": init_from,
-                   "death_marker": str(marker) if marker else None}
-    return fit(distill_loop, loop_config, d.train, f"{cfg.run.name}-distill", job_dir,
+    loop_config = DistillLoopConfig(
+        name=f"distill {loss.label}", distill=d, loss=loss, target=inputs.target, init_from=inputs.init_from,
+        cache_dir=_cache_dir(cfg, inputs) if d.target_pool.cache else None,
+        death_marker=str(marker) if marker else None)
+    return fit(distill_loop, loop_config, d.train, f"{cfg.run.name}-distill-{loss.folder}", job_dir,
                {"train": train_ds, "holdout": holdout_ds}, _resources(d)["per_worker"])
+
+
+def _cache_dir(cfg: Config, inputs: DistillInputs) -> str:
+    """One cache per target under distill.output, shared by every loss (and rerun) of it."""
+    return str(Path(cfg.distill.output).resolve() / "target_cache" / inputs.identity[0][:16])

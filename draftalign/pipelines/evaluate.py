@@ -10,6 +10,7 @@ summary.json/.csv, report.md and PNG plots.
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -20,7 +21,7 @@ from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, EngineConfig
 from draftalign.evalreport import markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
-from draftalign.losses import LOSSES
+from draftalign.pipelines.outputs import MODEL_INFO
 from draftalign.runinfo import write_run_info
 from draftalign.schemas import EVAL_SCHEMA, to_table, write_parquet_atomic
 from draftalign.specmetrics import acceptance_rate, block_efficiency
@@ -56,17 +57,27 @@ def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
             raise ConfigError(f"evaluate.drafters lists drafters that do not exist: {', '.join(missing)}")
         return out
     out = [{"name": "pretrained", "path": cfg.draft_path(), "exists": _exists(cfg.draft_path())}]
-    for loss in LOSSES:
-        path = cfg.distilled_path(loss)
+    for name, path in _distilled_drafters(cfg).items():
         made = Path(path).expanduser().is_dir()
-        # A plan shows the drafter the configured distillation will export, made or not yet.
-        if made or (not strict and loss == cfg.distill.loss.name):
-            out.append({"name": loss, "path": path, "exists": made})
+        # A plan shows the drafters the configured distillation will export, made or not yet.
+        if made or not strict:
+            out.append({"name": name, "path": path, "exists": made})
     if strict and not out[0]["exists"]:
         out = out[1:]
         if not out:
             raise ConfigError(f"no drafter to evaluate: the pretrained drafter {cfg.draft_path()!r} does not "
                               "exist (run `draftalign pretrain` or set models.draft) and no distilled one does")
+    return out
+
+
+def _distilled_drafters(cfg: Config) -> dict[str, str]:
+    """{drafter name: model folder}: the configured losses' exports, then any other export an
+    earlier run left under distill.output (named as its draftalign_model.json says)."""
+    out = {loss.label: cfg.distilled_path(loss) for loss in cfg.distill.losses}
+    for meta in sorted(Path(cfg.distill.output).expanduser().glob(f"*/model/{MODEL_INFO}")):
+        info = json.loads(meta.read_text())
+        name = info.get("drafter") or info.get("loss", {}).get("name") or meta.parent.parent.name
+        out.setdefault(name, str(meta.parent))
     return out
 
 

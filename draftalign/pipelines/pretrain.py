@@ -47,6 +47,8 @@ def model_config_for(cfg: Config, name: str, job: PretrainJob, tok) -> Any:
     if job.arch.init_from:
         return load_model_config(job.arch.init_from, cfg.models.trust_remote_code)
     if name == "target":
+        if job.arch.init_embeddings == "target":
+            raise ConfigError("pretrain.jobs.target.arch.init_embeddings=target: the target cannot start from itself")
         return build_config(job.arch.preset, job.arch.overrides, vocab_size=len(tok),
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     target = _target_config(cfg, tok)
@@ -204,11 +206,12 @@ def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, t
 
 def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_dir: str):
     from draftalign.cluster.session import init_ray
-    from draftalign.workers.train_loop import pretrain_loop
+    from draftalign.workers.pretrain_loop import PretrainLoopConfig, pretrain_loop
 
     init_ray(cfg.ray)
     t = job.train
     train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, t.seq_len, t.seed)
-    loop_config = {"name": f"pretrain {name}", "job": job, "model_config": mc.to_dict()}
+    target = str(Path(cfg.target_path()).resolve()) if job.arch.init_embeddings == "target" else None
+    loop_config = PretrainLoopConfig(name=f"pretrain {name}", job=job, model_config=mc.to_dict(), target=target)
     return fit(pretrain_loop, loop_config, t, f"{cfg.run.name}-pretrain-{name}", job_dir,
                {"train": train_ds, "holdout": holdout_ds}, train_resources(job)["per_worker"])

@@ -58,7 +58,7 @@ def _stages(cfg: Config) -> list[tuple[str, Callable[[Config], Any], str]]:
 
     stages = [("pretrain", run_pretrain, cfg.pretrain.output)] if cfg.pretrain.jobs else []
     return stages + [("generate", run_generate, cfg.generate.output),
-                     ("distill", run_distill, str(Path(cfg.distilled_path()).parent)),
+                     ("distill", run_distill, cfg.distill.output),
                      ("evaluate", run_evaluate, cfg.evaluate.output)]
 
 

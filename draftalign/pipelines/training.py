@@ -9,9 +9,10 @@ from typing import Any
 from draftalign.config import TrainConfig
 
 
-def fit(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], t: TrainConfig, run_name: str,
+def fit(loop: Callable[[Any], None], loop_config: Any, t: TrainConfig, run_name: str,
         job_dir: Path, datasets: dict[str, Any], per_worker: dict[str, float]):
-    """Train `loop` on `t.num_workers` workers; checkpoints under job_dir/ray; returns the Result.
+    """Train `loop(loop_config)` on `t.num_workers` workers (loop_config: the loop's frozen
+    dataclass); checkpoints under job_dir/ray; returns the Result.
 
     Only "train" is split across workers: each evaluates the same held-out rows (small, and no
     shard can come out empty). Rows keep their order on every run, so a resumed epoch can skip

@@ -1,22 +1,36 @@
-"""The distillation loop inside each Ray Train worker: the draft learns the target's
+"""The distillation task inside each Ray Train worker: the draft learns the target's
 next-token distributions, which a pool of target actors streams beside it.
 
-Everything arrives in `loop_config` (see pipelines/distill.py); nothing reads globals.
+Everything arrives in a `DistillLoopConfig` (built by pipelines/distill.py); nothing reads globals.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from draftalign.cluster.metrics import record
-from draftalign.config import DistillConfig
+from draftalign.config import DistillConfig, LossConfig
 from draftalign.distillation import heldout_means, heldout_sums
-from draftalign.losses import SparseTargetLogprobs, get_loss, masked_mean
-from draftalign.workers.train_loop import LoopHooks, mean_across_workers, run_training
+from draftalign.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
+from draftalign.workers.trainer import Trainer, mean_across_workers
+
+
+@dataclass(frozen=True)
+class DistillLoopConfig:
+    """What a distillation worker needs; built by pipelines/distill.py."""
+
+    name: str  # the progress lines' tag
+    distill: DistillConfig  # training, optimizer, pool and evaluation settings
+    loss: LossConfig  # the one loss this job trains (one of distill.losses)
+    target: str  # the target's model folder
+    init_from: str  # the drafter to start from
+    cache_dir: str | None = None  # target_pool.cache: where the pool memoises log-probs
+    death_marker: str | None = None  # chaos testing: a target actor dies once per run
 
 
 def _target_tensor(reply: dict[str, Any], device) -> torch.Tensor | SparseTargetLogprobs:
@@ -28,34 +42,20 @@ def _target_tensor(reply: dict[str, Any], device) -> torch.Tensor | SparseTarget
         logprobs=torch.from_numpy(np.asarray(reply["values"])).to(device)[None])
 
 
-def _dense(target, vocab: int) -> torch.Tensor:
-    from draftalign.losses import densify_topk
+class DistillTask:
+    eval_at_start = True
 
-    return densify_topk(target, vocab) if isinstance(target, SparseTargetLogprobs) else target
+    def __init__(self, cfg: DistillLoopConfig, target, train_shard, holdout_shard, vocab: int) -> None:
+        self.cfg, self.d, self.target = cfg, cfg.distill, target
+        self.train_shard, self.holdout_shard, self.vocab = train_shard, holdout_shard, vocab
+        self.loss_fn = get_loss(cfg.loss.name)
+        self.options = loss_options(cfg.loss)
+        # The paper picks its checkpoint by validation block efficiency; this is its held-out proxy.
+        self.select_metric = f"holdout_tau_gamma{self.d.eval_gamma}"
+        self.recorded = {"wait_s": 0.0, "positions": 0}
 
-
-def distill_loop(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    from transformers import AutoModelForCausalLM
-
-    from draftalign.workers.target_pool import LocalTarget, TargetPool
-
-    d: DistillConfig = loop_config["distill"]
-    t, pool_cfg = d.train, d.target_pool
-    torch.manual_seed(t.seed)
-    model = AutoModelForCausalLM.from_pretrained(loop_config["init_from"], dtype=torch.float32,
-                                                 use_safetensors=True)
-    vocab = model.config.vocab_size
-    loss_fn = get_loss(d.loss.name)
-    options = {"variant": d.loss.variant} if d.loss.name == "tvd++" else {}
-    if pool_cfg.in_process:
-        target = LocalTarget(loop_config["target"], pool_cfg)
-    else:
-        target = TargetPool(loop_config["target"], pool_cfg, loop_config.get("death_marker"))
-    train_shard = ray.train.get_dataset_shard("train")
-    holdout_shard = ray.train.get_dataset_shard("holdout")
-
-    def batches(shard, skip: int = 0, limit: int | None = None) -> Iterator[tuple[int, dict]]:
+    def _batches(self, shard, skip: int = 0, limit: int | None = None) -> Iterator[tuple[int, dict]]:
+        t = self.d.train
         it = shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long, drop_last=limit is None)
         for i, batch in enumerate(it):
             if limit is not None and i >= limit:
@@ -63,57 +63,76 @@ def distill_loop(loop_config: dict[str, Any]) -> None:
             if i >= skip:
                 yield i, batch
 
-    def micro_batches(skip: int) -> Iterator[tuple[int, Any]]:
+    def micro_batches(self, skip: int, device: torch.device) -> Iterator[tuple[int, Any]]:
         # Skipped batches (trained before a restart) never reach the pool.
-        for i, batch, reply in target.stream(batches(train_shard, skip)):
+        for i, batch, reply in self.target.stream(self._batches(self.train_shard, skip)):
             yield i, (batch, reply)
 
-    def draft_and_target(engine, batch, reply):
+    def _draft_and_target(self, engine, batch, reply):
         mask = batch["loss_mask"].to(engine.device).bool()
         logits = engine(input_ids=batch["input_ids"].to(engine.device),
                         attention_mask=batch["attention_mask"].to(engine.device)).logits
         return logits[mask][None], _target_tensor(reply, engine.device), mask
 
-    def step(engine, item) -> tuple[torch.Tensor, int]:
-        batch, reply = item
-        draft_sel, target_sel, mask = draft_and_target(engine, batch, reply)
-        ones = torch.ones(draft_sel.shape[:2], dtype=torch.bool, device=engine.device)
-        return masked_mean(loss_fn(draft_sel, target_sel, ones, **options), ones), int(mask.sum())
+    def _loss(self, draft_sel, target_sel) -> torch.Tensor:
+        ones = torch.ones(draft_sel.shape[:2], dtype=torch.bool, device=draft_sel.device)
+        return masked_mean(self.loss_fn(draft_sel, target_sel, ones, **self.options), ones)
 
-    def evaluate(engine) -> dict[str, float]:
+    def loss(self, engine, item) -> tuple[torch.Tensor, int]:
+        batch, reply = item
+        draft_sel, target_sel, mask = self._draft_and_target(engine, batch, reply)
+        return self._loss(draft_sel, target_sel), int(mask.sum())
+
+    def evaluate(self, engine) -> dict[str, float]:
         sums: dict[str, float] = {}
         loss_total, n = 0.0, 0
         with torch.no_grad():
-            for _, batch, reply in target.stream(batches(holdout_shard, limit=t.eval_batches)):
-                draft_sel, target_sel, mask = draft_and_target(engine, batch, reply)
+            batches = self._batches(self.holdout_shard, limit=self.d.train.eval_batches)
+            for _, batch, reply in self.target.stream(batches):
+                draft_sel, target_sel, mask = self._draft_and_target(engine, batch, reply)
                 if not mask.any():
                     continue
-                ones = torch.ones(draft_sel.shape[:2], dtype=torch.bool, device=engine.device)
-                loss_total += float(masked_mean(loss_fn(draft_sel, target_sel, ones, **options), ones))
+                loss_total += float(self._loss(draft_sel, target_sel))
                 n += 1
-                part = heldout_sums(draft_sel[0], _dense(target_sel, vocab)[0], mask.cpu(), d.eval_gamma)
-                for k, v in part.items():
+                dense = densify_topk(target_sel, self.vocab) if isinstance(target_sel, SparseTargetLogprobs) \
+                    else target_sel
+                for k, v in heldout_sums(draft_sel[0], dense[0], mask.cpu(), self.d.eval_gamma).items():
                     sums[k] = sums.get(k, 0.0) + v
-        out = heldout_means(sums, d.eval_gamma)
+        out = heldout_means(sums, self.d.eval_gamma)
         if n:
             out["holdout_loss"] = mean_across_workers(loss_total / n, engine.device)
         return out
 
-    recorded = {"wait_s": 0.0, "positions": 0}
+    def extra_metrics(self) -> dict[str, Any]:
+        return self.target.stats.snapshot()
 
-    def to_dashboard(metrics: dict[str, Any]) -> None:
-        stats, tags = target.stats, {"stage": "distill", "loss": d.loss.name}
+    def on_metrics(self, metrics: dict[str, Any]) -> None:
+        stats, tags = self.target.stats, {"stage": "distill", "loss": self.cfg.loss.label}
         record("draftalign_distill_loss", metrics.get("loss"), **tags)
         record("draftalign_distill_tokens_per_s", metrics.get("tokens_per_s"), **tags)
         record("draftalign_expected_acceptance", metrics.get("holdout_acceptance"), **tags)
         record("draftalign_target_pool_queue_depth", stats.queue_depth, **tags)
-        record("draftalign_trainer_wait_seconds_total", stats.wait_s - recorded["wait_s"], **tags)
-        record("draftalign_target_tokens_total", stats.positions - recorded["positions"], **tags)
-        recorded.update(wait_s=stats.wait_s, positions=stats.positions)
+        record("draftalign_trainer_wait_seconds_total", stats.wait_s - self.recorded["wait_s"], **tags)
+        record("draftalign_target_tokens_total", stats.positions - self.recorded["positions"], **tags)
+        self.recorded.update(wait_s=stats.wait_s, positions=stats.positions)
 
-    hooks = LoopHooks(micro_batches=micro_batches, step=step, evaluate=evaluate,
-                      extra_metrics=target.stats.snapshot, on_metrics=to_dashboard, eval_at_start=True)
+
+def distill_loop(cfg: DistillLoopConfig) -> None:
+    import ray.train
+    from transformers import AutoModelForCausalLM
+
+    from draftalign.workers.target_pool import LocalTarget, TargetPool
+
+    d = cfg.distill
+    torch.manual_seed(d.train.seed)
+    model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, use_safetensors=True)
+    if d.target_pool.in_process:
+        target = LocalTarget(cfg.target, d.target_pool, cfg.cache_dir)
+    else:
+        target = TargetPool(cfg.target, d.target_pool, cfg.death_marker, cfg.cache_dir)
+    task = DistillTask(cfg, target, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("holdout"),
+                       model.config.vocab_size)
     try:
-        run_training(loop_config["name"], t, d.optim, model, hooks)
+        Trainer(cfg.name, d.train, d.optim, model, task).fit()
     finally:
         target.shutdown()

@@ -13,6 +13,7 @@ retries its pending calls (``max_task_retries``) on the new incarnation.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections import deque
@@ -58,14 +59,84 @@ def target_logprobs(model, batch: dict[str, Any], top_k: int | None, wire_dtype:
             "indices": indices.to(torch.int32).cpu().numpy()}
 
 
+class LogprobCache:
+    """The target's reply for each sequence, memoised on local disk (target_pool.cache).
+
+    A sequence is keyed by its tokens and loss mask (and the wire format), so another pass, or
+    another loss trained on the same set, reads what the target computed once. Each entry is
+    one `.npz` file holding that row's slice of the reply, written under a temporary name and
+    renamed, so a killed actor never leaves a half entry.
+    """
+
+    def __init__(self, folder: str, cfg: TargetPoolConfig) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.salt = f"{cfg.top_k}-{cfg.wire_dtype}".encode()
+        self.hits = 0
+
+    def _path(self, ids: np.ndarray, mask: np.ndarray) -> Path:
+        h = hashlib.sha256(self.salt + np.ascontiguousarray(ids, np.int64).tobytes()
+                           + np.ascontiguousarray(mask, np.int8).tobytes()).hexdigest()
+        return self.folder / h[:2] / f"{h[2:]}.npz"
+
+    def logprobs(self, compute, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """`compute(batch)`'s reply, computing only the rows that are not cached."""
+        ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"]).astype(bool)
+        paths = [self._path(ids[b], mask[b]) for b in range(len(ids))]
+        rows: list[dict[str, np.ndarray] | None] = [None] * len(ids)
+        for b, p in enumerate(paths):
+            if p.is_file():
+                with np.load(p) as f:
+                    rows[b] = {k: f[k] for k in f.files}
+        missing = [b for b, r in enumerate(rows) if r is None]
+        self.hits += len(ids) - len(missing)
+        if missing:
+            sub = {k: np.asarray(batch[k])[missing] for k in ("input_ids", "attention_mask", "loss_mask")}
+            reply = compute(sub)
+            ends = np.cumsum(mask[missing].sum(axis=1))
+            for j, b in enumerate(missing):
+                start = ends[j - 1] if j else 0
+                rows[b] = {k: v[start:ends[j]] for k, v in reply.items()}
+                self._store(paths[b], rows[b])
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+    @staticmethod
+    def _store(path: Path, row: dict[str, np.ndarray]) -> None:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **row)
+        os.replace(tmp, path)
+
+
+class TargetComputer:
+    """batch -> reply: the target's log-probs, through the disk cache when there is one."""
+
+    def __init__(self, model, cfg: TargetPoolConfig, cache_dir: str | None) -> None:
+        self.model, self.cfg = model, cfg
+        self.cache = LogprobCache(cache_dir, cfg) if cache_dir else None
+
+    def _compute(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        return target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The reply, plus `cached_rows`: how many of the batch's rows came from the cache."""
+        if self.cache is None:
+            return {**self._compute(batch), "cached_rows": 0}
+        before = self.cache.hits
+        reply = self.cache.logprobs(self._compute, batch)
+        return {**reply, "cached_rows": self.cache.hits - before}
+
+
 class TargetActor:
     """One replica of the target; Ray restarts it when it dies (see TargetPool)."""
 
-    def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None) -> None:
+    def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None,
+                 cache_dir: str | None = None) -> None:
         self.model = load_target(path, cfg.precision, cfg.use_gpu)
         self.cfg = cfg
         self.requests = 0
         self.death_marker = death_marker
+        self.compute = TargetComputer(self.model, cfg, cache_dir)
 
     def logprobs(self, batch: dict[str, Any]) -> dict[str, Any]:
         self.requests += 1
@@ -74,7 +145,7 @@ class TargetActor:
             Path(self.death_marker).write_text(str(os.getpid()))  # once per run, not per incarnation
             os._exit(1)
         start = time.perf_counter()
-        out = target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype)
+        out = self.compute(batch)
         return {**out, "pid": os.getpid(), "compute_s": time.perf_counter() - start}
 
 
@@ -84,6 +155,7 @@ class PoolStats:
     def __init__(self) -> None:
         self.requests = 0
         self.positions = 0
+        self.cached_rows = 0  # rows served from target_pool.cache instead of the target
         self.compute_s = 0.0
         self.wait_s = 0.0
         self.queue_depth = 0
@@ -92,13 +164,21 @@ class PoolStats:
     def snapshot(self) -> dict[str, float]:
         return {"pool_requests": self.requests, "pool_queue_depth": self.queue_depth,
                 "trainer_wait_s": round(self.wait_s, 3), "pool_restarts": self.restarts,
-                "target_positions_per_s": self.positions / self.compute_s if self.compute_s else 0.0}
+                "target_positions_per_s": self.positions / self.compute_s if self.compute_s else 0.0,
+                "pool_cached_rows": self.cached_rows}
+
+    def add(self, reply: dict[str, Any], compute_s: float) -> None:
+        self.requests += 1
+        self.compute_s += compute_s
+        self.cached_rows += int(reply.get("cached_rows", 0))
+        self.positions += int(np.asarray(reply.get("logprobs", reply.get("values"))).shape[0])
 
 
 class TargetPool:
     """Actors beside this train worker, fed round-robin, at most ``prefetch`` batches ahead."""
 
-    def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None) -> None:
+    def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None,
+                 cache_dir: str | None = None) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -110,7 +190,7 @@ class TargetPool:
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts,
             # Beside the train worker: the log-probs are the largest thing on the wire.
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True))
-        self.actors = [actor_cls.remote(path, cfg, death_marker) for _ in range(cfg.actors)]
+        self.actors = [actor_cls.remote(path, cfg, death_marker, cache_dir) for _ in range(cfg.actors)]
         self._next = 0
         self._pids: dict[int, int] = {}
 
@@ -134,9 +214,7 @@ class TargetPool:
         if self._pids.get(i, out["pid"]) != out["pid"]:
             self.stats.restarts += 1
         self._pids[i] = out["pid"]
-        self.stats.requests += 1
-        self.stats.compute_s += out["compute_s"]
-        self.stats.positions += int(np.asarray(out.get("logprobs", out.get("values"))).shape[0])
+        self.stats.add(out, out["compute_s"])
         return out
 
     def stream(self, items: Iterable[tuple[Any, dict[str, Any]]]) -> Iterator[tuple[Any, dict, dict]]:
@@ -164,20 +242,19 @@ class TargetPool:
 class LocalTarget:
     """The baseline: the same target computed inside the train worker, no pipelining."""
 
-    def __init__(self, path: str, cfg: TargetPoolConfig) -> None:
+    def __init__(self, path: str, cfg: TargetPoolConfig, cache_dir: str | None = None) -> None:
         self.model = load_target(path, cfg.precision, cfg.use_gpu)
         self.cfg = cfg
         self.stats = PoolStats()
+        self.compute = TargetComputer(self.model, cfg, cache_dir)
 
     def stream(self, items: Iterable[tuple[Any, dict[str, Any]]]) -> Iterator[tuple[Any, dict, dict]]:
         for tag, batch in items:
             start = time.perf_counter()
-            out = target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype)
+            out = self.compute(batch)
             took = time.perf_counter() - start
-            self.stats.requests += 1
-            self.stats.compute_s += took
+            self.stats.add(out, took)
             self.stats.wait_s += took  # the trainer waits for all of it
-            self.stats.positions += int(next(iter(out.values())).shape[0])
             yield tag, batch, out
 
     def shutdown(self) -> None:

