@@ -19,6 +19,7 @@ from draftalign.specmetrics import (
     block_efficiency,
     implied_block_efficiency,
     mbsu,
+    tested_acceptance,
 )
 
 __all__ = ["CONTRACT_KEYS", "summarize_rows", "markdown_table", "write_report"]
@@ -51,6 +52,7 @@ def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_para
         per_pos = [sum(r["accepted_per_pos"][i] for r in group) for i in range(gamma)]
         tau = block_efficiency(accepted, drafts, gamma)
         alpha = acceptance_rate(accepted, drafted)
+        tested = tested_acceptance(accepted, drafts, per_pos)
         c = parameters[rec["drafter"]] / target_parameters
         spec_tokens = sum(r["num_generated_tokens"] for r in group)
         spec_secs = sum(r["spec_seconds"] for r in group)
@@ -63,7 +65,8 @@ def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_para
             "generated_tokens": spec_tokens, "num_drafts": drafts, "num_draft_tokens": drafted,
             "num_accepted": accepted, "block_efficiency": tau, "acceptance_rate": alpha,
             "acceptance_per_position": acceptance_per_position(per_pos, drafts),
-            "implied_block_efficiency": implied_block_efficiency(alpha, gamma),
+            # the i.i.d. formula needs the per-token acceptance of tested drafts, not accepted / drafted
+            "tested_acceptance": tested, "implied_block_efficiency": implied_block_efficiency(tested, gamma),
             "mbsu": mbsu(tau, gamma, c), "param_ratio": c, "draft_parameters": parameters[rec["drafter"]],
             "target_parameters": target_parameters, "tokens_per_s_spec": spec_tps, "tokens_per_s_ar": ar_tps,
             "speedup": _ratio(spec_tps or 0.0, ar_tps or 0.0) if ar_tps else None,

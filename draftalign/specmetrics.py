@@ -9,10 +9,16 @@ per-prompt means.  Vocabulary used throughout:
 * ``accepted_per_pos[i]`` is the number of drafts whose position i (0-based) was accepted.
 
 Block efficiency  τ = 1 + num_accepted / num_drafts       (vLLM's "mean acceptance length")
-Acceptance rate   α̂ = num_accepted / num_draft_tokens
+Acceptance rate   α̂ = num_accepted / num_draft_tokens        ("draft acceptance rate", vLLM's)
+Tested acceptance α = num_accepted / (num_accepted + rejections), rejections = drafts stopped before γ
 Per position      a_i = accepted_per_pos[i] / num_drafts
 MBSU              τ / (1 + γ·c),  c = N_draft / N_target   (memory-bound speed-up)
 Implied τ         (1 − α^{γ+1}) / (1 − α)                  (i.i.d. acceptance α; α = 1 gives γ + 1)
+
+The implied τ takes the *tested* acceptance α, not α̂: drafts after the first rejection of a block are
+never tested, so α̂ is well below the per-token acceptance (i.i.d. α = 0.8 at γ = 5 gives α̂ ≈ 0.54,
+whose implied τ 2.13 is far from the measured 3.69).  Neither is Σ min(p, q) (``expected_acceptance``,
+the distill stage's held-out "expected acceptance"), which is a per-position probability.
 
 Each draft emits its accepted tokens plus one correction or bonus token, so 1 ≤ τ ≤ γ + 1.
 Pure Python / numpy: no torch needed.
@@ -33,6 +39,7 @@ __all__ = [
     "expected_acceptance",
     "implied_block_efficiency",
     "mbsu",
+    "tested_acceptance",
 ]
 
 
@@ -83,6 +90,27 @@ def acceptance_per_position(accepted_per_pos: Sequence[int], num_drafts: int) ->
         if c > num_drafts:
             raise ValueError(f"accepted_per_pos[{i}]={c} exceeds num_drafts={num_drafts}")
     return [c / num_drafts if num_drafts else 0.0 for c in counts]
+
+
+def tested_acceptance(num_accepted: int, num_drafts: int, accepted_per_pos: Sequence[int]) -> float:
+    """Per-token acceptance over the draft tokens that were tested: accepted / (accepted + rejections).
+
+    Positions after a block's first rejection are never tested, so accepted / drafted underestimates
+    the per-token acceptance.  A rejection is a block that stopped before γ = len(accepted_per_pos):
+    num_drafts − accepted_per_pos[γ−1].  This is the maximum-likelihood α of i.i.d. acceptance, so
+    ``implied_block_efficiency(tested_acceptance(...), γ)`` estimates τ when acceptance is i.i.d.
+    Pooled counts cannot tell a final block shortened by the token budget or an EOS draft from a
+    rejected one: such a block (at most one per prompt) counts as a rejection.  0.0 with nothing tested.
+    """
+    num_accepted = _count("num_accepted", num_accepted)
+    num_drafts = _count("num_drafts", num_drafts)
+    if not accepted_per_pos:
+        raise ValueError("accepted_per_pos must hold gamma >= 1 counts")
+    full = _count("accepted_per_pos[-1]", accepted_per_pos[-1])
+    if full > num_drafts:
+        raise ValueError(f"accepted_per_pos[-1]={full} exceeds num_drafts={num_drafts}")
+    tested = num_accepted + num_drafts - full
+    return num_accepted / tested if tested else 0.0
 
 
 def mbsu(tau: float, gamma: int, c: float) -> float:

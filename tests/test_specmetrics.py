@@ -15,6 +15,7 @@ from draftalign.specmetrics import (
     expected_acceptance,
     implied_block_efficiency,
     mbsu,
+    tested_acceptance,
 )
 
 
@@ -44,6 +45,15 @@ def test_implied_block_efficiency():
     alpha, gamma = 0.6, 3
     assert implied_block_efficiency(alpha, gamma) == pytest.approx((1 - alpha ** (gamma + 1)) / (1 - alpha))
     assert implied_block_efficiency(1 - 1e-12, 5) == pytest.approx(6.0)
+
+
+def test_tested_acceptance_counts_one_rejection_per_block_stopped_before_gamma():
+    # 4 blocks at γ = 3 accepting 3, 1, 1, 0: 5 accepted, 3 rejections (blocks short of γ)
+    assert tested_acceptance(5, 4, [3, 1, 1]) == pytest.approx(5 / 8)
+    assert tested_acceptance(6, 2, [2, 2, 2]) == 1.0  # nothing rejected
+    assert tested_acceptance(0, 0, [0, 0]) == 0.0
+    with pytest.raises(ValueError):
+        tested_acceptance(1, 1, [1, 1, 2])
 
 
 def test_expected_acceptance_is_one_minus_tvd():
