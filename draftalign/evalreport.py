@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from draftalign.specmetrics import (
+    acceptance_of_tested,
     acceptance_per_position,
     acceptance_rate,
     block_efficiency,
     implied_block_efficiency,
     mbsu,
-    tested_acceptance,
 )
 
 __all__ = ["CONTRACT_KEYS", "summarize_rows", "markdown_table", "write_report"]
@@ -52,7 +52,7 @@ def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_para
         per_pos = [sum(r["accepted_per_pos"][i] for r in group) for i in range(gamma)]
         tau = block_efficiency(accepted, drafts, gamma)
         alpha = acceptance_rate(accepted, drafted)
-        tested = tested_acceptance(accepted, drafts, per_pos)
+        tested = acceptance_of_tested(accepted, drafts, per_pos)
         c = parameters[rec["drafter"]] / target_parameters
         spec_tokens = sum(r["num_generated_tokens"] for r in group)
         spec_secs = sum(r["spec_seconds"] for r in group)

@@ -33,13 +33,13 @@ import numpy as np
 
 __all__ = [
     "SpecStats",
+    "acceptance_of_tested",
     "acceptance_per_position",
     "acceptance_rate",
     "block_efficiency",
     "expected_acceptance",
     "implied_block_efficiency",
     "mbsu",
-    "tested_acceptance",
 ]
 
 
@@ -92,13 +92,13 @@ def acceptance_per_position(accepted_per_pos: Sequence[int], num_drafts: int) ->
     return [c / num_drafts if num_drafts else 0.0 for c in counts]
 
 
-def tested_acceptance(num_accepted: int, num_drafts: int, accepted_per_pos: Sequence[int]) -> float:
+def acceptance_of_tested(num_accepted: int, num_drafts: int, accepted_per_pos: Sequence[int]) -> float:
     """Per-token acceptance over the draft tokens that were tested: accepted / (accepted + rejections).
 
     Positions after a block's first rejection are never tested, so accepted / drafted underestimates
     the per-token acceptance.  A rejection is a block that stopped before γ = len(accepted_per_pos):
     num_drafts − accepted_per_pos[γ−1].  This is the maximum-likelihood α of i.i.d. acceptance, so
-    ``implied_block_efficiency(tested_acceptance(...), γ)`` estimates τ when acceptance is i.i.d.
+    ``implied_block_efficiency(acceptance_of_tested(...), γ)`` estimates τ when acceptance is i.i.d.
     Pooled counts cannot tell a final block shortened by the token budget or an EOS draft from a
     rejected one: such a block (at most one per prompt) counts as a rejection.  0.0 with nothing tested.
     """

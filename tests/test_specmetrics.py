@@ -9,13 +9,13 @@ import pytest
 
 from draftalign.specmetrics import (
     SpecStats,
+    acceptance_of_tested,
     acceptance_per_position,
     acceptance_rate,
     block_efficiency,
     expected_acceptance,
     implied_block_efficiency,
     mbsu,
-    tested_acceptance,
 )
 
 
@@ -49,11 +49,11 @@ def test_implied_block_efficiency():
 
 def test_tested_acceptance_counts_one_rejection_per_block_stopped_before_gamma():
     # 4 blocks at γ = 3 accepting 3, 1, 1, 0: 5 accepted, 3 rejections (blocks short of γ)
-    assert tested_acceptance(5, 4, [3, 1, 1]) == pytest.approx(5 / 8)
-    assert tested_acceptance(6, 2, [2, 2, 2]) == 1.0  # nothing rejected
-    assert tested_acceptance(0, 0, [0, 0]) == 0.0
+    assert acceptance_of_tested(5, 4, [3, 1, 1]) == pytest.approx(5 / 8)
+    assert acceptance_of_tested(6, 2, [2, 2, 2]) == 1.0  # nothing rejected
+    assert acceptance_of_tested(0, 0, [0, 0]) == 0.0
     with pytest.raises(ValueError):
-        tested_acceptance(1, 1, [1, 1, 2])
+        acceptance_of_tested(1, 1, [1, 1, 2])
 
 
 def test_expected_acceptance_is_one_minus_tvd():
