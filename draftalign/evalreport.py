@@ -22,7 +22,7 @@ from draftalign.specmetrics import (
     mbsu,
 )
 
-__all__ = ["CONTRACT_KEYS", "summarize_rows", "markdown_table", "write_report"]
+__all__ = ["CONTRACT_KEYS", "pooled_block_efficiency", "summarize_rows", "markdown_table", "write_report"]
 
 # summary.json's contract (issue 5): every record has at least these keys.
 CONTRACT_KEYS = ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency", "acceptance_rate",
@@ -32,6 +32,20 @@ _CELL = ("drafter", "task", "engine", "gamma", "temperature")
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
+
+
+def pooled_block_efficiency(group: Sequence[dict]) -> float:
+    """τ of one engine's rows, pooled: Σ tokens / Σ target calls for the reference engine.
+
+    The reference engine records every emitted token and every target call, so τ is their ratio
+    exactly (paper-spec 6.3); 1 + accepted / drafts would count a bonus token after an accepted EOS
+    draft that is never emitted. vLLM's counters give its own definition, 1 + accepted / drafts:
+    its prefill step emits a token without a draft call, so generated / drafts would over-count.
+    """
+    drafts = sum(r["num_drafts"] for r in group)
+    if group and all(r["engine"] == "reference" for r in group):
+        return sum(r["num_generated_tokens"] for r in group) / drafts if drafts else 1.0
+    return block_efficiency(sum(r["num_accepted"] for r in group), drafts, group[0]["gamma"] if group else None)
 
 
 def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_parameters: int) -> list[dict]:
@@ -50,7 +64,7 @@ def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_para
         drafted = sum(r["num_draft_tokens"] for r in group)
         accepted = sum(r["num_accepted"] for r in group)
         per_pos = [sum(r["accepted_per_pos"][i] for r in group) for i in range(gamma)]
-        tau = block_efficiency(accepted, drafts, gamma)
+        tau = pooled_block_efficiency(group)
         alpha = acceptance_rate(accepted, drafted)
         tested = acceptance_of_tested(accepted, drafts, per_pos)
         c = parameters[rec["drafter"]] / target_parameters

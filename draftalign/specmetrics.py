@@ -9,6 +9,8 @@ per-prompt means.  Vocabulary used throughout:
 * ``accepted_per_pos[i]`` is the number of drafts whose position i (0-based) was accepted.
 
 Block efficiency  τ = 1 + num_accepted / num_drafts       (vLLM's "mean acceptance length")
+                  = num_emitted / num_drafts for SpecStats (the reference engine knows every emitted
+                  token; the two differ only when a generation ends on an accepted EOS draft)
 Acceptance rate   α̂ = num_accepted / num_draft_tokens        ("draft acceptance rate", vLLM's)
 Tested acceptance α = num_accepted / (num_accepted + rejections), rejections = drafts stopped before γ
 Per position      a_i = accepted_per_pos[i] / num_drafts
@@ -162,7 +164,7 @@ class SpecStats:
       earlier positions were), and sum(accepted_per_pos) == num_accepted;
     * max(num_drafts, num_accepted) <= num_emitted <= num_drafts + num_accepted.
 
-    Hence 1 <= τ <= γ + 1.  With zero drafts τ = 1.0 and the rates are 0.0.
+    Hence 1 <= τ = num_emitted / num_drafts <= γ + 1.  With zero drafts τ = 1.0 and the rates are 0.0.
     """
 
     num_drafts: int
@@ -249,14 +251,18 @@ class SpecStats:
 
     @property
     def block_efficiency(self) -> float:
-        """τ = 1 + num_accepted / num_drafts (vLLM's mean acceptance length)."""
-        return block_efficiency(self.num_accepted, self.num_drafts, self.gamma)
+        """τ = num_emitted / num_drafts, tokens emitted per target call (paper-spec §6.3; 1.0 with zero
+        drafts).
+
+        Equal to vLLM's 1 + num_accepted / num_drafts except when a generation ended on an accepted EOS
+        draft, which emits no bonus token: counting one there made a 1-token, 1-call run report τ = 2.
+        """
+        return self.num_emitted / self.num_drafts if self.num_drafts else 1.0
 
     @property
     def tokens_per_call(self) -> float:
-        """num_emitted / num_drafts (1.0 with zero drafts); equals τ unless a generation ended on an
-        accepted EOS draft token."""
-        return self.num_emitted / self.num_drafts if self.num_drafts else 1.0
+        """num_emitted / num_drafts: the same as ``block_efficiency`` (kept for existing callers)."""
+        return self.block_efficiency
 
     @property
     def acceptance_rate(self) -> float:

@@ -8,6 +8,7 @@ import pytest
 
 from draftalign.evalreport import summarize_rows
 from draftalign.specmetrics import SpecStats
+from draftalign.workers.evaluate_reference import progress_line
 
 
 def _row(stats: SpecStats, engine: str = "reference", gamma: int = 5, prompt: str = "p0") -> dict:
@@ -41,3 +42,18 @@ def test_implied_block_efficiency_matches_tau_under_iid_acceptance(alpha, gamma)
     (rec,) = summarize_rows(_iid_rows(alpha, gamma, prompts=20, blocks=200, seed=1), {"d": 1}, 10)
     assert rec["implied_block_efficiency"] == pytest.approx(rec["block_efficiency"], abs=0.06)
     assert rec["tested_acceptance"] == pytest.approx(alpha, abs=0.02)
+
+
+def test_reference_tau_is_emitted_tokens_per_target_call():
+    # a reference prompt that ended on an accepted EOS draft: 1 token in 1 call, no bonus
+    eos_end = SpecStats.from_iterations(3, [(1, 1, 1)])
+    full = SpecStats.from_iterations(3, [(3, 3, 4), (3, 1, 2)])
+    rows = [_row(eos_end, gamma=3, prompt="a"), _row(full, gamma=3, prompt="b")]
+    (rec,) = summarize_rows(rows, {"d": 1}, 10)
+    assert rec["block_efficiency"] == pytest.approx((1 + 6) / 3)  # emitted / target calls
+    assert f"τ={7 / 3:.2f} " in progress_line("reference", "d", "t", 3, 1.0, rows, 0.1)
+    # vLLM's counters: τ = 1 + accepted / drafts, vLLM's own definition (its prefill token is not
+    # emitted by a draft call, so generated / drafts would over-count)
+    vllm = [dict(r, engine="vllm", num_generated_tokens=r["num_generated_tokens"] + 1) for r in rows]
+    (rec,) = summarize_rows(vllm, {"d": 1}, 10)
+    assert rec["block_efficiency"] == pytest.approx(1 + 5 / 3)
