@@ -25,8 +25,10 @@ from draftalign.specmetrics import (
 __all__ = ["CONTRACT_KEYS", "pooled_block_efficiency", "summarize_rows", "markdown_table", "write_report"]
 
 # summary.json's contract (issue 5): every record has at least these keys.
-CONTRACT_KEYS = ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency", "acceptance_rate",
-                 "mbsu", "num_prompts")
+# `draft_acceptance_rate` is accepted / drafted tokens (vLLM's acceptance rate), not the distill stage's
+# expected acceptance Σ min(p, q); `acceptance_rate` stays as its alias for readers of older files.
+CONTRACT_KEYS = ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency",
+                 "draft_acceptance_rate", "acceptance_rate", "mbsu", "num_prompts")
 _CELL = ("drafter", "task", "engine", "gamma", "temperature")
 
 
@@ -77,7 +79,8 @@ def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_para
         rec.update({
             "drafter_path": group[0]["drafter_path"], "top_p": group[0]["top_p"], "num_prompts": len(group),
             "generated_tokens": spec_tokens, "num_drafts": drafts, "num_draft_tokens": drafted,
-            "num_accepted": accepted, "block_efficiency": tau, "acceptance_rate": alpha,
+            "num_accepted": accepted, "block_efficiency": tau,
+            "draft_acceptance_rate": alpha, "acceptance_rate": alpha,
             "acceptance_per_position": acceptance_per_position(per_pos, drafts),
             # the i.i.d. formula needs the per-token acceptance of tested drafts, not accepted / drafted
             "tested_acceptance": tested, "implied_block_efficiency": implied_block_efficiency(tested, gamma),
@@ -95,12 +98,13 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def markdown_table(records: Sequence[dict]) -> str:
-    """drafter × task × engine × γ × T → τ, acceptance, MBSU, speed-up (and the tokens/s behind it)."""
-    lines = ["| drafter | task | engine | γ | T | τ | acceptance | MBSU | speed-up | tok/s spec | tok/s AR |",
+    """drafter × task × engine × γ × T → τ, draft acceptance rate, MBSU, speed-up (and the tokens/s behind it)."""
+    lines = ["| drafter | task | engine | γ | T | τ | draft acceptance (accepted/drafted) | MBSU | speed-up "
+             "| tok/s spec | tok/s AR |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         lines.append(f"| {r['drafter']} | {r['task']} | {r['engine']} | {r['gamma']} | {r['temperature']:g} | "
-                     f"{_fmt(r['block_efficiency'])} | {_fmt(r['acceptance_rate'])} | {_fmt(r['mbsu'])} | "
+                     f"{_fmt(r['block_efficiency'])} | {_fmt(r['draft_acceptance_rate'])} | {_fmt(r['mbsu'])} | "
                      f"{_fmt(r['speedup'])} | {_fmt(r['tokens_per_s_spec'], 1)} | {_fmt(r['tokens_per_s_ar'], 1)} |")
     return "\n".join(lines) + "\n"
 

@@ -57,3 +57,20 @@ def test_reference_tau_is_emitted_tokens_per_target_call():
     vllm = [dict(r, engine="vllm", num_generated_tokens=r["num_generated_tokens"] + 1) for r in rows]
     (rec,) = summarize_rows(vllm, {"d": 1}, 10)
     assert rec["block_efficiency"] == pytest.approx(1 + 5 / 3)
+
+
+def test_draft_acceptance_rate_is_labelled_apart_from_expected_acceptance(tmp_path):
+    from draftalign.evalreport import CONTRACT_KEYS, markdown_table, write_report
+
+    # vLLM's acceptance rate (accepted / drafted) is not the distill stage's Σ min(p, q)
+    stats = SpecStats.from_iterations(3, [(3, 3, 4), (3, 1, 2)])
+    (rec,) = summarize_rows([_row(stats, gamma=3)], {"d": 1}, 10)
+    assert rec["draft_acceptance_rate"] == pytest.approx(4 / 6)
+    assert rec["acceptance_rate"] == rec["draft_acceptance_rate"]  # alias for readers of older files
+    assert "draft_acceptance_rate" in CONTRACT_KEYS and "expected_acceptance" not in rec
+    header = markdown_table([dict(rec, speedup=None, tokens_per_s_spec=None, tokens_per_s_ar=None)]).splitlines()[0]
+    assert "| draft acceptance (accepted/drafted) |" in header and "| acceptance |" not in header
+    line = progress_line("reference", "d", "t", 3, 1.0, [_row(stats, gamma=3)], 0.1)
+    assert "draft_acceptance=0.67 " in line
+    write_report(tmp_path, [rec], plots=False)
+    assert "draft acceptance (accepted/drafted)" in (tmp_path / "report.md").read_text()

@@ -236,7 +236,8 @@ def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, in
     for d in drafters:
         c = params[d["name"]] / target_params
         lines.append(f"- drafter `{d['name']}`: `{d['path']}` ({params[d['name']] / 1e6:.1f}M parameters, c = {c:.4f})")
-    lines += ["", "τ: tokens per target call, pooled over prompts; acceptance: accepted / drafted tokens; "
+    lines += ["", "τ: tokens per target call, pooled over prompts; draft acceptance: accepted / drafted tokens "
+              "(vLLM's acceptance rate; not the distill stage's expected acceptance Σ min(p, q)); "
               "MBSU = τ / (1 + γc); speed-up: tokens/s speculative over tokens/s of the target alone.", ""]
     if _vllm_sampled(ev):
         lines += [VLLM_SAMPLED_NOTE, ""]

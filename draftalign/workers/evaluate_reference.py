@@ -144,4 +144,4 @@ def progress_line(engine: str, drafter: str, task: str, gamma: int, t: float, ro
     tau = pooled_block_efficiency(rows)
     alpha = accepted / drafted if drafted else 0.0
     return (f"[evaluate] {engine} {drafter} / {task} γ={gamma} T={t:g}: τ={tau:.2f} "
-            f"acceptance={alpha:.2f} ({len(rows)} prompts, {secs:.1f} s)")
+            f"draft_acceptance={alpha:.2f} ({len(rows)} prompts, {secs:.1f} s)")
