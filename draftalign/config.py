@@ -207,6 +207,21 @@ class DistillConfig(Strict):
     eval_gamma: int = Field(3, ge=1)  # the γ at which the implied block efficiency is reported
     overwrite: bool = False  # replace an output made from a different config
 
+    def _loss_names(self) -> list[str]:
+        """The losses this run trains; the one place to extend when several losses share a run."""
+        return [self.loss.name]
+
+    @model_validator(mode="after")
+    def _no_topk_target_for_tvdpp(self) -> DistillConfig:
+        # TVD++ reads r(x) = 1{p(x) > q(x)} at every token: with the top-k tail filled flat
+        # (losses.densify_topk) its gradient had cosine 0.014 with the full-vocabulary one at k = 20
+        # (bench/topk_tail_error.py), i.e. a different objective, not an approximation
+        if self.target_pool.top_k is not None and "tvd++" in self._loss_names():
+            raise ValueError(f"distill.target_pool.top_k={self.target_pool.top_k} cannot be used with "
+                             "distill.loss tvd++: its gradient needs the full target distribution; "
+                             "set distill.target_pool.top_k=null or use another loss")
+        return self
+
 
 class EvalFields(Strict):
     """Which column holds what in an evaluation set; a dotted name reaches into a nested
