@@ -243,6 +243,17 @@ class DistillConfig(Strict):
             raise ValueError(f"distill.losses lists a loss twice: {labels}")
         return self
 
+    @model_validator(mode="after")
+    def _no_topk_target_for_tvdpp(self) -> DistillConfig:
+        # TVD++ reads r(x) = 1{p(x) > q(x)} at every token: with the top-k tail filled flat
+        # (losses.densify_topk) its gradient had cosine 0.014 with the full-vocabulary one at k = 20
+        # (bench/topk_tail_error.py), i.e. a different objective, not an approximation
+        if self.target_pool.top_k is not None and any(loss.name == "tvd++" for loss in self.losses):
+            raise ValueError(f"distill.target_pool.top_k={self.target_pool.top_k} cannot be used with "
+                             "tvd++ in distill.losses: its gradient needs the full target distribution; "
+                             "set distill.target_pool.top_k=null or use another loss")
+        return self
+
 
 class EvalFields(Strict):
     """Which column holds what in an evaluation set; a dotted name reaches into a nested
@@ -285,6 +296,7 @@ class ReferenceEvalConfig(Strict):
     threads: int | None = Field(None, ge=1)
     measure_autoregressive: bool = True  # also time plain target decoding (the speed-up baseline)
     warmup_tokens: int = Field(8, ge=0)  # an untimed run first, so one-off start-up costs stay out
+    temperatures: list[float] | None = None  # this engine's subset; None: evaluate.temperatures
 
 
 class VllmEvalConfig(Strict):
@@ -301,6 +313,9 @@ class VllmEvalConfig(Strict):
     # Extra speculative_config keys (e.g. draft_sample_method), over method/model/num_speculative_tokens.
     speculative_config: dict[str, Any] = Field(default_factory=dict)
     measure_autoregressive: bool = True  # also run the target alone for the tokens/s baseline
+    # This engine's subset; None: evaluate.temperatures. [0.0] keeps vLLM to greedy, where it agrees
+    # with standard speculative sampling (at T > 0 it does not: vllm-project/vllm#40149).
+    temperatures: list[float] | None = None
 
 
 def _default_eval_tasks() -> list[EvalTaskConfig]:
@@ -334,11 +349,21 @@ class EvaluateConfig(Strict):
             raise ValueError(f"gammas must be >= 1: {self.gammas}")
         if any(t < 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be >= 0: {self.temperatures}")
+        for engine in self.engines:
+            if not self.engine_temperatures(engine):
+                raise ValueError(f"evaluate.{engine}.temperatures {getattr(self, engine).temperatures} "
+                                 f"has none of evaluate.temperatures {self.temperatures}")
         for what, names in (("task", [t.name for t in self.tasks]),
                             ("drafter", [d.name for d in self.drafters or []])):
             if len(set(names)) != len(names):
                 raise ValueError(f"{what} names must be unique: {names}")
         return self
+
+
+    def engine_temperatures(self, engine: str) -> list[float]:
+        """The temperatures `engine` runs: evaluate.temperatures, or those its own list keeps."""
+        own = getattr(self, engine).temperatures
+        return [t for t in self.temperatures if own is None or t in own]
 
 
 class Config(Strict):

@@ -76,7 +76,7 @@ def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor, mask
     """Sums over the masked positions, to add up across batches and workers.
 
     draft_logits, target_logprobs: [N, V] at the N positions where mask [B, T] is set, in
-    row-major order (``x[mask]``). Keys: positions, tvd, acceptance (Σ min(p, q)),
+    row-major order (``x[mask]``). Keys: positions, tvd, acceptance (expected acceptance Σ min(p, q)),
     forward_kl, blocks, tau (Σ of :func:`chained_block_efficiency` over whole blocks).
     """
     m = mask.bool()
@@ -103,7 +103,9 @@ def heldout_means(sums: dict[str, float], gamma: int) -> dict[str, float]:
     n, b = sums.get("positions", 0.0), sums.get("blocks", 0.0)
     if not n:
         return {}
-    out = {f"holdout_{k}": sums[k] / n for k in ("tvd", "acceptance", "forward_kl")}
+    out = {f"holdout_{k}": sums[k] / n for k in ("tvd", "forward_kl")}
+    # Σ min(p, q) is the expected acceptance, not evaluate's draft acceptance rate (accepted / drafted)
+    out["holdout_expected_acceptance"] = sums["acceptance"] / n
     if b:
         out[f"holdout_tau_gamma{gamma}"] = sums["tau"] / b
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from draftalign.specmetrics import (
+    acceptance_of_tested,
     acceptance_per_position,
     acceptance_rate,
     block_efficiency,
@@ -21,16 +22,32 @@ from draftalign.specmetrics import (
     mbsu,
 )
 
-__all__ = ["CONTRACT_KEYS", "summarize_rows", "markdown_table", "write_report"]
+__all__ = ["CONTRACT_KEYS", "pooled_block_efficiency", "summarize_rows", "markdown_table", "write_report"]
 
 # summary.json's contract (issue 5): every record has at least these keys.
-CONTRACT_KEYS = ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency", "acceptance_rate",
-                 "mbsu", "num_prompts")
+# `draft_acceptance_rate` is accepted / drafted tokens (vLLM's acceptance rate), not the distill stage's
+# expected acceptance Σ min(p, q); `acceptance_rate` stays as its alias for readers of older files.
+CONTRACT_KEYS = ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency",
+                 "draft_acceptance_rate", "acceptance_rate", "mbsu", "num_prompts")
 _CELL = ("drafter", "task", "engine", "gamma", "temperature")
 
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
+
+
+def pooled_block_efficiency(group: Sequence[dict]) -> float:
+    """τ of one engine's rows, pooled: Σ tokens / Σ target calls for the reference engine.
+
+    The reference engine records every emitted token and every target call, so τ is their ratio
+    exactly (paper-spec 6.3); 1 + accepted / drafts would count a bonus token after an accepted EOS
+    draft that is never emitted. vLLM's counters give its own definition, 1 + accepted / drafts:
+    its prefill step emits a token without a draft call, so generated / drafts would over-count.
+    """
+    drafts = sum(r["num_drafts"] for r in group)
+    if group and all(r["engine"] == "reference" for r in group):
+        return sum(r["num_generated_tokens"] for r in group) / drafts if drafts else 1.0
+    return block_efficiency(sum(r["num_accepted"] for r in group), drafts, group[0]["gamma"] if group else None)
 
 
 def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_parameters: int) -> list[dict]:
@@ -49,8 +66,9 @@ def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_para
         drafted = sum(r["num_draft_tokens"] for r in group)
         accepted = sum(r["num_accepted"] for r in group)
         per_pos = [sum(r["accepted_per_pos"][i] for r in group) for i in range(gamma)]
-        tau = block_efficiency(accepted, drafts, gamma)
+        tau = pooled_block_efficiency(group)
         alpha = acceptance_rate(accepted, drafted)
+        tested = acceptance_of_tested(accepted, drafts, per_pos)
         c = parameters[rec["drafter"]] / target_parameters
         spec_tokens = sum(r["num_generated_tokens"] for r in group)
         spec_secs = sum(r["spec_seconds"] for r in group)
@@ -61,9 +79,11 @@ def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_para
         rec.update({
             "drafter_path": group[0]["drafter_path"], "top_p": group[0]["top_p"], "num_prompts": len(group),
             "generated_tokens": spec_tokens, "num_drafts": drafts, "num_draft_tokens": drafted,
-            "num_accepted": accepted, "block_efficiency": tau, "acceptance_rate": alpha,
+            "num_accepted": accepted, "block_efficiency": tau,
+            "draft_acceptance_rate": alpha, "acceptance_rate": alpha,
             "acceptance_per_position": acceptance_per_position(per_pos, drafts),
-            "implied_block_efficiency": implied_block_efficiency(alpha, gamma),
+            # the i.i.d. formula needs the per-token acceptance of tested drafts, not accepted / drafted
+            "tested_acceptance": tested, "implied_block_efficiency": implied_block_efficiency(tested, gamma),
             "mbsu": mbsu(tau, gamma, c), "param_ratio": c, "draft_parameters": parameters[rec["drafter"]],
             "target_parameters": target_parameters, "tokens_per_s_spec": spec_tps, "tokens_per_s_ar": ar_tps,
             "speedup": _ratio(spec_tps or 0.0, ar_tps or 0.0) if ar_tps else None,
@@ -78,12 +98,13 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def markdown_table(records: Sequence[dict]) -> str:
-    """drafter × task × engine × γ × T → τ, acceptance, MBSU, speed-up (and the tokens/s behind it)."""
-    lines = ["| drafter | task | engine | γ | T | τ | acceptance | MBSU | speed-up | tok/s spec | tok/s AR |",
+    """drafter × task × engine × γ × T → τ, draft acceptance rate, MBSU, speed-up (and the tokens/s behind it)."""
+    lines = ["| drafter | task | engine | γ | T | τ | draft acceptance (accepted/drafted) | MBSU | speed-up "
+             "| tok/s spec | tok/s AR |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         lines.append(f"| {r['drafter']} | {r['task']} | {r['engine']} | {r['gamma']} | {r['temperature']:g} | "
-                     f"{_fmt(r['block_efficiency'])} | {_fmt(r['acceptance_rate'])} | {_fmt(r['mbsu'])} | "
+                     f"{_fmt(r['block_efficiency'])} | {_fmt(r['draft_acceptance_rate'])} | {_fmt(r['mbsu'])} | "
                      f"{_fmt(r['speedup'])} | {_fmt(r['tokens_per_s_spec'], 1)} | {_fmt(r['tokens_per_s_ar'], 1)} |")
     return "\n".join(lines) + "\n"
 

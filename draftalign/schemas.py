@@ -254,8 +254,10 @@ def write_parquet_atomic(table: pa.Table, path: str | Path) -> Path:
 # - `num_drafts` (int32): speculative iterations (target calls that verified drafts).
 # - `num_draft_tokens` (int32), `num_accepted` (int32): draft tokens proposed and accepted.
 # - `accepted_per_pos` (list<int32>, length γ): drafts whose position i was accepted.
-# - `block_efficiency` (float64), `acceptance_rate` (float64): this prompt's τ and α̂ (the
-#   summary pools counts over prompts instead of averaging these).
+# - `block_efficiency` (float64), `acceptance_rate` (float64): this prompt's τ (reference: emitted
+#   tokens / target calls; vllm: 1 + accepted / drafts) and draft acceptance rate accepted / drafted
+#   tokens (summary.json's `draft_acceptance_rate`; not Σ min(p, q)). The summary pools counts over
+#   prompts instead of averaging these.
 # - `spec_seconds` (float64): wall-clock seconds of the speculative generation.
 # - `ar_seconds` (float64, nullable), `ar_generated_tokens` (int32, nullable): the same prompt
 #   decoded by the target alone, when measured.

@@ -23,7 +23,8 @@ Draft length and stopping (how the statistics stay consistent):
   not n + 1.  An emitted correction or bonus equal to EOS also ends the generation.
 
 Every iteration is one target forward call and is recorded as (num_drafted, num_accepted,
-num_emitted); ``SpecResult.stats`` pools them into a ``SpecStats`` (τ = 1 + accepted / drafts).
+num_emitted); ``SpecResult.stats`` pools them into a ``SpecStats`` (τ = emitted tokens / target calls,
+which is 1 + accepted / drafts except after an accepted EOS draft: it emits no bonus token).
 """
 
 from __future__ import annotations

@@ -9,10 +9,18 @@ per-prompt means.  Vocabulary used throughout:
 * ``accepted_per_pos[i]`` is the number of drafts whose position i (0-based) was accepted.
 
 Block efficiency  τ = 1 + num_accepted / num_drafts       (vLLM's "mean acceptance length")
-Acceptance rate   α̂ = num_accepted / num_draft_tokens
+                  = num_emitted / num_drafts for SpecStats (the reference engine knows every emitted
+                  token; the two differ only when a generation ends on an accepted EOS draft)
+Acceptance rate   α̂ = num_accepted / num_draft_tokens        ("draft acceptance rate", vLLM's)
+Tested acceptance α = num_accepted / (num_accepted + rejections), rejections = drafts stopped before γ
 Per position      a_i = accepted_per_pos[i] / num_drafts
 MBSU              τ / (1 + γ·c),  c = N_draft / N_target   (memory-bound speed-up)
 Implied τ         (1 − α^{γ+1}) / (1 − α)                  (i.i.d. acceptance α; α = 1 gives γ + 1)
+
+The implied τ takes the *tested* acceptance α, not α̂: drafts after the first rejection of a block are
+never tested, so α̂ is well below the per-token acceptance (i.i.d. α = 0.8 at γ = 5 gives α̂ ≈ 0.54,
+whose implied τ 2.13 is far from the measured 3.69).  Neither is Σ min(p, q) (``expected_acceptance``,
+the distill stage's held-out "expected acceptance"), which is a per-position probability.
 
 Each draft emits its accepted tokens plus one correction or bonus token, so 1 ≤ τ ≤ γ + 1.
 Pure Python / numpy: no torch needed.
@@ -27,6 +35,7 @@ import numpy as np
 
 __all__ = [
     "SpecStats",
+    "acceptance_of_tested",
     "acceptance_per_position",
     "acceptance_rate",
     "block_efficiency",
@@ -85,6 +94,27 @@ def acceptance_per_position(accepted_per_pos: Sequence[int], num_drafts: int) ->
     return [c / num_drafts if num_drafts else 0.0 for c in counts]
 
 
+def acceptance_of_tested(num_accepted: int, num_drafts: int, accepted_per_pos: Sequence[int]) -> float:
+    """Per-token acceptance over the draft tokens that were tested: accepted / (accepted + rejections).
+
+    Positions after a block's first rejection are never tested, so accepted / drafted underestimates
+    the per-token acceptance.  A rejection is a block that stopped before γ = len(accepted_per_pos):
+    num_drafts − accepted_per_pos[γ−1].  This is the maximum-likelihood α of i.i.d. acceptance, so
+    ``implied_block_efficiency(acceptance_of_tested(...), γ)`` estimates τ when acceptance is i.i.d.
+    Pooled counts cannot tell a final block shortened by the token budget or an EOS draft from a
+    rejected one: such a block (at most one per prompt) counts as a rejection.  0.0 with nothing tested.
+    """
+    num_accepted = _count("num_accepted", num_accepted)
+    num_drafts = _count("num_drafts", num_drafts)
+    if not accepted_per_pos:
+        raise ValueError("accepted_per_pos must hold gamma >= 1 counts")
+    full = _count("accepted_per_pos[-1]", accepted_per_pos[-1])
+    if full > num_drafts:
+        raise ValueError(f"accepted_per_pos[-1]={full} exceeds num_drafts={num_drafts}")
+    tested = num_accepted + num_drafts - full
+    return num_accepted / tested if tested else 0.0
+
+
 def mbsu(tau: float, gamma: int, c: float) -> float:
     """Memory-bound speed-up MBSU = τ / (1 + γ·c), with c = draft params / target params.
 
@@ -134,7 +164,7 @@ class SpecStats:
       earlier positions were), and sum(accepted_per_pos) == num_accepted;
     * max(num_drafts, num_accepted) <= num_emitted <= num_drafts + num_accepted.
 
-    Hence 1 <= τ <= γ + 1.  With zero drafts τ = 1.0 and the rates are 0.0.
+    Hence 1 <= τ = num_emitted / num_drafts <= γ + 1.  With zero drafts τ = 1.0 and the rates are 0.0.
     """
 
     num_drafts: int
@@ -221,14 +251,18 @@ class SpecStats:
 
     @property
     def block_efficiency(self) -> float:
-        """τ = 1 + num_accepted / num_drafts (vLLM's mean acceptance length)."""
-        return block_efficiency(self.num_accepted, self.num_drafts, self.gamma)
+        """τ = num_emitted / num_drafts, tokens emitted per target call (paper-spec §6.3; 1.0 with zero
+        drafts).
+
+        Equal to vLLM's 1 + num_accepted / num_drafts except when a generation ended on an accepted EOS
+        draft, which emits no bonus token: counting one there made a 1-token, 1-call run report τ = 2.
+        """
+        return self.num_emitted / self.num_drafts if self.num_drafts else 1.0
 
     @property
     def tokens_per_call(self) -> float:
-        """num_emitted / num_drafts (1.0 with zero drafts); equals τ unless a generation ended on an
-        accepted EOS draft token."""
-        return self.num_emitted / self.num_drafts if self.num_drafts else 1.0
+        """num_emitted / num_drafts: the same as ``block_efficiency`` (kept for existing callers)."""
+        return self.block_efficiency
 
     @property
     def acceptance_rate(self) -> float:

@@ -63,10 +63,10 @@ def test_every_loss_trains_from_one_run_sharing_the_target_cache(world):
         m = info["metrics"]
         assert info["loss"]["name"] == loss["name"] and info["loss"]["variant"] == loss.get("variant", "vocab")
         assert m["step"] == 4
-        for key in ("holdout_acceptance", "holdout_tvd", "holdout_tau_gamma3", "initial_holdout_acceptance"):
+        for key in ("holdout_expected_acceptance", "holdout_tvd", "holdout_tau_gamma3", "initial_holdout_expected_acceptance"):
             assert key in m
-        assert 0.0 < m["holdout_acceptance"] < 1.0 and 1.0 <= m["holdout_tau_gamma3"] <= 4.0
-        assert m["holdout_acceptance"] == pytest.approx(1 - m["holdout_tvd"])
+        assert 0.0 < m["holdout_expected_acceptance"] < 1.0 and 1.0 <= m["holdout_tau_gamma3"] <= 4.0
+        assert m["holdout_expected_acceptance"] == pytest.approx(1 - m["holdout_tvd"])
         # Every batch the trainer used came from the pool, once: 1 eval batch before, 4 steps, 1 after.
         assert m["pool_requests"] == 6 and m["pool_restarts"] == 0
         computed.append(6 * 4 - m["pool_cached_rows"])  # 6 requests of 4 rows

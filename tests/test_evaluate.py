@@ -153,11 +153,11 @@ def test_report_files_are_written_and_readable(report):
     assert records == json.loads(json.dumps(report["records"]))
     assert len(records) == 2 * 3 * 2 * 2  # drafters x tasks x γ x T
     for r in records:
-        for key in ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency", "acceptance_rate",
+        for key in ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency", "draft_acceptance_rate",
                     "mbsu", "num_prompts", "acceptance_per_position", "tokens_per_s_spec", "tokens_per_s_ar",
                     "speedup"):
             assert key in r, key
-        assert 1.0 <= r["block_efficiency"] <= r["gamma"] + 1 and 0.0 <= r["acceptance_rate"] <= 1.0
+        assert 1.0 <= r["block_efficiency"] <= r["gamma"] + 1 and 0.0 <= r["draft_acceptance_rate"] <= 1.0
         assert r["num_prompts"] == 2 and r["engine"] == "reference" and len(r["acceptance_per_position"]) == r["gamma"]
         assert r["mbsu"] <= r["block_efficiency"] and r["speedup"] > 0
         if r["temperature"] == 0:
@@ -165,11 +165,11 @@ def test_report_files_are_written_and_readable(report):
     # the target drafting for itself accepts everything greedily: τ = γ + 1 up to the token budget
     for r in records:
         if r["drafter"] == "self" and r["temperature"] == 0:
-            assert r["acceptance_rate"] == 1.0
+            assert r["draft_acceptance_rate"] == 1.0
     with (out / "summary.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(records)
     md = (out / "report.md").read_text()
-    assert "| drafter | task | engine | γ | T | τ | acceptance | MBSU | speed-up |" in md
+    assert "| drafter | task | engine | γ | T | τ | draft acceptance (accepted/drafted) | MBSU | speed-up |" in md
     assert any(line.startswith("[evaluate] reference rand / summarize γ=3 T=1: τ=") for line in report["log"])
 
 

@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
-CONTRACT = ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency", "acceptance_rate", "mbsu",
+CONTRACT = ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency", "draft_acceptance_rate", "mbsu",
             "num_prompts")
 
 

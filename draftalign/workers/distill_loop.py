@@ -110,7 +110,7 @@ class DistillTask:
         stats, tags = self.target.stats, {"stage": "distill", "loss": self.cfg.loss.label}
         record("draftalign_distill_loss", metrics.get("loss"), **tags)
         record("draftalign_distill_tokens_per_s", metrics.get("tokens_per_s"), **tags)
-        record("draftalign_expected_acceptance", metrics.get("holdout_acceptance"), **tags)
+        record("draftalign_expected_acceptance", metrics.get("holdout_expected_acceptance"), **tags)
         record("draftalign_target_pool_queue_depth", stats.queue_depth, **tags)
         record("draftalign_trainer_wait_seconds_total", stats.wait_s - self.recorded["wait_s"], **tags)
         record("draftalign_target_tokens_total", stats.positions - self.recorded["positions"], **tags)

@@ -137,10 +137,11 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
 
 
 def progress_line(engine: str, drafter: str, task: str, gamma: int, t: float, rows: list[dict], secs: float) -> str:
-    drafts = sum(r["num_drafts"] for r in rows)
+    from draftalign.evalreport import pooled_block_efficiency
+
     accepted = sum(r["num_accepted"] for r in rows)
     drafted = sum(r["num_draft_tokens"] for r in rows)
-    tau = 1 + accepted / drafts if drafts else 1.0
+    tau = pooled_block_efficiency(rows)
     alpha = accepted / drafted if drafted else 0.0
     return (f"[evaluate] {engine} {drafter} / {task} γ={gamma} T={t:g}: τ={tau:.2f} "
-            f"acceptance={alpha:.2f} ({len(rows)} prompts, {secs:.1f} s)")
+            f"draft_acceptance={alpha:.2f} ({len(rows)} prompts, {secs:.1f} s)")

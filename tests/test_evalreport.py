@@ -1,0 +1,76 @@
+"""The pooled evaluation summary (draftalign/evalreport.py) on simulated per-prompt rows."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from draftalign.evalreport import summarize_rows
+from draftalign.specmetrics import SpecStats
+from draftalign.workers.evaluate_reference import progress_line
+
+
+def _row(stats: SpecStats, engine: str = "reference", gamma: int = 5, prompt: str = "p0") -> dict:
+    """One EVAL_SCHEMA-like row carrying ``stats`` (the fields summarize_rows reads)."""
+    return {"drafter": "d", "drafter_path": "/d", "task": "t", "engine": engine, "gamma": gamma,
+            "temperature": 1.0, "top_p": 1.0, "prompt_id": prompt, "num_generated_tokens": stats.num_emitted,
+            "num_drafts": stats.num_drafts, "num_draft_tokens": stats.num_draft_tokens,
+            "num_accepted": stats.num_accepted, "accepted_per_pos": list(stats.accepted_per_pos),
+            "spec_seconds": 1.0, "ar_seconds": None, "ar_generated_tokens": None, "matches_autoregressive": None}
+
+
+def _iid_rows(alpha: float, gamma: int, prompts: int, blocks: int, seed: int) -> list[dict]:
+    """Prompts whose every draft position is accepted independently with probability ``alpha``."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(prompts):
+        iters = []
+        for _ in range(blocks):
+            k = 0
+            while k < gamma and rng.random() < alpha:
+                k += 1
+            iters.append((gamma, k, k + 1))
+        rows.append(_row(SpecStats.from_iterations(gamma, iters), gamma=gamma, prompt=f"p{i}"))
+    return rows
+
+
+@pytest.mark.parametrize(("alpha", "gamma"), [(0.8, 5), (0.5, 3), (0.95, 7)])
+def test_implied_block_efficiency_matches_tau_under_iid_acceptance(alpha, gamma):
+    # accepted / drafted is ~0.54 at α = 0.8, γ = 5 (drafts after a rejection are never tested);
+    # put into the i.i.d. formula it gave 2.13 where τ is 3.7
+    (rec,) = summarize_rows(_iid_rows(alpha, gamma, prompts=20, blocks=200, seed=1), {"d": 1}, 10)
+    assert rec["implied_block_efficiency"] == pytest.approx(rec["block_efficiency"], abs=0.06)
+    assert rec["tested_acceptance"] == pytest.approx(alpha, abs=0.02)
+
+
+def test_reference_tau_is_emitted_tokens_per_target_call():
+    # a reference prompt that ended on an accepted EOS draft: 1 token in 1 call, no bonus
+    eos_end = SpecStats.from_iterations(3, [(1, 1, 1)])
+    full = SpecStats.from_iterations(3, [(3, 3, 4), (3, 1, 2)])
+    rows = [_row(eos_end, gamma=3, prompt="a"), _row(full, gamma=3, prompt="b")]
+    (rec,) = summarize_rows(rows, {"d": 1}, 10)
+    assert rec["block_efficiency"] == pytest.approx((1 + 6) / 3)  # emitted / target calls
+    assert f"τ={7 / 3:.2f} " in progress_line("reference", "d", "t", 3, 1.0, rows, 0.1)
+    # vLLM's counters: τ = 1 + accepted / drafts, vLLM's own definition (its prefill token is not
+    # emitted by a draft call, so generated / drafts would over-count)
+    vllm = [dict(r, engine="vllm", num_generated_tokens=r["num_generated_tokens"] + 1) for r in rows]
+    (rec,) = summarize_rows(vllm, {"d": 1}, 10)
+    assert rec["block_efficiency"] == pytest.approx(1 + 5 / 3)
+
+
+def test_draft_acceptance_rate_is_labelled_apart_from_expected_acceptance(tmp_path):
+    from draftalign.evalreport import CONTRACT_KEYS, markdown_table, write_report
+
+    # vLLM's acceptance rate (accepted / drafted) is not the distill stage's Σ min(p, q)
+    stats = SpecStats.from_iterations(3, [(3, 3, 4), (3, 1, 2)])
+    (rec,) = summarize_rows([_row(stats, gamma=3)], {"d": 1}, 10)
+    assert rec["draft_acceptance_rate"] == pytest.approx(4 / 6)
+    assert rec["acceptance_rate"] == rec["draft_acceptance_rate"]  # alias for readers of older files
+    assert "draft_acceptance_rate" in CONTRACT_KEYS and "expected_acceptance" not in rec
+    header = markdown_table([dict(rec, speedup=None, tokens_per_s_spec=None, tokens_per_s_ar=None)]).splitlines()[0]
+    assert "| draft acceptance (accepted/drafted) |" in header and "| acceptance |" not in header
+    line = progress_line("reference", "d", "t", 3, 1.0, [_row(stats, gamma=3)], 0.1)
+    assert "draft_acceptance=0.67 " in line
+    write_report(tmp_path, [rec], plots=False)
+    assert "draft acceptance (accepted/drafted)" in (tmp_path / "report.md").read_text()
