@@ -87,13 +87,17 @@ def project_embeddings(weight: torch.Tensor, hidden: int) -> torch.Tensor:
 
     The best rank-`hidden` view of E = U S Vᵀ is E V_h = U_h S_h: it keeps the directions along
     which the target's tokens differ most, so the drafter starts with the target's notion of
-    which tokens are alike instead of noise. With hidden = H it is E itself, rotated.
+    which tokens are alike instead of noise. With hidden = H it is E itself, rotated (and rescaled).
     """
     vocab, width = weight.shape
     if hidden > width:
         raise ValueError(f"cannot project {width}-wide target embeddings up to {hidden}")
     u, s, _ = torch.linalg.svd(weight.double(), full_matrices=False)
-    return (u[:, :hidden] * s[:hidden]).to(weight.dtype)
+    projected = u[:, :hidden] * s[:hidden]
+    # At the target's scale the tied output layer's first logits were so large that training
+    # began at a loss of 15 (uniform: ln V = 10.8); rescaled to the usual initialisation's
+    # spread (std 0.02), the directions stay and the first loss is that of a fresh model.
+    return (projected * (0.02 / projected.std())).to(weight.dtype)
 
 
 def load_input_embeddings(folder: str) -> torch.Tensor:
