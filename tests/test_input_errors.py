@@ -58,3 +58,84 @@ def test_config_file_that_is_not_utf8(capsys, tmp_path):
     bad.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
     err = _cli_error(capsys, ["generate", str(bad), "--plan"])
     assert str(bad) in err and "UTF-8" in err
+
+
+# ---- data files ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    from tests.worlds import tiny_llama
+
+    folder = tmp_path_factory.mktemp("target") / "model"
+    tiny_llama(folder, seed=0, hidden=32)
+    return folder
+
+
+def _truncated_parquet(path: Path) -> Path:
+    from draftalign.schemas import DISTILL_SCHEMA, to_table, write_parquet_atomic
+
+    whole = path.with_name("whole.parquet")
+    write_parquet_atomic(to_table([], DISTILL_SCHEMA), whole)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(whole.read_bytes()[:-20])  # the footer gone, as after a cut copy
+    whole.unlink()
+    return path
+
+
+def test_corrupt_parquet_seeds_name_the_file_and_write_nothing(capsys, tmp_path, target):
+    seeds = _truncated_parquet(tmp_path / "seeds.parquet")
+    err = _cli_error(capsys, ["generate", str(TINY), f"run.output={tmp_path / 'run'}",
+                              f"models.target={target}", f"generate.seeds={seeds}"])
+    assert str(seeds) in err and "not a readable Parquet file" in err and "good copy" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_part_in_generates_own_data_is_named_with_how_to_recover(capsys, tmp_path, target):
+    part = _truncated_parquet(tmp_path / "run" / "generate" / "data" / "part-00000.parquet")
+    err = _cli_error(capsys, ["generate", str(TINY), f"run.output={tmp_path / 'run'}",
+                              f"models.target={target}", "generate.max_seeds=2"])
+    assert str(part) in err and "move it out of data/" in err
+    assert sorted(p.name for p in (tmp_path / "run" / "generate").iterdir()) == ["data"]  # nothing new
+
+
+def test_corrupt_parquet_evaluation_data_names_task_file(tmp_path):
+    from draftalign.config import EvalTaskConfig
+    from draftalign.evaltasks import load_task_prompts
+
+    data = _truncated_parquet(tmp_path / "eval.parquet")
+    task = EvalTaskConfig(name="qa", kind="open_ended", data=str(data))
+    with pytest.raises(ConfigError, match=r"eval\.parquet' is not a readable Parquet file"):
+        load_task_prompts(task, 5)
+
+
+def test_seed_file_with_unsupported_suffix(capsys, tmp_path, target):
+    seeds = tmp_path / "seeds.json"
+    seeds.write_text('[{"instruction": "hi"}]')
+    err = _cli_error(capsys, ["generate", str(TINY), f"run.output={tmp_path / 'run'}",
+                              f"models.target={target}", f"generate.seeds={seeds}"])
+    assert str(seeds) in err and "unsupported suffix '.json'" in err and ".jsonl" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bom_on_the_first_jsonl_line_is_accepted(tmp_path):
+    from draftalign.seeds import SeedFields, prepare_seeds, read_seed_file
+
+    f = tmp_path / "s.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"instruction": "first"}\n{"instruction": "second"}\n')
+    good, errors = prepare_seeds(read_seed_file(f), SeedFields(), "s")
+    assert [g["instruction"] for g in good] == ["first", "second"] and errors == []
+
+
+def test_a_huge_seed_field_is_an_error_row_naming_the_row(tmp_path, monkeypatch):
+    import draftalign.seeds as seeds
+
+    monkeypatch.setattr(seeds, "MAX_FIELD_CHARS", 1000)
+    monkeypatch.setattr(seeds, "MAX_LINE_BYTES", 5000)
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"instruction": "ok"}\n' + '{"instruction": "' + "x" * 2000 + '"}\n'
+                 + '{"instruction": "' + "y" * 9000 + '"}\n' + '{"instruction": "fine"}\n')
+    good, errors = seeds.prepare_seeds(seeds.read_seed_file(f), seeds.SeedFields(), "s")
+    assert [g["instruction"] for g in good] == ["ok", "fine"]
+    assert errors[0]["reason"] == "row 2: field too long: 'instruction' holds 2,000 characters (limit 1,000)"
+    assert errors[1]["reason"] == "line 3: line too long: 9,020 bytes (limit 5,000)"
+    assert len(errors[0]["raw"]) <= seeds.RAW_LIMIT

@@ -42,7 +42,7 @@ def _check_schema(files: list[Path]) -> None:
     for f in files:
         try:
             check_table(pq.read_schema(f), DISTILL_SCHEMA)
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:  # a truncated or corrupt file, or another schema
             raise ConfigError(f"{f} is not a distillation set of this version: {exc}") from None
 
 

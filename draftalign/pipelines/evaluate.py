@@ -270,7 +270,6 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
         raise ConfigError(f"target {target!r} does not exist: run `draftalign pretrain` or set models.target")
     drafters = resolve_drafters(cfg)
     out = Path(ev.output)
-    write_run_info(out, cfg, "evaluate", {"drafters": drafters})
     for d in drafters:
         check_vocab(target, d["path"], cfg.models.trust_remote_code)
     tok = ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
@@ -280,6 +279,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     if "vllm" in ev.engines:
         context = min(context, ev.vllm.max_model_len)
     prompts = _prompts(cfg, tok, context, log)
+    write_run_info(out, cfg, "evaluate", {"drafters": drafters})  # after every input check: a refusal writes nothing
     if _vllm_sampled(ev):
         log(f"[evaluate] {VLLM_SAMPLED_NOTE}")
     first = next(iter(prompts.values()))[0]["token_ids"]

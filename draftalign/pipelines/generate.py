@@ -102,7 +102,7 @@ def existing_row_keys(data_dir: Path) -> set[str]:
 
 def reason_kind(reason: str) -> str:
     """The reason without its details, for counts: "missing field 'instruction'", "too long ..."."""
-    return re.sub(r"^line \d+: ", "", reason).split(":")[0].strip()
+    return re.sub(r"^(line|row) \d+: ", "", reason).split(":")[0].strip()
 
 
 def describe_generate(cfg: Config) -> dict[str, Any]:
@@ -165,11 +165,11 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     prep = _prepare(cfg, target)
     if Path(target).expanduser().is_dir():
         check_target_folder(Path(target).expanduser())
+    done = existing_row_keys(data_dir)  # a corrupt part is refused before anything is written
     write_run_info(out, cfg, "generate", ident)
     data_dir.mkdir(parents=True, exist_ok=True)
     for stale in data_dir.glob(".*.tmp"):  # what a killed writer left; never a visible file
         stale.unlink(missing_ok=True)
-    done = existing_row_keys(data_dir)
     todo = pending(prep["requests"], done)
     _write_errors(err_dir / "seeds.parquet", prep["errors"])
     print(f"[generate] {len(prep['seeds'])} seeds, {len(prep['requests'])} requests, "
