@@ -139,3 +139,39 @@ def test_a_huge_seed_field_is_an_error_row_naming_the_row(tmp_path, monkeypatch)
     assert errors[0]["reason"] == "row 2: field too long: 'instruction' holds 2,000 characters (limit 1,000)"
     assert errors[1]["reason"] == "line 3: line too long: 9,020 bytes (limit 5,000)"
     assert len(errors[0]["raw"]) <= seeds.RAW_LIMIT
+
+
+def test_duplicate_ids_in_an_evaluation_set_are_refused_with_task_file_and_id(tmp_path):
+    from draftalign.config import EvalTaskConfig
+    from draftalign.evaltasks import EvalDataError, load_task_prompts
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"id": "q1", "instruction": "a?"}\n{"id": "q2", "instruction": "b?"}\n'
+                    '{"id": "q1", "instruction": "c?"}\n')
+    task = EvalTaskConfig(name="qa", kind="open_ended", data=str(data))
+    with pytest.raises(EvalDataError, match=r"task 'qa' \(.*qa\.jsonl\), row 3: duplicate id 'q1' \(also row 1\)"):
+        load_task_prompts(task, 10)
+    # without an id column the ids come from the prompt text, so the same rows load
+    no_ids = task.model_copy(update={"fields": task.fields.model_copy(update={"id": None})})
+    assert len(load_task_prompts(no_ids, 10)) == 3
+
+
+@pytest.mark.parametrize("stage", ["generate", "distill", "evaluate"])
+def test_a_target_without_safetensors_is_refused_before_ray(capsys, tmp_path, target, stage):
+    import shutil
+    import sys
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(target, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.rename(f.with_name("pytorch_model.bin"))
+    argv = [stage, str(TINY), f"run.output={tmp_path / 'run'}", f"models.target={pickled}",
+            f"models.draft={target}"]
+    if stage == "distill":
+        from tests.worlds import distill_set
+
+        distill_set(tmp_path / "run" / "generate", 4)
+    err = _cli_error(capsys, argv)
+    assert str(pickled) in err and "no *.safetensors" in err and "pytorch_model.bin" in err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not (tmp_path / "run" / stage / "config.yaml").exists()

@@ -15,7 +15,7 @@ from typing import Any
 from draftalign.config import Config, ConfigError, DistillConfig
 from draftalign.distillation import build_sequences, holdout_row
 from draftalign.models import check_compatible, count_parameters, load_model_config
-from draftalign.pipelines.generate import target_identity
+from draftalign.pipelines.generate import check_target_folder, target_identity
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.training import fit, materialize_in_order
 from draftalign.runinfo import fingerprint, write_run_info
@@ -105,6 +105,8 @@ def run_distill(cfg: Config) -> Path:
     # Ray workers run in another directory: hand them absolute paths for local folders.
     target, init_from = (_absolute(p) for p in (cfg.target_path(), d.init_from or cfg.draft_path()))
     target_cfg = _model_config(cfg, "target", target, "models.target")
+    if Path(target).is_dir():
+        check_target_folder(Path(target))  # the target actors load safetensors only
     draft_cfg = _model_config(cfg, "drafter to start from", init_from, "distill.init_from")
     check_compatible(target_cfg, draft_cfg)
     files = data_files(cfg.distill_data_path())

@@ -71,7 +71,14 @@ def check_target_folder(folder: Path) -> None:
         raise ConfigError(f"target model {str(folder)!r}: config.json is missing or unreadable ({exc})") from None
     from safetensors import safe_open
 
-    for f in sorted(folder.glob("*.safetensors")):
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        # Every loader here is safetensors-only; finding out from a dead Ray actor costs minutes.
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise ConfigError(f"target model {str(folder)!r} holds no *.safetensors weights"
+                          + (f" (only {', '.join(others)}, which would need unpickling)" if others else "")
+                          + "; re-save it with save_pretrained(folder, safe_serialization=True)")
+    for f in weights:
         try:
             with safe_open(str(f), "pt"):
                 pass
