@@ -10,6 +10,7 @@ import yaml
 
 from draftalign.config import Config, dump_config, load_config
 from draftalign.errors import DraftalignError
+from draftalign.redact import redact, secret_overrides_from_env
 
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
 
@@ -63,11 +64,11 @@ def _run_stage(cfg: Config, stage: str) -> int:
 
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*args.overrides, *secret_overrides_from_env()])
         if args.plan:
             print(dump_config(cfg), end="")
             print("---")
-            print(yaml.safe_dump({"plan": _plan(cfg, stage)}, sort_keys=False), end="")
+            print(yaml.safe_dump({"plan": redact(_plan(cfg, stage))}, sort_keys=False), end="")
             return 0
         return _run_stage(cfg, stage)
 

@@ -424,4 +424,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, secrets redacted: what config.yaml and --plan show."""
+    from draftalign.redact import redact
+
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)

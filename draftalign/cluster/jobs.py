@@ -7,6 +7,7 @@ config is validated here first, so a typo fails on the laptop, not after an uplo
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from draftalign.errors import ConfigError
+from draftalign.redact import SECRET_OVERRIDES_ENV, split_secret_overrides
 
 DEFAULT_RUNTIME_ENV = Path(__file__).resolve().parents[2] / "cluster" / "runtime_env.yaml"
 AGENT_WAIT_S = 120  # how long to wait for a freshly started head's job agent
@@ -60,11 +62,14 @@ def submit(address: str, stage: str, config: str, overrides: list[str], env_file
         raise ConfigError(f"config {config!r} is outside the working directory {root}: the job could "
                           "not read it; move it into the repository") from None
     env = runtime_env(env_file, root)
+    public, secret = split_secret_overrides(overrides)
+    if secret:  # off the command line, which the dashboard, `ray job list` and the logs show
+        env["env_vars"] = {**(env.get("env_vars") or {}), SECRET_OVERRIDES_ENV: json.dumps(secret)}
     c = client(address)
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            return c.submit_job(entrypoint=entrypoint(stage, config_in_job, overrides), runtime_env=env,
+            return c.submit_job(entrypoint=entrypoint(stage, config_in_job, public), runtime_env=env,
                                 metadata={"draftalign_stage": stage, "config": config_in_job})
         except RuntimeError as exc:
             # A head that has just started answers before its job agent is up; that passes.

@@ -21,6 +21,7 @@ from draftalign.config import Config, ConfigError, EngineConfig
 from draftalign.evalreport import markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
 from draftalign.losses import LOSSES
+from draftalign.redact import redact_argv
 from draftalign.runinfo import write_run_info
 from draftalign.schemas import EVAL_SCHEMA, to_table, write_parquet_atomic
 from draftalign.specmetrics import acceptance_rate, block_efficiency
@@ -229,7 +230,7 @@ def _meta_parameters(path: str, trust_remote_code: bool) -> int:
 def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, int], target_params: int) -> str:
     ev = cfg.evaluate
     lines = ["# draftalign evaluate", "",
-             f"Command: `{shlex.join(['draftalign', *sys.argv[1:]])}`", "",
+             f"Command: `{shlex.join(['draftalign', *redact_argv(sys.argv[1:])])}`", "",
              f"Target: `{target}` ({target_params / 1e6:.1f}M parameters). "
              f"Tasks: {', '.join(t.name for t in ev.tasks)}. γ: {ev.gammas}; temperatures: {ev.temperatures}; "
              f"top-p {ev.top_p}; at most {ev.max_new_tokens} new tokens per prompt, batch 1.", ""]

@@ -20,6 +20,7 @@ from typing import Any
 from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, GenerateConfig
 from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
+from draftalign.redact import redact
 from draftalign.runinfo import write_json_atomic, write_run_info
 from draftalign.schemas import ERROR_SCHEMA, to_table, write_parquet_atomic
 from draftalign.seeds import open_rows, prepare_seeds
@@ -189,7 +190,7 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     final = row_key_counts(data_dir)
     all_errors = prep["errors"] + engine_errors
     manifest = {
-        "config": cfg.model_dump(mode="json"), **ident, "chat_template_hash": prep["template_hash"],
+        "config": redact(cfg.model_dump(mode="json")), **ident, "chat_template_hash": prep["template_hash"],
         "source": prep["source"],
         "counts": {
             "seeds_read": len(prep["seeds"]) + sum(e["stage"] == "seeds" and e["row_key"] is None
