@@ -86,8 +86,8 @@ def _submit(args: argparse.Namespace) -> int:
 
     from draftalign.cluster import jobs
 
-    load_config(args.config, args.overrides)  # validated here: a typo fails before any upload
-    job_id = jobs.submit(args.address, args.stage, args.config, args.overrides, args.runtime_env, Path.cwd())
+    cfg = load_config(args.config, args.overrides)  # validated here: a typo fails before any upload
+    job_id = jobs.submit(args.address, args.stage, args.config, args.overrides, args.runtime_env, Path.cwd(), cfg)
     print(f"submitted {args.stage} as job {job_id}")
     print(f"dashboard: {args.address.rstrip('/')}/#/jobs/{job_id}")
     print(f"follow it: draftalign job logs {job_id} --follow --address {args.address}")

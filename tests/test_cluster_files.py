@@ -77,8 +77,3 @@ def test_the_launcher_cluster_fits_every_stage_and_keeps_the_dashboard_on_loopba
         assert _fits(bundles, gpu_type["max_workers"], res["CPU"], res["GPU"]), stage
     (head_start,) = [c for c in cluster["head_start_ray_commands"] if c.startswith("ray start")]
     assert "--dashboard-host=127.0.0.1" in head_start
-
-
-def test_the_runtime_env_leaves_outputs_secrets_and_weights_behind():
-    env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
-    assert {"runs/", ".venv/", ".git/", ".env", "*.safetensors"} <= set(env["excludes"])
