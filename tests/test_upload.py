@@ -73,4 +73,5 @@ def test_the_cluster_files_use_the_same_lists():
     assert env["excludes"] == list(DENY)
     cluster = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
     assert cluster["rsync_exclude"] == list(DENY)
-    assert cluster["file_mounts"] == {f"/home/ray/draftalign/{a}": f"./{a}" for a in ALLOW}
+    mounts = {f"/home/ray/draftalign/{a}": f"./{a}" for a in ALLOW}
+    assert cluster["file_mounts"] == {**mounts, "/home/ray/.ray/auth_token": "~/.ray/auth_token"}
