@@ -16,6 +16,7 @@ from draftalign.config import Config, ConfigError, DistillConfig
 from draftalign.distillation import build_sequences, holdout_row
 from draftalign.models import check_compatible, count_parameters, load_model_config
 from draftalign.pipelines.generate import check_target_folder, target_identity
+from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.training import fit, materialize_in_order
 from draftalign.runinfo import fingerprint, write_run_info
@@ -97,6 +98,7 @@ def _model_config(cfg: Config, role: str, path: str, key: str):
                           f"`draftalign pretrain` first or set {key}") from None
 
 
+@locked_output("distill", lambda cfg: Path(cfg.distilled_path()).parent)
 def run_distill(cfg: Config) -> Path:
     """Distil (or reuse) the drafter for `distill.loss`; returns the exported model folder."""
     from draftalign.tokenization import load_tokenizer

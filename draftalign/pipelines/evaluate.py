@@ -21,6 +21,7 @@ from draftalign.config import Config, ConfigError, EngineConfig
 from draftalign.evalreport import markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
 from draftalign.losses import LOSSES
+from draftalign.pipelines.locks import locked_output
 from draftalign.redact import redact_argv
 from draftalign.runinfo import write_run_info
 from draftalign.schemas import EVAL_SCHEMA, to_table, write_parquet_atomic
@@ -258,6 +259,7 @@ VLLM_SAMPLED_NOTE = (
     "at T = 0 the engines agree.")
 
 
+@locked_output("evaluate", lambda cfg: cfg.evaluate.output)
 def run_evaluate(cfg: Config, log=None) -> list[dict]:
     """Run the sweep and write the report under evaluate.output; returns the summary records."""
     from draftalign.exportcheck import check_vocab

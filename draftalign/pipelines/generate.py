@@ -19,6 +19,7 @@ from typing import Any
 
 from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, GenerateConfig
+from draftalign.pipelines.locks import locked_output
 from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.redact import redact
 from draftalign.runinfo import write_json_atomic, write_run_info
@@ -157,6 +158,7 @@ def _write_errors(path: Path, rows: list[dict]) -> None:
         path.unlink(missing_ok=True)  # a rerun that fixed them must not leave stale errors behind
 
 
+@locked_output("generate", lambda cfg: cfg.generate.output)
 def run_generate(cfg: Config) -> dict[str, Any]:
     """Generate (or complete) the distillation set under generate.output; returns the manifest."""
     from draftalign.workers.generate_engine import run_passes
