@@ -167,6 +167,9 @@ class GenerateConfig(Strict):
     engine: EngineConfig = EngineConfig()
     rows_per_file: int = Field(256, ge=1)  # one data/ file per chunk: the unit a kill can lose
     max_retries: int = Field(2, ge=0)  # extra passes over rows whose engine request failed
+    # A folder whose rows were made otherwise (target, template, sampling, system prompt, seeds;
+    # its fingerprint.json) is refused; true discards those rows and generates anew.
+    overwrite: bool = False
     # Chaos testing: these row keys fail in the engine on the first pass (exercises the retries).
     inject_failure_row_keys: list[str] = Field(default_factory=list)
 

@@ -20,6 +20,7 @@ from typing import Any
 from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, GenerateConfig
 from draftalign.pipelines.locks import locked_output
+from draftalign.pipelines.setprint import check_set, row_determinants, write_fingerprint
 from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.redact import redact
 from draftalign.runinfo import write_json_atomic, write_run_info
@@ -175,8 +176,11 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     prep = _prepare(cfg, target)
     if Path(target).expanduser().is_dir():
         check_target_folder(Path(target).expanduser())
+    current = row_determinants(cfg, ident, prep["template_hash"])
+    check_set(out, current, gen.overwrite)  # rows made otherwise are never kept as "done"
     done = existing_row_keys(data_dir)  # a corrupt part is refused before anything is written
     write_run_info(out, cfg, "generate", ident)
+    write_fingerprint(out, current)
     data_dir.mkdir(parents=True, exist_ok=True)
     for stale in data_dir.glob(".*.tmp"):  # what a killed writer left; never a visible file
         stale.unlink(missing_ok=True)

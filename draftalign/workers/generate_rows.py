@@ -105,6 +105,9 @@ def pending(requests: Iterable[dict], done: set[str]) -> list[dict]:
     return [r for r in requests if r["row_key"] not in done]
 
 
+PART_RECOVERY = "move it out of data/ (or delete it) and rerun: the rows it held are generated again"
+
+
 def row_key_counts(data_dir: Path) -> Counter:
     """How often each row key occurs in `data/`: the files there are the record of what is done."""
     import pyarrow.parquet as pq
@@ -117,8 +120,7 @@ def row_key_counts(data_dir: Path) -> Counter:
         try:
             counts.update(pq.read_table(f, columns=["row_key"]).column("row_key").to_pylist())
         except (OSError, ValueError, KeyError) as exc:  # truncated, corrupt, or no row_key column
-            raise ConfigError(unreadable_parquet(f, exc, "move it out of data/ (or delete it) and rerun: "
-                                                 "the rows it held are generated again")) from None
+            raise ConfigError(unreadable_parquet(f, exc, PART_RECOVERY)) from None
     return counts
 
 
