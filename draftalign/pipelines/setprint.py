@@ -20,9 +20,13 @@ from draftalign.runinfo import write_json_atomic
 from draftalign.seeds import unreadable_parquet
 from draftalign.workers.generate_rows import PART_RECOVERY
 
-__all__ = ["FINGERPRINT", "row_determinants", "changes", "check_set", "write_fingerprint", "set_target_hashes"]
+__all__ = ["FINGERPRINT", "row_determinants", "changes", "check_set", "write_fingerprint", "set_target_hashes",
+           "SAME_NAME_HINT"]
 
 FINGERPRINT = "fingerprint.json"
+# A hub name hashes with the revision the hub resolves it to, or alone when the hub is unreachable.
+SAME_NAME_HINT = (" (same name, other hash: the weights changed, or, for a hub name, its revision moved or the hub "
+                  "was unreachable in one of the runs; a local snapshot in models.target pins it)")
 
 
 def row_determinants(cfg: Config, ident: dict[str, str], template_hash: str) -> dict[str, Any]:
@@ -55,8 +59,9 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs between two row_determinants, in words; [] when rows would come out the same."""
     out = []
     if old.get("target_hash") != new["target_hash"]:
+        hint = SAME_NAME_HINT if old.get("target_model") == new["target_model"] else ""
         out.append(f"target {old.get('target_model')!r} (hash {old.get('target_hash')}) -> "
-                   f"{new['target_model']!r} (hash {new['target_hash']})")
+                   f"{new['target_model']!r} (hash {new['target_hash']}){hint}")
     if old.get("chat_template_hash") != new["chat_template_hash"]:
         out.append(f"chat template hash {old.get('chat_template_hash')} -> {new['chat_template_hash']}")
     if "system_prompt" in old and old["system_prompt"] != new["system_prompt"]:
@@ -88,7 +93,11 @@ def _recorded(out: Path) -> dict[str, Any] | None:
     """The fingerprint of the set in `out`: its file, or what the rows of an older set carry."""
     path = out / FINGERPRINT
     if path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"{path} is not readable JSON ({exc}): delete it to check the set by its rows' "
+                              "target and template instead") from None
     parts = sorted((out / "data").glob("*.parquet"))
     if not parts:
         return None
