@@ -97,3 +97,20 @@ def test_same_target_name_with_other_weights_is_refused_with_a_hint(generate, tm
     shutil.copy(targets / "b" / "model.safetensors", targets / "moving" / "model.safetensors")  # re-exported
     with pytest.raises(ConfigError, match="same name, other hash: the weights changed"):
         generate(target="moving")
+
+
+def test_distill_accepts_a_set_its_own_target_generated(monkeypatch, tmp_path, targets):
+    import draftalign.pipelines.distill as distill
+
+    class Reached(Exception):
+        pass
+
+    def fit(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(distill, "_fit", fit)  # stop where Ray would start
+    distill_set(tmp_path / "set", 4, target=targets / "a")
+    cfg = load_config(TINY, [f"run.output={tmp_path / 'run'}", f"models.target={targets / 'a'}",
+                             f"distill.init_from={targets / 'a'}", f"distill.data={tmp_path / 'set'}"])
+    with pytest.raises(Reached):
+        distill.run_distill(cfg)
