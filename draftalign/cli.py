@@ -10,6 +10,7 @@ import yaml
 
 from draftalign.config import Config, dump_config, load_config
 from draftalign.errors import DraftalignError
+from draftalign.redact import redact, secret_overrides_from_env
 
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
 
@@ -66,11 +67,11 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
         from draftalign.modelimport import resolve_sources
 
         # GGUF models become folders here, once, before Ray starts (a bad file fails now).
-        cfg = resolve_sources(load_config(args.config, args.overrides))
+        cfg = resolve_sources(load_config(args.config, [*args.overrides, *secret_overrides_from_env()]))
         if args.plan:
             print(dump_config(cfg), end="")
             print("---")
-            print(yaml.safe_dump({"plan": _plan(cfg, stage)}, sort_keys=False), end="")
+            print(yaml.safe_dump({"plan": redact(_plan(cfg, stage))}, sort_keys=False), end="")
             return 0
         return _run_stage(cfg, stage)
 
@@ -88,8 +89,8 @@ def _submit(args: argparse.Namespace) -> int:
 
     from draftalign.cluster import jobs
 
-    load_config(args.config, args.overrides)  # validated here: a typo fails before any upload
-    job_id = jobs.submit(args.address, args.stage, args.config, args.overrides, args.runtime_env, Path.cwd())
+    cfg = load_config(args.config, args.overrides)  # validated here: a typo fails before any upload
+    job_id = jobs.submit(args.address, args.stage, args.config, args.overrides, args.runtime_env, Path.cwd(), cfg)
     print(f"submitted {args.stage} as job {job_id}")
     print(f"dashboard: {args.address.rstrip('/')}/#/jobs/{job_id}")
     print(f"follow it: draftalign job logs {job_id} --follow --address {args.address}")

@@ -8,7 +8,7 @@ Stage code receives these objects; nothing reads YAML or globals after the CLI.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,7 +21,15 @@ __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "dump_conf
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or infinite learning rate or temperature passes every `gt`/`ge`
+    # bound and would only show as a NaN loss or a crashed sampler deep inside a Ray worker.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Per-element bounds, so that an error names the exact entry (`evaluate.gammas.1`).
+Gamma = Annotated[int, Field(ge=1)]
+Temperature = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class RunConfig(Strict):
@@ -34,7 +42,7 @@ class RayConfig(Strict):
     # None: a fresh local Ray (or, inside a Ray job, the job's cluster); "auto" or
     # "ray://host:10001" joins a running cluster.
     address: str | None = None
-    num_cpus: int | None = None  # local Ray only: caps what a laptop hands to Ray
+    num_cpus: int | None = Field(None, ge=1)  # local Ray only: caps what a laptop hands to Ray
     dashboard_host: str = "127.0.0.1"  # loopback unless the operator opts in
     include_dashboard: bool = True
 
@@ -75,13 +83,13 @@ class CorpusConfig(Strict):
     hf_name: str | None = None
     hf_config: str | None = None
     hf_split: str = "train"
-    max_documents: int | None = None
+    max_documents: int | None = Field(None, ge=1)
     holdout_fraction: float = Field(0.02, ge=0.0, lt=0.5)
 
 
 class OptimConfig(Strict):
     lr: float = Field(3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(20, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
@@ -166,6 +174,9 @@ class GenerateConfig(Strict):
     engine: EngineConfig = EngineConfig()
     rows_per_file: int = Field(256, ge=1)  # one data/ file per chunk: the unit a kill can lose
     max_retries: int = Field(2, ge=0)  # extra passes over rows whose engine request failed
+    # A folder whose rows were made otherwise (target, template, sampling, system prompt, seeds;
+    # its fingerprint.json) is refused; true discards those rows and generates anew.
+    overwrite: bool = False
     # Chaos testing: these row keys fail in the engine on the first pass (exercises the retries).
     inject_failure_row_keys: list[str] = Field(default_factory=list)
 
@@ -329,10 +340,10 @@ class EvaluateConfig(Strict):
     tasks: list[EvalTaskConfig] = Field(default_factory=_default_eval_tasks, min_length=1)
     # None: the pretrained drafter ("pretrained") plus every distilled drafter whose export
     # exists (named after its loss). A listed drafter that does not exist is an error.
-    drafters: list[DrafterRef] | None = None
+    drafters: list[DrafterRef] | None = Field(None, min_length=1)
     engines: list[Literal["reference", "vllm"]] = Field(default_factory=lambda: ["reference"], min_length=1)
-    gammas: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
-    temperatures: list[float] = Field(default_factory=lambda: [0.0, 1.0], min_length=1)
+    gammas: list[Gamma] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
+    temperatures: list[Temperature] = Field(default_factory=lambda: [0.0, 1.0], min_length=1)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_prompts: int = Field(50, ge=1)  # per task
     max_new_tokens: int = Field(128, ge=1)
@@ -345,10 +356,6 @@ class EvaluateConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:
-        if any(g < 1 for g in self.gammas):
-            raise ValueError(f"gammas must be >= 1: {self.gammas}")
-        if any(t < 0 for t in self.temperatures):
-            raise ValueError(f"temperatures must be >= 0: {self.temperatures}")
         for engine in self.engines:
             if not self.engine_temperatures(engine):
                 raise ValueError(f"evaluate.{engine}.temperatures {getattr(self, engine).temperatures} "
@@ -384,6 +391,10 @@ class Config(Strict):
             return data
         run = data.get("run") or {}
         root = run.get("output", RunConfig().output) if isinstance(run, dict) else RunConfig().output
+        if not isinstance(root, str):
+            # run.output itself fails validation with its key; the stages get a placeholder so
+            # the error is that one line, not a TypeError here or four missing outputs.
+            root = RunConfig().output
         data = dict(data)
         for stage in ("pretrain", "generate", "distill", "evaluate"):
             section = data.get(stage) or {}
@@ -418,7 +429,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} sets a key below the non-mapping {part!r}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            detail = " ".join(str(exc).split())
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({detail}); "
+                              "quote it for a plain string, e.g. a.b='[x'") from None
     return out
 
 
@@ -454,6 +470,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}: "
+                              f"{exc.reason}); save it as UTF-8") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
@@ -468,4 +487,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, secrets redacted: what config.yaml and --plan show."""
+    from draftalign.redact import redact
+
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)

@@ -92,6 +92,7 @@ def build_prompts(task: EvalTaskConfig, rows: Iterator[dict] | list[dict], limit
         raise EvalDataError(f"task {task.name!r}: fields.instruction is null, so set the task's "
                             "`instruction` text (e.g. 'Summarize the following article.')")
     out: list[dict] = []
+    first_row: dict[str, int] = {}  # id -> row number: the baselines and rows are keyed by id
     for n, row in enumerate(rows, start=1):
         if len(out) >= limit:
             break
@@ -107,7 +108,13 @@ def build_prompts(task: EvalTaskConfig, rows: Iterator[dict] | list[dict], limit
         except (KeyError, IndexError, ValueError) as exc:
             raise EvalDataError(f"task {task.name!r}: bad template {task.template!r}: use only "
                                 f"{{instruction}} and {{input}} ({type(exc).__name__}: {exc})") from None
-        out.append({"id": _row_id(task, n, row, user), "task": task.name, "kind": task.kind,
+        pid = _row_id(task, n, row, user)
+        if pid in first_row:
+            raise EvalDataError(f"task {task.name!r} ({_source(task)}), row {n}: duplicate id {pid!r} (also row "
+                                f"{first_row[pid]}); the target-alone baseline is keyed by id, so make the ids "
+                                "unique or set fields.id: null to derive them from the prompt text")
+        first_row[pid] = n
+        out.append({"id": pid, "task": task.name, "kind": task.kind,
                     "instruction": instruction, "input": context, "user": user})
     if not out:
         raise EvalDataError(f"task {task.name!r}: no rows in {_source(task)}")

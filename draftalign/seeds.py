@@ -22,10 +22,14 @@ from pydantic import BaseModel, ConfigDict
 from draftalign.errors import ConfigError
 
 __all__ = ["SeedFields", "normalize_text", "seed_id", "prepare_seeds", "open_rows", "read_seed_file",
-           "SUPPORTED_SUFFIXES"]
+           "SUPPORTED_SUFFIXES", "MAX_FIELD_CHARS", "unreadable_parquet"]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
 RAW_LIMIT = 2000  # chars of the original row kept in an error row: enough to find it, not a copy
+# No prompt fits a context of a million characters; a field beyond that is a broken export, and
+# tokenizing or copying it would cost minutes and gigabytes before the context check refuses it.
+MAX_FIELD_CHARS = 1_000_000
+MAX_LINE_BYTES = 16 * MAX_FIELD_CHARS  # a JSONL line past this is refused unparsed, never held whole
 ERROR_KEY = "__error__"  # read_seed_file marks an unreadable line with this key
 RAW_KEY = "__raw__"
 
@@ -50,6 +54,10 @@ class _Bad(Exception):
     """A row-level problem; its message is the error row's reason."""
 
 
+class _TooLong(_Bad):
+    """A field over MAX_FIELD_CHARS; the reason gets the row number, as the raw text is cut."""
+
+
 def normalize_text(s: str) -> str:
     """NFKC, lowercase, whitespace runs collapsed to one space, stripped: the dedup key."""
     return " ".join(unicodedata.normalize("NFKC", s).lower().split())
@@ -69,6 +77,8 @@ def _text(value: Any, name: str, *, allow_empty: bool = False) -> str:
             raise _Bad(f"invalid UTF-8 in field {name!r}: {exc}") from None
     if not isinstance(value, str):
         raise _Bad(f"not text: field {name!r} holds {type(value).__name__}, expected a string")
+    if len(value) > MAX_FIELD_CHARS:
+        raise _TooLong(f"field too long: {name!r} holds {len(value):,} characters (limit {MAX_FIELD_CHARS:,})")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -133,7 +143,7 @@ def prepare_seeds(
     errors: list[dict] = []
     kept_by_text: dict[str, str] = {}  # normalised text -> id of the seed that kept it
     text_by_id: dict[str, str] = {}
-    for row in rows:
+    for n, row in enumerate(rows, start=1):
         if max_seeds is not None and len(good) >= max_seeds:
             break
         row_id: str | None = None
@@ -171,7 +181,8 @@ def prepare_seeds(
             if row_id in text_by_id:
                 raise _Bad(f"duplicate id {row_id!r}: an earlier seed with different text has it")
         except _Bad as exc:
-            errors.append({"id": row_id, "source": row_source, "reason": str(exc), "raw": _raw(row)})
+            reason = f"row {n}: {exc}" if isinstance(exc, _TooLong) else str(exc)
+            errors.append({"id": row_id, "source": row_source, "reason": reason, "raw": _raw(row)})
             continue
         kept_by_text[key] = row_id
         text_by_id[row_id] = key
@@ -206,19 +217,40 @@ def read_seed_file(path: str | Path) -> Iterator[dict]:
     path = Path(path).expanduser()
     if path.suffix not in SUPPORTED_SUFFIXES:
         supported = ", ".join(SUPPORTED_SUFFIXES)
-        raise ValueError(f"seed file {str(path)!r}: unsupported suffix {path.suffix!r}; supported: {supported}")
+        raise ConfigError(f"data file {str(path)!r}: unsupported suffix {path.suffix!r}; supported: {supported} "
+                          "(a JSON array converts with `jq -c '.[]' FILE.json > FILE.jsonl`)")
     if not path.is_file():
         raise FileNotFoundError(f"seed file {str(path)!r} does not exist")
     return _read_jsonl(path) if path.suffix == ".jsonl" else _read_parquet(path)
 
 
+def _lines(f) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, bytes, length) per line; bytes is None for a line over MAX_LINE_BYTES, which
+    is skipped in chunks so that a runaway line never sits in memory whole."""
+    n = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        n += 1
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield n, raw, len(raw)
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n") and (raw := f.readline(MAX_LINE_BYTES)):
+            size += len(raw)
+        yield n, None, size
+
+
 def _read_jsonl(path: Path) -> Iterator[dict]:
     with path.open("rb") as f:  # bytes, so one bad line is reported instead of failing the file
-        for n, raw in enumerate(f, start=1):
+        for n, raw, size in _lines(f):
+            if raw is None:
+                yield {ERROR_KEY: f"line {n}: line too long: {size:,} bytes (limit {MAX_LINE_BYTES:,})",
+                       RAW_KEY: f"<{size:,} bytes not read>"}
+                continue
             if not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8")
+                # A BOM that Windows editors put before the first line is not part of the JSON.
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 yield {ERROR_KEY: f"line {n}: invalid UTF-8: {exc}", RAW_KEY: raw.decode("utf-8", "replace")}
                 continue
@@ -236,5 +268,16 @@ def _read_jsonl(path: Path) -> Iterator[dict]:
 def _read_parquet(path: Path) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        yield from batch.to_pylist()
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        for batch in batches:
+            yield from batch.to_pylist()
+    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise ConfigError(unreadable_parquet(path, exc, "replace it with a good copy (a truncated "
+                                             "download or copy is the usual cause)")) from None
+
+
+def unreadable_parquet(path: str | Path, exc: BaseException, recovery: str) -> str:
+    """One line for a truncated or corrupt Parquet file: which file, why, what to do."""
+    detail = " ".join(str(exc).split())[:300]
+    return f"{str(path)!r} is not a readable Parquet file ({type(exc).__name__}: {detail}); {recovery}"

@@ -75,10 +75,29 @@ def test_the_launcher_cluster_fits_every_stage_and_keeps_the_dashboard_on_loopba
     res = gpu_type["resources"]
     for stage, bundles in _stage_bundles(paper).items():
         assert _fits(bundles, gpu_type["max_workers"], res["CPU"], res["GPU"]), stage
-    (head_start,) = [c for c in cluster["head_start_ray_commands"] if c.startswith("ray start")]
+    (head_start,) = [c for c in cluster["head_start_ray_commands"] if "ray start" in c]
     assert "--dashboard-host=127.0.0.1" in head_start
 
 
-def test_the_runtime_env_leaves_outputs_secrets_and_weights_behind():
-    env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
-    assert {"runs/", ".venv/", ".git/", ".env", "*.safetensors"} <= set(env["excludes"])
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_both_cluster_files_start_ray_with_token_authentication():
+    job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())["spec"]
+    spec = job["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"]),
+            job["submitterPodTemplate"]]
+    secret = {"secretKeyRef": {"name": "draftalign-ray-token", "key": "auth_token"}}
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            env = _env(container)
+            assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == secret, container["name"]
+
+    cluster = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    starts = [c for c in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
+    assert "--env RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]
+    token_path = "/home/ray/.ray/auth_token"
+    assert f"--env RAY_AUTH_TOKEN_PATH={token_path}" in cluster["docker"]["run_options"]
+    assert cluster["file_mounts"][token_path] == "~/.ray/auth_token"

@@ -20,7 +20,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     tiny_llama(root / "target", seed=0, hidden=64)
     tiny_llama(root / "draft", seed=1, hidden=32)
-    distill_set(root / "set", 40)
+    distill_set(root / "set", 40, target=root / "target")
     return root
 
 

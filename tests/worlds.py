@@ -18,9 +18,13 @@ def tiny_llama(path: Path, seed: int, hidden: int) -> None:
                                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2)).save_pretrained(path)
 
 
-def distill_set(folder: Path, n_seeds: int) -> None:
-    """A distillation set of random token rows, one greedy row per seed, in `folder/data`."""
+def distill_set(folder: Path, n_seeds: int, target: Path | None = None) -> None:
+    """A distillation set of random token rows, one greedy row per seed, in `folder/data`, as if
+    `target` (whose hash distill checks) had generated it."""
+    from draftalign.pipelines.generate import target_identity
     from draftalign.schemas import DISTILL_SCHEMA, SCHEMA_VERSION, to_table, write_parquet_atomic
+
+    target_hash = target_identity(str(target))["target_hash"] if target else "h"
 
     rng = random.Random(0)
     rows = []
@@ -33,5 +37,5 @@ def distill_set(folder: Path, n_seeds: int) -> None:
             "response_text": "", "response_token_ids": response, "finish_reason": "stop",
             "sampling": {"name": "greedy", "temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": None},
             "num_input_tokens": len(prompt), "num_generated_tokens": len(response), "target_model": "t",
-            "target_hash": "h", "chat_template_hash": "c", "schema_version": SCHEMA_VERSION})
+            "target_hash": target_hash, "chat_template_hash": "c", "schema_version": SCHEMA_VERSION})
     write_parquet_atomic(to_table(rows, DISTILL_SCHEMA), folder / "data" / "part-0.parquet")

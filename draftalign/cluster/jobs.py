@@ -7,15 +7,20 @@ config is validated here first, so a typo fails on the laptop, not after an uplo
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from draftalign.cluster.upload import stage_upload
+from draftalign.config import Config
 from draftalign.errors import ConfigError
+from draftalign.redact import SECRET_OVERRIDES_ENV, split_secret_overrides
 
 DEFAULT_RUNTIME_ENV = Path(__file__).resolve().parents[2] / "cluster" / "runtime_env.yaml"
 AGENT_WAIT_S = 120  # how long to wait for a freshly started head's job agent
@@ -52,7 +57,7 @@ def client(address: str):
 
 
 def submit(address: str, stage: str, config: str, overrides: list[str], env_file: str | None,
-           root: Path) -> str:
+           root: Path, cfg: Config) -> str:
     rel = Path(config).resolve()
     try:
         config_in_job = str(rel.relative_to(root.resolve()))
@@ -60,14 +65,23 @@ def submit(address: str, stage: str, config: str, overrides: list[str], env_file
         raise ConfigError(f"config {config!r} is outside the working directory {root}: the job could "
                           "not read it; move it into the repository") from None
     env = runtime_env(env_file, root)
+    public, secret = split_secret_overrides(overrides)
+    if secret:  # off the command line, which the dashboard, `ray job list` and the logs show
+        env["env_vars"] = {**(env.get("env_vars") or {}), SECRET_OVERRIDES_ENV: json.dumps(secret)}
     c = client(address)
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        try:
-            return c.submit_job(entrypoint=entrypoint(stage, config_in_job, overrides), runtime_env=env,
-                                metadata={"draftalign_stage": stage, "config": config_in_job})
-        except RuntimeError as exc:
-            # A head that has just started answers before its job agent is up; that passes.
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(3)
+    with tempfile.TemporaryDirectory(prefix="draftalign-upload-") as staging:
+        wd = env.get("working_dir")
+        if wd and Path(wd).is_dir():  # a local folder: upload its allow-list, not the folder
+            files = stage_upload(Path(wd), rel, cfg, Path(staging))
+            print(f"uploading {len(files)} files from {wd} (draftalign/cluster/upload.py says which)")
+            env["working_dir"] = staging
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:  # the package is uploaded here, before the staging folder goes
+                return c.submit_job(entrypoint=entrypoint(stage, config_in_job, public), runtime_env=env,
+                                    metadata={"draftalign_stage": stage, "config": config_in_job})
+            except RuntimeError as exc:
+                # A head that has just started answers before its job agent is up; that passes.
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(3)

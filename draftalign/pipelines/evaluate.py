@@ -21,7 +21,9 @@ from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, EngineConfig
 from draftalign.evalreport import markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
+from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import MODEL_INFO
+from draftalign.redact import redact_argv
 from draftalign.runinfo import write_run_info
 from draftalign.schemas import EVAL_SCHEMA, to_table, write_parquet_atomic
 from draftalign.specmetrics import acceptance_rate, block_efficiency
@@ -241,7 +243,7 @@ def _meta_parameters(path: str, trust_remote_code: bool) -> int:
 def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, int], target_params: int) -> str:
     ev = cfg.evaluate
     lines = ["# draftalign evaluate", "",
-             f"Command: `{shlex.join(['draftalign', *sys.argv[1:]])}`", "",
+             f"Command: `{shlex.join(['draftalign', *redact_argv(sys.argv[1:])])}`", "",
              f"Target: `{target}` ({target_params / 1e6:.1f}M parameters). "
              f"Tasks: {', '.join(t.name for t in ev.tasks)}. γ: {ev.gammas}; temperatures: {ev.temperatures}; "
              f"top-p {ev.top_p}; at most {ev.max_new_tokens} new tokens per prompt, batch 1.", ""]
@@ -270,6 +272,7 @@ VLLM_SAMPLED_NOTE = (
     "at T = 0 the engines agree.")
 
 
+@locked_output("evaluate", lambda cfg: cfg.evaluate.output)
 def run_evaluate(cfg: Config, log=None) -> list[dict]:
     """Run the sweep and write the report under evaluate.output; returns the summary records."""
     from draftalign.exportcheck import check_vocab
@@ -281,9 +284,12 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     target = cfg.target_path()
     if _looks_local(target) and not Path(target).expanduser().is_dir():
         raise ConfigError(f"target {target!r} does not exist: run `draftalign pretrain` or set models.target")
+    if Path(target).expanduser().is_dir():
+        from draftalign.pipelines.generate import check_target_folder
+
+        check_target_folder(Path(target).expanduser())
     drafters = resolve_drafters(cfg)
     out = Path(ev.output)
-    write_run_info(out, cfg, "evaluate", {"drafters": drafters})
     for d in drafters:
         check_vocab(target, d["path"], cfg.models.trust_remote_code)
     tok = ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
@@ -293,6 +299,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     if "vllm" in ev.engines:
         context = min(context, ev.vllm.max_model_len)
     prompts = _prompts(cfg, tok, context, log)
+    write_run_info(out, cfg, "evaluate", {"drafters": drafters})  # after every input check: a refusal writes nothing
     if _vllm_sampled(ev):
         log(f"[evaluate] {VLLM_SAMPLED_NOTE}")
     first = next(iter(prompts.values()))[0]["token_ids"]

@@ -19,7 +19,10 @@ from typing import Any
 
 from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, GenerateConfig
+from draftalign.pipelines.locks import locked_output
+from draftalign.pipelines.setprint import check_set, row_determinants, write_fingerprint
 from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
+from draftalign.redact import redact
 from draftalign.runinfo import write_json_atomic, write_run_info
 from draftalign.schemas import ERROR_SCHEMA, to_table, write_parquet_atomic
 from draftalign.seeds import open_rows, prepare_seeds
@@ -71,7 +74,14 @@ def check_target_folder(folder: Path) -> None:
         raise ConfigError(f"target model {str(folder)!r}: config.json is missing or unreadable ({exc})") from None
     from safetensors import safe_open
 
-    for f in sorted(folder.glob("*.safetensors")):
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        # Every loader here is safetensors-only; finding out from a dead Ray actor costs minutes.
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise ConfigError(f"target model {str(folder)!r} holds no *.safetensors weights"
+                          + (f" (only {', '.join(others)}, which would need unpickling)" if others else "")
+                          + "; re-save it with save_pretrained(folder, safe_serialization=True)")
+    for f in weights:
         try:
             with safe_open(str(f), "pt"):
                 pass
@@ -102,7 +112,7 @@ def existing_row_keys(data_dir: Path) -> set[str]:
 
 def reason_kind(reason: str) -> str:
     """The reason without its details, for counts: "missing field 'instruction'", "too long ..."."""
-    return re.sub(r"^line \d+: ", "", reason).split(":")[0].strip()
+    return re.sub(r"^(line|row) \d+: ", "", reason).split(":")[0].strip()
 
 
 def describe_generate(cfg: Config) -> dict[str, Any]:
@@ -149,6 +159,7 @@ def _write_errors(path: Path, rows: list[dict]) -> None:
         path.unlink(missing_ok=True)  # a rerun that fixed them must not leave stale errors behind
 
 
+@locked_output("generate", lambda cfg: cfg.generate.output)
 def run_generate(cfg: Config) -> dict[str, Any]:
     """Generate (or complete) the distillation set under generate.output; returns the manifest."""
     from draftalign.workers.generate_engine import run_passes
@@ -165,11 +176,14 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     prep = _prepare(cfg, target)
     if Path(target).expanduser().is_dir():
         check_target_folder(Path(target).expanduser())
+    current = row_determinants(cfg, ident, prep["template_hash"])
+    check_set(out, current, gen.overwrite)  # rows made otherwise are never kept as "done"
+    done = existing_row_keys(data_dir)  # a corrupt part is refused before anything is written
     write_run_info(out, cfg, "generate", ident)
+    write_fingerprint(out, current)
     data_dir.mkdir(parents=True, exist_ok=True)
     for stale in data_dir.glob(".*.tmp"):  # what a killed writer left; never a visible file
         stale.unlink(missing_ok=True)
-    done = existing_row_keys(data_dir)
     todo = pending(prep["requests"], done)
     _write_errors(err_dir / "seeds.parquet", prep["errors"])
     print(f"[generate] {len(prep['seeds'])} seeds, {len(prep['requests'])} requests, "
@@ -182,7 +196,7 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     final = row_key_counts(data_dir)
     all_errors = prep["errors"] + engine_errors
     manifest = {
-        "config": cfg.model_dump(mode="json"), **ident, "chat_template_hash": prep["template_hash"],
+        "config": redact(cfg.model_dump(mode="json")), **ident, "chat_template_hash": prep["template_hash"],
         "source": prep["source"],
         "counts": {
             "seeds_read": len(prep["seeds"]) + sum(e["stage"] == "seeds" and e["row_key"] is None

@@ -22,6 +22,7 @@ from draftalign.models import (
     drafter_config,
     load_model_config,
 )
+from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.training import fit, materialize_in_order
 from draftalign.runinfo import fingerprint, write_run_info
@@ -170,6 +171,7 @@ def _job_fingerprint(cfg: Config, job: PretrainJob, model_config: Any, tok) -> s
                        model_config.to_dict(), vocab_fingerprint(tok))
 
 
+@locked_output("pretrain", lambda cfg: cfg.pretrain.output)
 def run_pretrain(cfg: Config) -> dict[str, Path]:
     """Train (or reuse) every selected job; returns {job name: exported model folder}."""
     out = Path(cfg.pretrain.output)

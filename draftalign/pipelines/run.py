@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from draftalign.config import Config
+from draftalign.pipelines.locks import locked_output
 from draftalign.runinfo import write_json_atomic, write_run_info
 
 
@@ -62,6 +63,7 @@ def _stages(cfg: Config) -> list[tuple[str, Callable[[Config], Any], str]]:
                      ("evaluate", run_evaluate, cfg.evaluate.output)]
 
 
+@locked_output("run", lambda cfg: cfg.run.output)
 def run_all(cfg: Config) -> dict[str, Any]:
     """Run the stages in order; returns the run manifest (also written as it goes)."""
     root = Path(cfg.run.output)

@@ -105,13 +105,22 @@ def pending(requests: Iterable[dict], done: set[str]) -> list[dict]:
     return [r for r in requests if r["row_key"] not in done]
 
 
+PART_RECOVERY = "move it out of data/ (or delete it) and rerun: the rows it held are generated again"
+
+
 def row_key_counts(data_dir: Path) -> Counter:
     """How often each row key occurs in `data/`: the files there are the record of what is done."""
     import pyarrow.parquet as pq
 
+    from draftalign.errors import ConfigError
+    from draftalign.seeds import unreadable_parquet
+
     counts: Counter = Counter()
     for f in sorted(Path(data_dir).glob("*.parquet")):  # hidden .tmp files of a killed writer do not match
-        counts.update(pq.read_table(f, columns=["row_key"]).column("row_key").to_pylist())
+        try:
+            counts.update(pq.read_table(f, columns=["row_key"]).column("row_key").to_pylist())
+        except (OSError, ValueError, KeyError) as exc:  # truncated, corrupt, or no row_key column
+            raise ConfigError(unreadable_parquet(f, exc, PART_RECOVERY)) from None
     return counts
 
 
