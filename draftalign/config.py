@@ -214,6 +214,9 @@ class TargetPoolConfig(Strict):
 
     actors: int = Field(1, ge=1)  # per train worker, placed on that worker's node
     cpus_per_actor: float = Field(1.0, gt=0)
+    # torch threads in each actor (None: Ray's default, one per CPU asked). More than the CPUs
+    # asked helps on a small machine where the trainer mostly waits for the target.
+    threads: int | None = Field(None, ge=1)
     use_gpu: bool = False
     gpus_per_actor: float = Field(1.0, ge=0)  # when use_gpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU

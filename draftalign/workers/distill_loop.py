@@ -15,7 +15,7 @@ import torch
 
 from draftalign.cluster.metrics import record
 from draftalign.config import DistillConfig, LossConfig
-from draftalign.distillation import heldout_means, heldout_sums
+from draftalign.distillation import heldout_means, heldout_sums, trim_padding
 from draftalign.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
 from draftalign.workers.trainer import Trainer, mean_across_workers
 
@@ -69,6 +69,7 @@ class DistillTask:
             yield i, (batch, reply)
 
     def _draft_and_target(self, engine, batch, reply):
+        batch = trim_padding(batch)
         mask = batch["loss_mask"].to(engine.device).bool()
         logits = engine(input_ids=batch["input_ids"].to(engine.device),
                         attention_mask=batch["attention_mask"].to(engine.device)).logits

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from draftalign.config import TargetPoolConfig
+from draftalign.distillation import trim_padding
 from draftalign.errors import DraftalignError
 
 _WIRE = {"float16": torch.float16, "float32": torch.float32}
@@ -46,8 +47,8 @@ def target_logprobs(model, batch: dict[str, Any], top_k: int | None, wire_dtype:
     """Next-token log-probs of the target at the masked positions of a batch (see module doc)."""
     device = next(model.parameters()).device
     # Arrays from Ray's object store are read-only; torch warns on wrapping them, so copy (ints, small).
-    ids, attn, mask = (torch.tensor(np.asarray(batch[k]), device=device)
-                       for k in ("input_ids", "attention_mask", "loss_mask"))
+    batch = trim_padding({k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")})
+    ids, attn, mask = (torch.tensor(batch[k], device=device) for k in ("input_ids", "attention_mask", "loss_mask"))
     mask = mask.bool()
     logits = model(input_ids=ids, attention_mask=attn).logits[mask]
     logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V], normalised in float32
@@ -132,6 +133,8 @@ class TargetActor:
 
     def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None,
                  cache_dir: str | None = None) -> None:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.model = load_target(path, cfg.precision, cfg.use_gpu)
         self.cfg = cfg
         self.requests = 0
