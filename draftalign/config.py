@@ -464,23 +464,34 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping; `extends: OTHER.yaml` (relative to the file) is read first and
+    this file merged over it, so a variant states only what it changes."""
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    if p.resolve() in chain:
+        raise ConfigError(f"config file {str(p)!r} extends itself (through {', '.join(map(str, chain))})")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}: "
+                          f"{exc.reason}); save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    data = dict(loaded or {})
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {str(p)!r}: extends must be a file name, not {base!r}")
+    return deep_merge(_read_yaml(p.parent / base, (*chain, p.resolve())), data)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read YAML (or nothing), apply overrides, validate once. Raises ConfigError."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}: "
-                              f"{exc.reason}); save it as UTF-8") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
-        data = loaded or {}
+    data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides or []))
     data.setdefault("pretrain", {})
     try:

@@ -109,6 +109,53 @@ def markdown_table(records: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_table(records: Sequence[dict], metric: str = "block_efficiency") -> str:
+    """The paper's layout: a row per task × engine × γ × T, a column per drafter, the best of
+    each row in bold (ties all bold). Empty when there is one drafter: nothing to compare."""
+    drafters = list(dict.fromkeys(r["drafter"] for r in records))
+    if len(drafters) < 2:
+        return ""
+    cells: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        cells.setdefault((r["task"], r["engine"], r["gamma"], r["temperature"]), {})[r["drafter"]] = r[metric]
+    lines = [f"| task | engine | γ | T | {' | '.join(drafters)} |",
+             "|---|---|---:|---:|" + "---:|" * len(drafters)]
+    for (task, engine, gamma, temp), row in cells.items():
+        best = max((v for v in row.values() if v is not None), default=None)
+        shown = [("**" + _fmt(row[d]) + "**") if row.get(d) is not None and best is not None
+                 and round(row[d], 2) == round(best, 2) else _fmt(row.get(d)) for d in drafters]
+        lines.append(f"| {task} | {engine} | {gamma} | {temp:g} | {' | '.join(shown)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_plot(out: Path, records: Sequence[dict], plt) -> list[str]:
+    """τ per drafter, grouped by task, at each temperature, for the γ the paper reports (3, else
+    the middle one): the comparison table at a glance."""
+    drafters = list(dict.fromkeys(r["drafter"] for r in records))
+    if len(drafters) < 2:
+        return []
+    gammas = sorted({r["gamma"] for r in records})
+    gamma = 3 if 3 in gammas else gammas[len(gammas) // 2]
+    temps = sorted({r["temperature"] for r in records})
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    fig, axes = plt.subplots(1, len(temps), figsize=(1.2 + 0.9 * len(tasks) * len(drafters) / 2.5 * len(temps), 3.8),
+                             squeeze=False, sharey=True)
+    width = 0.8 / len(drafters)
+    for ax, temp in zip(axes[0], temps, strict=True):
+        for j, drafter in enumerate(drafters):
+            vals = [next((r["block_efficiency"] for r in records if r["task"] == task and r["drafter"] == drafter
+                          and r["gamma"] == gamma and r["temperature"] == temp), 0.0) for task in tasks]
+            ax.bar([i + j * width for i in range(len(tasks))], vals, width, label=drafter)
+        ax.set(title=f"γ={gamma}, T={temp:g}", xticks=[i + 0.4 - width / 2 for i in range(len(tasks))],
+               xticklabels=tasks, ylim=(1, gamma + 1))
+    axes[0][0].set_ylabel("block efficiency τ")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "comparison.png", dpi=110)
+    plt.close(fig)
+    return ["comparison.png"]
+
+
 def _write_csv(path: Path, records: Sequence[dict]) -> None:
     from draftalign.runinfo import write_text_atomic
 
@@ -166,7 +213,7 @@ def _plots(out: Path, records: Sequence[dict]) -> list[str]:
     fig.savefig(out / "acceptance_per_position.png", dpi=110)
     plt.close(fig)
     written.append("acceptance_per_position.png")
-    return written
+    return written + _comparison_plot(out, records, plt)
 
 
 def write_report(out: str | Path, records: Sequence[dict], header: str = "", plots: bool = True) -> dict[str, str]:
@@ -179,7 +226,11 @@ def write_report(out: str | Path, records: Sequence[dict], header: str = "", plo
     _write_csv(out / "summary.csv", records)
     files = {"summary.json": str(out / "summary.json"), "summary.csv": str(out / "summary.csv")}
     pngs = _plots(out, records) if plots else []
-    body = header + "\n" + markdown_table(records) + "".join(f"\n![{p}]({p})\n" for p in pngs)
+    comparison = comparison_table(records)
+    if comparison:
+        comparison = "\n## Block efficiency τ by drafter (best of each row in bold)\n\n" + comparison
+    body = (header + comparison + "\n## Every cell\n\n" + markdown_table(records)
+            + "".join(f"\n![{p}]({p})\n" for p in pngs))
     write_text_atomic(out / "report.md", body)
     files["report.md"] = str(out / "report.md")
     files.update({p: str(out / p) for p in pngs})

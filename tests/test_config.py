@@ -91,3 +91,22 @@ def test_target_and_target_job_conflict(capsys):
     rc = main(["pretrain", str(TINY), "models.target=/some/model", "--plan"])
     assert rc == 2
     assert "models.target" in capsys.readouterr().err
+
+
+def test_a_config_extends_another_and_states_only_what_it_changes(tmp_path):
+    from draftalign.config import ConfigError, load_config
+
+    base = tmp_path / "base.yaml"
+    base.write_text("run: {name: base, output: runs/base}\ndistill:\n  losses: [{name: tvd++}]\n"
+                    "  train: {max_steps: 7}\n")
+    (tmp_path / "variant.yaml").write_text("extends: base.yaml\nrun: {name: variant}\n"
+                                           "distill:\n  losses: [{name: tvd}, {name: forward_kl}]\n")
+    cfg = load_config(tmp_path / "variant.yaml")
+    assert (cfg.run.name, cfg.run.output) == ("variant", "runs/base")  # mappings merge key by key
+    assert [x.name for x in cfg.distill.losses] == ["tvd", "forward_kl"] and cfg.distill.train.max_steps == 7
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml.*does not exist"):
+        load_config(tmp_path / "missing.yaml")

@@ -74,3 +74,23 @@ def test_draft_acceptance_rate_is_labelled_apart_from_expected_acceptance(tmp_pa
     assert "draft_acceptance=0.67 " in line
     write_report(tmp_path, [rec], plots=False)
     assert "draft acceptance (accepted/drafted)" in (tmp_path / "report.md").read_text()
+
+
+def test_the_comparison_table_has_a_column_per_drafter_and_marks_the_best(tmp_path):
+    from draftalign.evalreport import comparison_table, write_report
+
+    def rec(drafter, task, tau, gamma=3, t=0.0):
+        return {"drafter": drafter, "task": task, "engine": "reference", "gamma": gamma, "temperature": t,
+                "block_efficiency": tau, "draft_acceptance_rate": 0.5, "mbsu": 1.0, "speedup": None,
+                "tokens_per_s_spec": None, "tokens_per_s_ar": None, "acceptance_per_position": [0.5, 0.4, 0.3]}
+
+    records = [rec("pretrained", "open_ended", 1.5), rec("tvd", "open_ended", 2.25), rec("tvd++", "open_ended", 2.5),
+               rec("pretrained", "translate", 1.4), rec("tvd", "translate", 1.2), rec("tvd++", "translate", 1.4)]
+    lines = comparison_table(records).splitlines()
+    assert lines[0] == "| task | engine | γ | T | pretrained | tvd | tvd++ |"
+    assert lines[2] == "| open_ended | reference | 3 | 0 | 1.50 | 2.25 | **2.50** |"
+    assert lines[3] == "| translate | reference | 3 | 0 | **1.40** | 1.20 | **1.40** |"  # a tie: both bold
+    assert comparison_table([r for r in records if r["drafter"] == "tvd"]) == ""  # one drafter: no comparison
+    files = write_report(tmp_path, records, "# header\n")
+    assert "comparison.png" in files and "| open_ended | reference | 3 | 0 | 1.50 | 2.25 | **2.50** |" in (
+        tmp_path / "report.md").read_text()

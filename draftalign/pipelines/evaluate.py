@@ -19,7 +19,7 @@ from typing import Any
 
 from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, EngineConfig
-from draftalign.evalreport import markdown_table, summarize_rows, write_report
+from draftalign.evalreport import comparison_table, markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import MODEL_INFO
@@ -330,4 +330,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     log(f"[evaluate] {len(rows)} per-prompt rows in {out / 'rows.parquet'}; report files: "
         f"{', '.join(files)} in {out} ({time.time() - t_start:.0f} s)")
     print(markdown_table(records), end="", flush=True)
+    comparison = comparison_table(records)
+    if comparison:
+        print("\nblock efficiency τ by drafter (best of each row in **bold**):\n" + comparison, end="", flush=True)
     return records
