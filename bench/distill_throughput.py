@@ -8,7 +8,7 @@ trains on the current one, and competes with the trainer for the same physical c
 `--split` instead halves the CPUs between the trainer and the actor (Ray accounting as on a
 cluster node). tokens/s (trained response positions) is read from the last log window, so
 start-up and the first steps are left out.
-Needs the embedded world (`make demo`, or pretrain + generate) in runs/tiny.
+Needs the toy world (`make demo-toy`, or pretrain + generate of examples/tiny.yaml) in runs/tiny.
 Usage: python bench/distill_throughput.py [--steps N] [--cpus C]
 """
 
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--split", action="store_true", help="split --cpus between trainer and target actor")
     a = ap.parse_args()
     if not (ROOT / "runs/tiny/generate/data").is_dir():
-        sys.exit("no embedded world in runs/tiny: run `make demo` (or pretrain and generate) first")
+        sys.exit("no toy world in runs/tiny: run `make demo-toy` (or pretrain and generate) first")
     with tempfile.TemporaryDirectory() as d:
         local = run(True, a.cpus, a.steps, Path(d) / "local", a.split)
         pool = run(False, a.cpus, a.steps, Path(d) / "pool", a.split)
