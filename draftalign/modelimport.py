@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -62,24 +63,26 @@ def import_gguf(source: str, import_dir: str | Path, key: str = "models.target")
     if (dest / MARKER).is_file():
         return dest
     print(f"[import] {path.name}: de-quantising into {dest} (once)", flush=True)
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")  # per process: two imports never share it
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         _convert(path, tmp)
-    except ConfigError:
+        (tmp / MARKER).write_text(json.dumps({"source": source, "file": str(path), "sha256": digest}, indent=1))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)  # atomic: a half-written folder is never picked up
+    except BaseException as exc:  # Ctrl-C and a full disk included: leave no half-written folder
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, ConfigError):
+            raise ConfigError(f"{key}={source!r}: {exc}") from None
         raise
-    (tmp / MARKER).write_text(json.dumps({"source": source, "file": str(path), "sha256": digest}, indent=1))
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)  # atomic: a half-written folder is never picked up
     return dest
 
 
 def _convert(path: Path, dest: Path) -> None:
     """Read the GGUF file with transformers and save a float32 safetensors folder."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     try:
         import gguf  # noqa: F401  (transformers' GGUF loader needs it)
@@ -87,16 +90,12 @@ def _convert(path: Path, dest: Path) -> None:
         raise ConfigError("reading a GGUF model needs the `gguf` package: pip install gguf") from None
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # dequantize=True: plain float32 weights even where a kernel could keep the blocks packed,
+        # so the model saves as an ordinary checkpoint every stage and vLLM load.
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
     except Exception as exc:  # the GGUF reader raises many kinds on a damaged file
         raise ConfigError(f"{str(path)!r} is not a readable GGUF model: {str(exc).splitlines()[0][:300]}") from None
-    # The loaded model is marked as GGUF-quantised and refuses save_pretrained; its weights are
-    # already de-quantised, so a fresh model of the same config takes them as they are.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = type(loaded)(config)
-    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(str(dest), safe_serialization=True)
     tok.save_pretrained(str(dest))
 
@@ -105,12 +104,15 @@ def resolve_sources(cfg):
     """`cfg` with every GGUF source (models.target, models.draft, tokenizer.source) replaced by
     its imported folder. Run once before a stage, so that Ray workers only ever see folders."""
     models, tokenizer = cfg.models, cfg.tokenizer
-    updates = {}
+    updates: dict[str, str] = {}
+    folders: dict[str, str] = {}  # the target and its tokenizer are often the same file: import it once
     for section, name, key in ((models, "target", "models.target"), (models, "draft", "models.draft"),
                                (tokenizer, "source", "tokenizer.source")):
         source = getattr(section, name)
         if is_gguf_source(source):
-            updates[key] = str(import_gguf(source, models.import_dir, key))
+            if source not in folders:
+                folders[source] = str(import_gguf(source, models.import_dir, key))
+            updates[key] = folders[source]
     if not updates:
         return cfg
     new_models = models.model_copy(update={k.split(".")[1]: v for k, v in updates.items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,6 @@ def _bpe() -> tuple[list[str], list[str]]:
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.__getitem__)
     assert [vocab[t] for t in tokens] == list(range(len(tokens)))
-    import json
-
     merges = json.loads(tok.to_str())["model"]["merges"]
     return tokens, [m if isinstance(m, str) else " ".join(m) for m in merges]
 
