@@ -97,6 +97,20 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card(args: argparse.Namespace) -> int:
+    from draftalign.modelcard import write_card
+
+    print(f"model card: {write_card(args.model_dir, args.summary)}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from draftalign.hubpush import push
+
+    push(args.model_dir, args.repo_id, private=args.private, dry_run=args.dry_run)
+    return 0
+
+
 def _job(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -149,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True, help="the job server, e.g. http://127.0.0.1:8265")
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     p.set_defaults(func=_job)
+    p = sub.add_parser("card", help="write README.md, the model card, into an exported drafter folder")
+    p.add_argument("model_dir", help="an exported drafter folder (with draftalign_model.json)")
+    p.add_argument("--summary", help="evaluate's summary.json (default: the run's evaluate/summary.json)")
+    p.set_defaults(func=_card)
+    p = sub.add_parser("push", help="upload an exported drafter folder to the Hugging Face Hub")
+    p.add_argument("model_dir", help="an exported drafter folder")
+    p.add_argument("repo_id", help="the Hub repository, e.g. me/smollm2-drafter")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
+    p.set_defaults(func=_push)
     return parser
 
 

@@ -333,4 +333,19 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     comparison = comparison_table(records)
     if comparison:
         print("\nblock efficiency τ by drafter (best of each row in **bold**):\n" + comparison, end="", flush=True)
+    _write_cards(drafters, records, log)
     return records
+
+
+def _write_cards(drafters: list[dict], records: list[dict], log) -> None:
+    """A model card (README.md) in every evaluated drafter folder draftalign exported."""
+    from draftalign.modelcard import write_card
+
+    for d in drafters:
+        folder = Path(d["path"]).expanduser()
+        if not (folder / MODEL_INFO).is_file():
+            continue  # a hub model or a folder draftalign did not export: not ours to describe
+        try:
+            log(f"[evaluate] model card: {write_card(folder, records)}")
+        except (OSError, ValueError) as exc:  # a card is a courtesy; never fail the measured run
+            log(f"[evaluate] could not write a model card into {folder}: {exc}")
