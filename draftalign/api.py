@@ -1,0 +1,144 @@
+"""The Python API: run a stage from a notebook, a script or a Ray workflow.
+
+    from draftalign import load_config, run_stage
+
+    result = run_stage("evaluate", "examples/tiny.yaml", overrides=["evaluate.gammas=[3]"])
+    result.output     # Path of evaluate.output
+    result.summary    # the summary.json records: drafter, task, engine, gamma, temperature, block_efficiency, ...
+    result.models     # {drafter name: model folder}
+
+It is the command line without the parsing: the same config validation (a bad key raises
+`draftalign.errors.ConfigError` naming it, before any work), the same GGUF import, the same stage
+functions, locks, reuse and outputs. Nothing heavy is imported until a stage runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from draftalign.config import Config
+
+STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage made.
+
+    stage: the stage that ran. output: its output folder (`run.output` for `run`).
+    summary: evaluate's records (one per drafter × task × engine × γ × T, as in summary.json)
+    when evaluate ran, else None. models: exported model folders by name (pretrain jobs,
+    distilled drafters by loss, evaluated drafters). manifest: generate's manifest or run's
+    run manifest, when the stage writes one. config: the resolved config it ran with.
+    """
+
+    stage: str
+    output: Path
+    summary: list[dict[str, Any]] | None = None
+    models: dict[str, Path] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+    config: Config | None = field(default=None, repr=False)
+
+
+def load_config(config: str | Path | None, overrides: list[str] | None = None, *,
+                resolve_models: bool = True) -> Config:
+    """The validated, frozen config tree of a YAML file plus `a.b=value` overrides.
+
+    Raises ConfigError (naming the dotted key) for an unknown key or a bad value.
+    resolve_models: import GGUF models into folders now, as every stage does before Ray starts
+    (`False` keeps the sources as written, e.g. to inspect a config offline).
+    """
+    from draftalign.config import load_config as _load
+    from draftalign.redact import secret_overrides_from_env
+
+    cfg = _load(config, [*(overrides or []), *secret_overrides_from_env()])
+    if resolve_models:
+        from draftalign.modelimport import resolve_sources
+
+        cfg = resolve_sources(cfg)
+    return cfg
+
+
+def plan_stage(stage: str, config: str | Path | Config, overrides: list[str] | None = None) -> dict[str, Any]:
+    """What `draftalign STAGE CONFIG --plan` prints, as a dict (actors, CPUs, GPUs; no Ray)."""
+    from draftalign.cli import _plan
+    from draftalign.redact import redact
+
+    return redact(_plan(_config(config, overrides), _check_stage(stage)))
+
+
+def run_stage(stage: str, config: str | Path | Config, overrides: list[str] | None = None) -> StageResult:
+    """Run one stage (or `run`, every stage in order) and return what it made.
+
+    stage: pretrain, generate, distill, evaluate or run. config: a YAML path or a Config from
+    load_config (overrides then apply only to a path). Stages start (or join) Ray as configured
+    (`ray.address`); inside a Ray job or workflow task an unset address joins that cluster.
+    """
+    cfg = _config(config, overrides)
+    stage = _check_stage(stage)
+    if stage == "pretrain":
+        from draftalign.pipelines.pretrain import run_pretrain
+
+        models = {k: Path(v) for k, v in run_pretrain(cfg).items()}
+        return StageResult(stage, Path(cfg.pretrain.output), models=models, config=cfg)
+    if stage == "generate":
+        from draftalign.pipelines.generate import run_generate
+
+        return StageResult(stage, Path(cfg.generate.output), manifest=run_generate(cfg), config=cfg)
+    if stage == "distill":
+        from draftalign.pipelines.distill import run_distill
+
+        paths = run_distill(cfg)
+        models = {loss.label: Path(p) for loss, p in zip(cfg.distill.losses, paths, strict=True)}
+        return StageResult(stage, Path(cfg.distill.output), models=models, config=cfg)
+    if stage == "evaluate":
+        from draftalign.pipelines.evaluate import run_evaluate
+
+        records = run_evaluate(cfg)
+        return StageResult(stage, Path(cfg.evaluate.output), summary=records, models=_drafters(records),
+                           config=cfg)
+    from draftalign.pipelines.run import run_all
+
+    manifest = run_all(cfg)
+    summary = _read_summary(Path(cfg.evaluate.output) / "summary.json")
+    models: dict[str, Path] = {}
+    for meta in sorted(Path(cfg.pretrain.output).glob("*/model/draftalign_model.json")):
+        models[meta.parent.parent.name] = meta.parent
+    for loss in cfg.distill.losses:
+        if Path(cfg.distilled_path(loss)).is_dir():
+            models[loss.label] = Path(cfg.distilled_path(loss))
+    return StageResult(stage, Path(cfg.run.output), summary=summary, models=models, manifest=manifest, config=cfg)
+
+
+def _check_stage(stage: str) -> str:
+    from draftalign.errors import ConfigError
+
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    return stage
+
+
+def _config(config: str | Path | Config, overrides: list[str] | None) -> Config:
+    from draftalign.config import Config
+    from draftalign.errors import ConfigError
+
+    if isinstance(config, Config):
+        if overrides:
+            raise ConfigError("overrides apply to a config file; pass the path, or apply them in load_config")
+        return config
+    return load_config(config, overrides)
+
+
+def _drafters(records: list[dict[str, Any]]) -> dict[str, Path]:
+    return {r["drafter"]: Path(r["drafter_path"]) for r in records if r.get("drafter_path")}
+
+
+def _read_summary(path: Path) -> list[dict[str, Any]] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
