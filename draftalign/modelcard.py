@@ -254,8 +254,10 @@ def render(card: dict[str, Any]) -> str:
     if card.get("steps") is not None:
         line = f"- Training steps: {card['steps']}"
         if card.get("token_slots"):
+            what = ("the loss covers response positions only" if role == "distilled"
+                    else "packed corpus rows, no padding")
             line += (f"; {card['token_slots']:,} token slots (steps × sequences per step × "
-                     f"seq_len {card['train'].get('seq_len')}; the loss covers response positions only)")
+                     f"seq_len {card['train'].get('seq_len')}; {what})")
         lines.append(line)
     for key, label in (("holdout_expected_acceptance", "held-out expected acceptance Σ min(p, q)"),
                        ("holdout_perplexity", "held-out perplexity"), ("holdout_loss", "held-out loss")):
