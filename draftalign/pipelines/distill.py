@@ -15,8 +15,8 @@ from typing import Any
 
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
 from draftalign.distillation import build_sequences, holdout_row
+from draftalign.modelid import check_target_folder, target_identity
 from draftalign.models import check_compatible, count_parameters, load_model_config
-from draftalign.pipelines.generate import check_target_folder, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.setprint import SAME_NAME_HINT, set_target_hashes

@@ -285,7 +285,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     if _looks_local(target) and not Path(target).expanduser().is_dir():
         raise ConfigError(f"target {target!r} does not exist: run `draftalign pretrain` or set models.target")
     if Path(target).expanduser().is_dir():
-        from draftalign.pipelines.generate import check_target_folder
+        from draftalign.modelid import check_target_folder
 
         check_target_folder(Path(target).expanduser())
     drafters = resolve_drafters(cfg)
