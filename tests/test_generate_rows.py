@@ -158,7 +158,7 @@ def test_plan_prints_resources_without_starting_ray(tmp_path):
 def _fake_passes(monkeypatch, outcomes):
     """run_passes with Ray replaced: each pass answers from `outcomes` (a list of callables)."""
     import draftalign.cluster.session as session
-    import draftalign.workers.generate_engine as ge
+    import draftalign.pipelines.generate as pg
 
     calls = []
     monkeypatch.setattr(session, "init_ray", lambda cfg: None)
@@ -167,8 +167,8 @@ def _fake_passes(monkeypatch, outcomes):
         calls.append(([r["row_key"] for r in requests], fail_keys))
         return outcomes[len(calls) - 1](requests, fail_keys)
 
-    monkeypatch.setattr(ge, "_one_pass", one_pass)
-    return ge.run_passes, calls
+    monkeypatch.setattr(pg, "_one_pass", one_pass)
+    return pg.run_passes, calls
 
 
 def _answer(requests, fail_keys):
