@@ -43,17 +43,13 @@ Prepared seeds (`SEED_SCHEMA`): `id`, `source`, `instruction`, `input`, `message
 from __future__ import annotations
 
 import numbers
-import os
-import uuid
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 __all__ = [
     "SCHEMA_VERSION", "DISTILL_SCHEMA", "ERROR_SCHEMA", "SEED_SCHEMA",
-    "row_key", "to_table", "check_table", "write_parquet_atomic",
+    "row_key", "to_table", "check_table",
 ]
 
 SCHEMA_VERSION = 1
@@ -218,28 +214,6 @@ def check_table(table_or_schema: pa.Table | pa.Schema, schema: pa.Schema) -> Non
             f"table does not match schema_version {SCHEMA_VERSION} (file says schema_version {found}): "
             + "; ".join(problems)
         )
-
-
-def write_parquet_atomic(table: pa.Table, path: str | Path) -> Path:
-    """Write `table` to `path` via a temp file in the same folder and os.replace.
-
-    A writer killed midway leaves at most a hidden `.name.*.tmp` file, never a half file
-    under the final name; readers see the old file or the new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would stick to the final file; "xb" still refuses a clash.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not land before the bytes do
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # Per-prompt rows of the `evaluate` stage (EVAL_SCHEMA, schema_version 1), one per

@@ -72,7 +72,8 @@ def target(tmp_path_factory):
 
 
 def _truncated_parquet(path: Path) -> Path:
-    from draftalign.schemas import DISTILL_SCHEMA, to_table, write_parquet_atomic
+    from draftalign.atomicio import write_parquet_atomic
+    from draftalign.schemas import DISTILL_SCHEMA, to_table
 
     whole = path.with_name("whole.parquet")
     write_parquet_atomic(to_table([], DISTILL_SCHEMA), whole)

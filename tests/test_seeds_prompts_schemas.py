@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from draftalign.atomicio import write_parquet_atomic
 from draftalign.prompts import (
     SamplingSetting,
     chat_template_hash,
@@ -25,7 +26,6 @@ from draftalign.schemas import (
     check_table,
     row_key,
     to_table,
-    write_parquet_atomic,
 )
 from draftalign.seeds import SeedFields, normalize_text, prepare_seeds, read_seed_file, seed_id
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, EngineConfig
 from draftalign.evalreport import comparison_table, markdown_table, summarize_rows, write_report
@@ -25,7 +26,7 @@ from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import MODEL_INFO
 from draftalign.redact import redact_argv
 from draftalign.runinfo import write_run_info
-from draftalign.schemas import EVAL_SCHEMA, to_table, write_parquet_atomic
+from draftalign.schemas import EVAL_SCHEMA, to_table
 from draftalign.specmetrics import acceptance_rate, block_efficiency
 from draftalign.workers.generate_engine import engine_kwargs
 

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from draftalign.atomicio import write_json_atomic, write_parquet_atomic
 from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, GenerateConfig
 from draftalign.errors import DraftalignError
@@ -23,8 +24,8 @@ from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.setprint import check_set, row_determinants, write_fingerprint
 from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.redact import redact
-from draftalign.runinfo import write_json_atomic, write_run_info
-from draftalign.schemas import ERROR_SCHEMA, to_table, write_parquet_atomic
+from draftalign.runinfo import write_run_info
+from draftalign.schemas import ERROR_SCHEMA, to_table
 from draftalign.seeds import open_rows, prepare_seeds
 from draftalign.workers.generate_engine import ENGINE_MAX_RESTARTS, engine_kwargs, replica_bundles
 from draftalign.workers.generate_rows import error_row, expand_requests, pending, row_key_counts

@@ -14,9 +14,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
 from draftalign.config import EngineConfig
-from draftalign.schemas import DISTILL_SCHEMA, to_table, write_parquet_atomic
+from draftalign.schemas import DISTILL_SCHEMA, to_table
 from draftalign.workers.generate_rows import distill_row, vllm_sampling_params
 
 # ray.data.llm marks a failed request with this column and hands the row back as the engine
