@@ -17,11 +17,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from draftalign.config import SeedFields
 from draftalign.errors import ConfigError
 
-__all__ = ["SeedFields", "normalize_text", "seed_id", "prepare_seeds", "open_rows", "read_seed_file",
+__all__ = ["normalize_text", "seed_id", "prepare_seeds", "open_rows", "read_seed_file",
            "SUPPORTED_SUFFIXES", "MAX_FIELD_CHARS", "unreadable_parquet"]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
@@ -36,18 +35,6 @@ RAW_KEY = "__raw__"
 # Other chat dumps name roles differently; the Llama 2 template knows only these three.
 _ROLE_ALIASES = {"prompter": "user", "human": "user", "gpt": "assistant", "bot": "assistant"}
 _ROLES = ("system", "user", "assistant")
-
-
-class SeedFields(BaseModel):
-    """Which column holds what. `messages`, when set, replaces `instruction`/`input`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    instruction: str = "instruction"
-    input: str | None = "input"  # optional context appended to the instruction
-    messages: str | None = None  # a list of {role, content} turns ending with a user turn
-    id: str | None = None  # a stable id column; else the id is derived from the text
-    source: str | None = None  # a per-row source column; else prepare_seeds' `source`
 
 
 class _Bad(Exception):

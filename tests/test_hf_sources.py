@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from draftalign.config import EvalFields, EvalTaskConfig, GenerateConfig
+from draftalign.config import EvalFields, EvalTaskConfig, GenerateConfig, SeedFields
 from draftalign.evaltasks import load_task_prompts
 from draftalign.pipelines.generate import seed_rows
-from draftalign.seeds import SeedFields, prepare_seeds, seed_id
+from draftalign.seeds import prepare_seeds, seed_id
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from draftalign.prompts import SamplingSetting
+from draftalign.config import SamplingSetting
 from draftalign.schemas import row_key
 from draftalign.seeds import RAW_LIMIT
 
