@@ -19,7 +19,7 @@ from typing import Any
 
 from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
-from draftalign.config import Config, ConfigError, EngineConfig
+from draftalign.config import Config, ConfigError
 from draftalign.evalreport import comparison_table, markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
 from draftalign.pipelines.locks import locked_output
@@ -84,12 +84,6 @@ def _distilled_drafters(cfg: Config) -> dict[str, str]:
     return out
 
 
-def _engine_config(cfg: Config) -> EngineConfig:
-    v = cfg.evaluate.vllm
-    return EngineConfig(use_gpu=v.use_gpu, tensor_parallel_size=v.tensor_parallel_size,
-                        max_model_len=v.max_model_len, engine_kwargs=v.engine_kwargs)
-
-
 def describe_evaluate(cfg: Config) -> dict[str, Any]:
     """The --plan view: drafters, tasks, the sweep and the engines, offline and without Ray."""
     ev = cfg.evaluate
@@ -109,7 +103,7 @@ def describe_evaluate(cfg: Config) -> dict[str, Any]:
         v = ev.vllm
         per = {"CPU": v.cpus_per_engine, **({"GPU": v.gpus_per_engine * v.tensor_parallel_size} if v.use_gpu else {})}
         plan["vllm"] = {"engines": len(drafters) * len(ev.gammas) + int(v.measure_autoregressive),
-                        "one_at_a_time": True, "per_engine": per, "engine_kwargs": engine_kwargs(_engine_config(cfg))}
+                        "one_at_a_time": True, "per_engine": per, "engine_kwargs": engine_kwargs(v)}
     return plan
 
 
@@ -139,7 +133,7 @@ def _prompts(cfg: Config, tok: Any, context: int, log) -> dict[str, list[dict]]:
 
 
 def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str, list[dict]],
-               settings: dict[str, Any], log) -> list[dict]:
+               log) -> list[dict]:
     import ray
 
     from draftalign.cluster.session import init_ray
@@ -152,10 +146,10 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
     if v.use_gpu:
         opts["num_gpus"] = v.gpus_per_engine * v.tensor_parallel_size
     actor_cls = ray.remote(**opts)(VllmEngine)
-    kwargs, target = engine_kwargs(_engine_config(cfg)), _abs(target)
+    target_model, target = target, _abs(target)
 
     def sweep(draft: str | None, gamma: int, what: str) -> dict[tuple, dict]:
-        actor = actor_cls.remote(target, draft, gamma, kwargs, v.speculative_config)
+        actor = actor_cls.remote(target, draft, gamma, v)
         try:
             res = {}
             for task, rows in prompts.items():
@@ -170,7 +164,8 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
                         log(f"[evaluate] vllm autoregressive / {task} T={t:g}: {n / s:.1f} tokens/s "
                             f"({len(rows)} prompts, {time.time() - t0:.1f} s)")
                     else:
-                        vllm_rows.extend(_rows_from_vllm(what, draft, task, rows, gamma, t, got, ar, settings))
+                        vllm_rows.extend(_rows_from_vllm(what, draft, task, rows, gamma, t, got, ar, ev.top_p,
+                                                         target_model))
                         log(progress_line("vllm", what, task, gamma, t, vllm_rows[-len(rows):], time.time() - t0))
             return res
         except ray.exceptions.RayError as exc:
@@ -193,13 +188,13 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
 
 
 def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: int, t: float, got: list[dict],
-                    ar: dict[tuple, dict], s: dict[str, Any]) -> list[dict]:
+                    ar: dict[tuple, dict], top_p: float, target_model: str) -> list[dict]:
     out = []
     for p, g in zip(rows, got, strict=True):
         base = ar.get((task, t, p["id"]))
         out.append({
             "drafter": name, "drafter_path": draft, "task": task, "task_kind": p["kind"], "prompt_id": p["id"],
-            "engine": "vllm", "gamma": gamma, "temperature": float(t), "top_p": float(s["top_p"]),
+            "engine": "vllm", "gamma": gamma, "temperature": float(t), "top_p": float(top_p),
             "num_input_tokens": len(p["token_ids"]), "num_generated_tokens": len(g["tokens"]),
             "num_drafts": g["num_drafts"], "num_draft_tokens": g["num_draft_tokens"],
             "num_accepted": g["num_accepted"], "accepted_per_pos": g["accepted_per_pos"],
@@ -208,7 +203,7 @@ def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: i
             "spec_seconds": g["seconds"], "ar_seconds": base["seconds"] if base else None,
             "ar_generated_tokens": len(base["tokens"]) if base else None,
             "matches_autoregressive": (g["tokens"] == base["tokens"]) if base and t == 0 else None,
-            "generated_token_ids": g["tokens"], "target_model": s["target_model"],
+            "generated_token_ids": g["tokens"], "target_model": target_model,
         })
     return out
 
@@ -278,7 +273,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     """Run the sweep and write the report under evaluate.output; returns the summary records."""
     from draftalign.exportcheck import check_vocab
     from draftalign.tokenization import ensure_chat_template, load_tokenizer
-    from draftalign.workers.evaluate_reference import ReferenceEngine, reference_rows
+    from draftalign.workers.evaluate_reference import ReferenceEngine, ReferenceSweep, reference_rows
 
     log = log or (lambda msg: print(msg, flush=True))
     ev, t_start = cfg.evaluate, time.time()
@@ -312,16 +307,16 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     else:  # a vLLM-only run on a big target: count on the meta device instead of loading it here
         target_params = _meta_parameters(target, cfg.models.trust_remote_code)
         params = {d["name"]: _meta_parameters(d["path"], cfg.models.trust_remote_code) for d in drafters}
-    settings = {"gammas": ev.gammas, "temperatures": ev.engine_temperatures("reference"), "top_p": ev.top_p,
-                "max_new_tokens": ev.max_new_tokens, "eos": tok.eos_token_id, "seed": ev.seed,
-                "measure_ar": ev.reference.measure_autoregressive, "warmup_tokens": ev.reference.warmup_tokens,
-                "target_model": target}
     rows: list[dict] = []
     if "reference" in ev.engines:
-        rows += reference_rows(engine, drafters, prompts, settings, log)
+        sweep = ReferenceSweep(gammas=tuple(ev.gammas), temperatures=tuple(ev.engine_temperatures("reference")),
+                               top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, eos=tok.eos_token_id, seed=ev.seed,
+                               measure_ar=ev.reference.measure_autoregressive,
+                               warmup_tokens=ev.reference.warmup_tokens, target_model=target)
+        rows += reference_rows(engine, drafters, prompts, sweep, log)
     del engine
     if "vllm" in ev.engines:
-        rows += _vllm_rows(cfg, target, drafters, prompts, settings, log)
+        rows += _vllm_rows(cfg, target, drafters, prompts, log)
     write_parquet_atomic(to_table(rows, EVAL_SCHEMA), out / "rows.parquet")
     records = summarize_rows(rows, params, target_params)
     for r in records:

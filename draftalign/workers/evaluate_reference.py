@@ -12,13 +12,29 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from draftalign.specdecode import autoregressive_generate, speculative_generate
 
-__all__ = ["ReferenceEngine", "progress_line", "prompt_generator", "reference_rows"]
+__all__ = ["ReferenceEngine", "ReferenceSweep", "progress_line", "prompt_generator", "reference_rows"]
+
+
+@dataclass(frozen=True)
+class ReferenceSweep:
+    """What `reference_rows` sweeps and how: the evaluate config's reference settings, resolved."""
+
+    gammas: tuple[int, ...]
+    temperatures: tuple[float, ...]  # this engine's (evaluate.reference.temperatures or evaluate.temperatures)
+    top_p: float
+    max_new_tokens: int
+    eos: Any  # the tokenizer's eos_token_id
+    seed: int
+    measure_ar: bool  # also time plain target decoding, the speed-up baseline
+    warmup_tokens: int
+    target_model: str
 
 
 def _device(name: str) -> torch.device:
@@ -79,26 +95,23 @@ class ReferenceEngine:
 
 
 def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[str, list[dict]],
-                   settings: dict[str, Any], log: Callable[[str], None] = print) -> list[dict]:
+                   s: ReferenceSweep, log: Callable[[str], None] = print) -> list[dict]:
     """Per-prompt rows (EVAL_SCHEMA) for every drafter x task x γ x temperature.
 
-    drafters: [{"name", "path"}]; prompts: task name -> [{"id", "kind", "token_ids"}];
-    settings: gammas, temperatures, top_p, max_new_tokens, eos, seed, measure_ar, warmup_tokens,
-    target_model.
+    drafters: [{"name", "path"}]; prompts: task name -> [{"id", "kind", "token_ids"}].
     """
-    s = settings
-    gen = lambda pid, t: prompt_generator(s["seed"], pid, t, engine.device)  # noqa: E731
+    gen = lambda pid, t: prompt_generator(s.seed, pid, t, engine.device)  # noqa: E731
     first = next(iter(prompts.values()))[0]["token_ids"]
-    if s["warmup_tokens"]:
-        engine.autoregressive(first, 0.0, 1.0, s["warmup_tokens"], None, gen("warmup", 0.0))
+    if s.warmup_tokens:
+        engine.autoregressive(first, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
     ar: dict[tuple[str, float, str], tuple[list[int], float]] = {}
-    if s["measure_ar"]:
+    if s.measure_ar:
         for task, rows in prompts.items():
-            for t in s["temperatures"]:
+            for t in s.temperatures:
                 t0 = time.time()
                 for p in rows:
-                    ar[(task, t, p["id"])] = engine.autoregressive(p["token_ids"], t, s["top_p"], s["max_new_tokens"],
-                                                                   s["eos"], gen(p["id"], t))
+                    ar[(task, t, p["id"])] = engine.autoregressive(p["token_ids"], t, s.top_p, s.max_new_tokens,
+                                                                   s.eos, gen(p["id"], t))
                 n = sum(len(ar[(task, t, p['id'])][0]) for p in rows)
                 secs = sum(ar[(task, t, p['id'])][1] for p in rows)
                 log(f"[evaluate] reference autoregressive / {task} T={t:g}: {n / secs:.1f} tokens/s "
@@ -106,21 +119,21 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
     out: list[dict] = []
     for d in drafters:
         draft = engine.load_draft(d["path"])
-        if s["warmup_tokens"]:
-            engine.speculative(draft, first, 2, 0.0, 1.0, s["warmup_tokens"], None, gen("warmup", 0.0))
+        if s.warmup_tokens:
+            engine.speculative(draft, first, 2, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
         for task, rows in prompts.items():
-            for gamma in s["gammas"]:
-                for t in s["temperatures"]:
+            for gamma in s.gammas:
+                for t in s.temperatures:
                     t0, batch = time.time(), []
                     for p in rows:
-                        res, secs = engine.speculative(draft, p["token_ids"], gamma, t, s["top_p"],
-                                                       s["max_new_tokens"], s["eos"], gen(p["id"], t))
+                        res, secs = engine.speculative(draft, p["token_ids"], gamma, t, s.top_p,
+                                                       s.max_new_tokens, s.eos, gen(p["id"], t))
                         base = ar.get((task, t, p["id"]))
                         st = res.stats
                         batch.append({
                             "drafter": d["name"], "drafter_path": d["path"], "task": task, "task_kind": p["kind"],
                             "prompt_id": p["id"], "engine": "reference", "gamma": gamma, "temperature": float(t),
-                            "top_p": float(s["top_p"]), "num_input_tokens": len(p["token_ids"]),
+                            "top_p": float(s.top_p), "num_input_tokens": len(p["token_ids"]),
                             "num_generated_tokens": len(res.tokens), "num_drafts": st.num_drafts,
                             "num_draft_tokens": st.num_draft_tokens, "num_accepted": st.num_accepted,
                             "accepted_per_pos": list(st.accepted_per_pos),
@@ -128,7 +141,7 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
                             "spec_seconds": secs, "ar_seconds": base[1] if base else None,
                             "ar_generated_tokens": len(base[0]) if base else None,
                             "matches_autoregressive": (res.tokens == base[0]) if base and t == 0 else None,
-                            "generated_token_ids": list(res.tokens), "target_model": s["target_model"],
+                            "generated_token_ids": list(res.tokens), "target_model": s.target_model,
                         })
                     out.extend(batch)
                     log(progress_line("reference", d["name"], task, gamma, t, batch, time.time() - t0))

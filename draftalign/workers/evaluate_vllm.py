@@ -13,6 +13,8 @@ import hashlib
 import time
 from typing import Any
 
+from draftalign.config import VllmEvalConfig
+
 __all__ = ["VllmEngine", "SPEC_COUNTERS", "counter_delta"]
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
@@ -48,15 +50,16 @@ def request_seed(seed: int, prompt_id: str, temperature: float) -> int:
 class VllmEngine:
     """A vllm.LLM for `target`, speculating with `draft` at `gamma` tokens (no draft: plain decoding)."""
 
-    def __init__(self, target: str, draft: str | None, gamma: int, engine_kwargs: dict[str, Any],
-                 speculative_extra: dict[str, Any] | None = None):
+    def __init__(self, target: str, draft: str | None, gamma: int, vllm: VllmEvalConfig):
         from vllm import LLM
 
+        from draftalign.workers.generate_engine import engine_kwargs
+
         self.gamma = gamma if draft else 0
-        kwargs = dict(engine_kwargs)
+        kwargs = engine_kwargs(vllm)
         if draft:
             kwargs["speculative_config"] = {"method": "draft_model", "model": draft, "num_speculative_tokens": gamma,
-                                            **(speculative_extra or {})}
+                                            **vllm.speculative_config}
         # disable_log_stats=False: the spec-decode counters are stats, off by default in LLM
         self.llm = LLM(model=target, disable_log_stats=False, **kwargs)
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
-from draftalign.config import EngineConfig
+from draftalign.config import EngineConfig, VllmEvalConfig
 from draftalign.schemas import DISTILL_SCHEMA, to_table
 from draftalign.workers.generate_rows import distill_row, vllm_sampling_params
 
@@ -35,8 +35,10 @@ _IDS = "draftalign_prompt_ids"
 ENGINE_MAX_RESTARTS = 1
 
 
-def engine_kwargs(engine: EngineConfig) -> dict[str, Any]:
-    """vllm.LLM kwargs: the config's, plus what the CPU backend needs unless overridden."""
+def engine_kwargs(engine: EngineConfig | VllmEvalConfig) -> dict[str, Any]:
+    """vllm.LLM kwargs: the config's, plus what the CPU backend needs unless overridden.
+
+    The generate stage's engines and the evaluate stage's share these CPU defaults."""
     # safetensors only: vLLM's "auto" would fall back to unpickling *.bin files from elsewhere.
     kwargs: dict[str, Any] = {"max_model_len": engine.max_model_len,
                               "tensor_parallel_size": engine.tensor_parallel_size, "load_format": "safetensors"}
