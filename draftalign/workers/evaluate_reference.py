@@ -9,7 +9,6 @@ selection, allocator growth) out of the first measurement.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from draftalign.evaltasks import prompt_seed
 from draftalign.specdecode import autoregressive_generate, speculative_generate
 
 __all__ = ["ReferenceEngine", "ReferenceSweep", "progress_line", "prompt_generator", "reference_rows"]
@@ -46,7 +46,7 @@ def _device(name: str) -> torch.device:
 def prompt_generator(seed: int, prompt_id: str, temperature: float, device: torch.device) -> torch.Generator:
     """A generator seeded from (seed, prompt, temperature): a rerun samples the same answers."""
     g = torch.Generator(device=device)
-    g.manual_seed(int(hashlib.sha256(f"{seed}/{prompt_id}/{temperature}".encode()).hexdigest()[:15], 16))
+    g.manual_seed(prompt_seed(seed, prompt_id, temperature))
     return g
 
 
