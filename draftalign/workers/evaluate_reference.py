@@ -150,11 +150,11 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
 
 
 def progress_line(engine: str, drafter: str, task: str, gamma: int, t: float, rows: list[dict], secs: float) -> str:
+    """One log line per sweep cell: τ and draft acceptance pooled over its rows, as the report pools them."""
     from draftalign.evalreport import pooled_block_efficiency
+    from draftalign.specmetrics import acceptance_rate
 
-    accepted = sum(r["num_accepted"] for r in rows)
-    drafted = sum(r["num_draft_tokens"] for r in rows)
     tau = pooled_block_efficiency(rows)
-    alpha = accepted / drafted if drafted else 0.0
+    alpha = acceptance_rate(sum(r["num_accepted"] for r in rows), sum(r["num_draft_tokens"] for r in rows))
     return (f"[evaluate] {engine} {drafter} / {task} γ={gamma} T={t:g}: τ={tau:.2f} "
             f"draft_acceptance={alpha:.2f} ({len(rows)} prompts, {secs:.1f} s)")
