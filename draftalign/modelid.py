@@ -12,9 +12,22 @@ from pathlib import Path
 
 from draftalign.errors import ConfigError
 
-__all__ = ["target_identity", "check_target_folder"]
+__all__ = ["looks_local", "absolute_model_path", "target_identity", "check_target_folder"]
 
 _HASH_WHOLE_FILES_BELOW = 256 * 2**20  # small weights are hashed byte for byte; big ones by name and size
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model name means a local path: hub names are "org/name"; anything else that is
+    path-like (or exists here) must be a folder here."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def absolute_model_path(name: str) -> str:
+    """An existing local path made absolute (Ray actors may not share the driver's working
+    folder); a hub name, or a path that is not there, unchanged."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
 
 
 def target_identity(target: str) -> dict[str, str]:

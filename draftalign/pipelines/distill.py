@@ -15,7 +15,7 @@ from typing import Any
 
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
 from draftalign.distillation import build_sequences, holdout_row
-from draftalign.modelid import check_target_folder, target_identity
+from draftalign.modelid import absolute_model_path, check_target_folder, target_identity
 from draftalign.models import check_compatible, count_parameters, load_model_config
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
@@ -102,10 +102,6 @@ def _split(files: list[Path], d: DistillConfig, pad_id: int):
     return train, materialize_in_order(holdout)
 
 
-def _absolute(path: str) -> str:
-    return str(Path(path).resolve()) if Path(path).exists() else path
-
-
 def _model_config(cfg: Config, role: str, path: str, key: str):
     try:
         return load_model_config(path, cfg.models.trust_remote_code)
@@ -131,7 +127,7 @@ def _inputs(cfg: Config) -> DistillInputs:
     from draftalign.tokenization import load_tokenizer
 
     d = cfg.distill
-    target, init_from = (_absolute(p) for p in (cfg.target_path(), d.init_from or cfg.draft_path()))
+    target, init_from = (absolute_model_path(p) for p in (cfg.target_path(), d.init_from or cfg.draft_path()))
     target_cfg = _model_config(cfg, "target", target, "models.target")
     if Path(target).is_dir():
         check_target_folder(Path(target))  # the target actors load safetensors only

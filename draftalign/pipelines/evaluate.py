@@ -22,6 +22,7 @@ from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError
 from draftalign.evalreport import comparison_table, markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
+from draftalign.modelid import absolute_model_path, looks_local
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import MODEL_INFO
 from draftalign.redact import redact_argv
@@ -31,19 +32,8 @@ from draftalign.specmetrics import acceptance_rate, block_efficiency
 from draftalign.workers.generate_engine import engine_kwargs
 
 
-def _looks_local(path: str) -> bool:
-    # hub names are "org/name"; anything else that is path-like must exist here
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).expanduser().exists()
-
-
 def _exists(path: str) -> bool:
-    return Path(path).expanduser().is_dir() or not _looks_local(path)
-
-
-def _abs(path: str) -> str:
-    # Ray actors may not share the driver's working folder
-    p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else path
+    return Path(path).expanduser().is_dir() or not looks_local(path)
 
 
 def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
@@ -146,7 +136,7 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
     if v.use_gpu:
         opts["num_gpus"] = v.gpus_per_engine * v.tensor_parallel_size
     actor_cls = ray.remote(**opts)(VllmEngine)
-    target_model, target = target, _abs(target)
+    target_model, target = target, absolute_model_path(target)
 
     def sweep(draft: str | None, gamma: int, what: str) -> dict[tuple, dict]:
         actor = actor_cls.remote(target, draft, gamma, v)
@@ -183,7 +173,7 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
     for d in drafters:
         for gamma in ev.gammas:
             log(f"[evaluate] vllm: starting an engine for {d['name']} γ={gamma}")
-            sweep(_abs(d["path"]), gamma, d["name"])
+            sweep(absolute_model_path(d["path"]), gamma, d["name"])
     return vllm_rows
 
 
@@ -278,7 +268,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     log = log or (lambda msg: print(msg, flush=True))
     ev, t_start = cfg.evaluate, time.time()
     target = cfg.target_path()
-    if _looks_local(target) and not Path(target).expanduser().is_dir():
+    if looks_local(target) and not Path(target).expanduser().is_dir():
         raise ConfigError(f"target {target!r} does not exist: run `draftalign pretrain` or set models.target")
     if Path(target).expanduser().is_dir():
         from draftalign.modelid import check_target_folder

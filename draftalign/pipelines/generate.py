@@ -19,7 +19,7 @@ from draftalign.atomicio import write_json_atomic, write_parquet_atomic
 from draftalign.cluster.metrics import record
 from draftalign.config import Config, ConfigError, GenerateConfig
 from draftalign.errors import DraftalignError
-from draftalign.modelid import check_target_folder, target_identity
+from draftalign.modelid import absolute_model_path, check_target_folder, looks_local, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.setprint import check_set, row_determinants, write_fingerprint
 from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
@@ -108,10 +108,7 @@ def _one_pass(cfg: Config, requests: list[dict], data_dir: Path, ident: dict[str
               template_hash: str, fail_keys: frozenset[str]) -> list[dict]:
     from draftalign.workers.generate_engine import run_pass
 
-    model = cfg.target_path()
-    if Path(model).expanduser().is_dir():  # engine actors may not share the driver's working folder
-        model = str(Path(model).expanduser().resolve())
-    return run_pass(model, cfg.generate.engine, cfg.generate.rows_per_file, requests, data_dir, ident, eos,
+    return run_pass(absolute_model_path(cfg.target_path()), cfg.generate.engine, cfg.generate.rows_per_file, requests, data_dir, ident, eos,
                     template_hash, fail_keys)
 
 
@@ -217,8 +214,7 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     out = Path(gen.output).resolve()
     data_dir, err_dir = out / "data", out / "errors"
     target = cfg.target_path()
-    looks_local = target.startswith(("/", ".", "~")) or target.count("/") > 1  # hub names are org/name
-    if looks_local and not Path(target).expanduser().is_dir():
+    if looks_local(target) and not Path(target).expanduser().is_dir():
         raise ConfigError(f"target model {target!r} does not exist: run the pretrain stage or set models.target")
     start = time.time()
     ident = target_identity(target)
