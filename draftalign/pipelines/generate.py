@@ -28,7 +28,7 @@ from draftalign.runinfo import write_run_info
 from draftalign.schemas import ERROR_SCHEMA, to_table
 from draftalign.seeds import open_rows, prepare_seeds
 from draftalign.workers.generate_engine import ENGINE_MAX_RESTARTS, engine_kwargs, replica_bundles
-from draftalign.workers.generate_rows import error_row, expand_requests, pending, row_key_counts
+from draftalign.workers.generate_rows import error_row, expand_requests, pending, read_parts, row_key_counts
 
 
 def target_tokenizer(cfg: Config, target: str):
@@ -146,12 +146,10 @@ def engine_error(exc: BaseException, model: str, kwargs: dict[str, Any]) -> Engi
 
 def _landed(data_dir: Path, before: set[str]) -> dict[str, int]:
     """{row_key: generated tokens} of the rows written to data/ since `before` was taken."""
-    import pyarrow.parquet as pq
-
     out: dict[str, int] = {}
-    for f in sorted(Path(data_dir).glob("*.parquet")):
-        t = pq.read_table(f, columns=["row_key", "num_generated_tokens"]).to_pydict()
-        out.update({k: n for k, n in zip(t["row_key"], t["num_generated_tokens"], strict=True) if k not in before})
+    for part in read_parts(data_dir, ["row_key", "num_generated_tokens"]):
+        out.update({k: n for k, n in zip(part["row_key"], part["num_generated_tokens"], strict=True)
+                    if k not in before})
     return out
 
 
