@@ -14,7 +14,7 @@ from typing import Any
 from draftalign.errors import VocabMismatchError
 from draftalign.models import check_compatible
 
-__all__ = ["check_vocab", "check_transformers", "check_vllm", "parameter_count"]
+__all__ = ["check_vocab", "check_transformers", "check_vllm"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -39,10 +39,6 @@ def check_vocab(target: str, draft: str, trust_remote_code: bool = False) -> Non
         check_compatible(t_cfg, d_cfg, _vocab(target), _vocab(draft))
     except VocabMismatchError as exc:
         raise VocabMismatchError(f"drafter {draft!r} cannot draft for target {target!r}: {exc}") from None
-
-
-def parameter_count(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def check_transformers(target: Any, draft: Any, target_name: str, draft_name: str,

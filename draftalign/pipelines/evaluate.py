@@ -201,7 +201,8 @@ def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: i
 def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: list[int], check: bool,
                      log) -> tuple[int, dict[str, int]]:
     """Parameter counts from the loaded models, after the assistant_model check when asked."""
-    from draftalign.exportcheck import check_transformers, parameter_count
+    from draftalign.exportcheck import check_transformers
+    from draftalign.models import parameter_count
 
     params = {}
     for d in drafters:
@@ -212,18 +213,6 @@ def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: lis
             log(f"[evaluate] export check: {d['name']} ({d['path']}) runs as transformers' assistant_model")
         del draft
     return parameter_count(engine.target), params
-
-
-def _meta_parameters(path: str, trust_remote_code: bool) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from draftalign.models import load_model_config
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(load_model_config(path, trust_remote_code),
-                                                 trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in model.parameters())
 
 
 def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, int], target_params: int) -> str:
@@ -295,8 +284,10 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
                                  ev.reference.threads)
         target_params, params = _check_and_count(engine, target, drafters, first, ev.export_check, log)
     else:  # a vLLM-only run on a big target: count on the meta device instead of loading it here
-        target_params = _meta_parameters(target, cfg.models.trust_remote_code)
-        params = {d["name"]: _meta_parameters(d["path"], cfg.models.trust_remote_code) for d in drafters}
+        from draftalign.models import count_parameters_of
+
+        target_params = count_parameters_of(target, cfg.models.trust_remote_code)
+        params = {d["name"]: count_parameters_of(d["path"], cfg.models.trust_remote_code) for d in drafters}
     rows: list[dict] = []
     if "reference" in ev.engines:
         sweep = ReferenceSweep(gammas=tuple(ev.gammas), temperatures=tuple(ev.engine_temperatures("reference")),
