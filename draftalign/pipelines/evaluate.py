@@ -19,6 +19,7 @@ from typing import Any
 
 from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
+from draftalign.cluster.resources import vllm_eval_engine
 from draftalign.config import Config, ConfigError
 from draftalign.evalreport import comparison_table, markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
@@ -91,7 +92,7 @@ def describe_evaluate(cfg: Config) -> dict[str, Any]:
     }
     if "vllm" in ev.engines:
         v = ev.vllm
-        per = {"CPU": v.cpus_per_engine, **({"GPU": v.gpus_per_engine * v.tensor_parallel_size} if v.use_gpu else {})}
+        per = vllm_eval_engine(v)
         plan["vllm"] = {"engines": len(drafters) * len(ev.gammas) + int(v.measure_autoregressive),
                         "one_at_a_time": True, "per_engine": per, "engine_kwargs": engine_kwargs(v)}
     return plan
@@ -132,10 +133,8 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
 
     ev, v = cfg.evaluate, cfg.evaluate.vllm
     init_ray(cfg.ray)
-    opts: dict[str, Any] = {"num_cpus": v.cpus_per_engine}
-    if v.use_gpu:
-        opts["num_gpus"] = v.gpus_per_engine * v.tensor_parallel_size
-    actor_cls = ray.remote(**opts)(VllmEngine)
+    per = vllm_eval_engine(v)
+    actor_cls = ray.remote(num_cpus=per["CPU"], **({"num_gpus": per["GPU"]} if "GPU" in per else {}))(VllmEngine)
     target_model, target = target, absolute_model_path(target)
 
     def sweep(draft: str | None, gamma: int, what: str) -> dict[tuple, dict]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from draftalign.atomicio import write_json_atomic, write_parquet_atomic
 from draftalign.cluster.metrics import record
+from draftalign.cluster.resources import generate_resources
 from draftalign.config import Config, ConfigError, GenerateConfig
 from draftalign.errors import DraftalignError
 from draftalign.modelid import absolute_model_path, check_target_folder, looks_local, target_identity
@@ -27,7 +28,7 @@ from draftalign.redact import redact
 from draftalign.runinfo import write_run_info
 from draftalign.schemas import ERROR_SCHEMA, to_table
 from draftalign.seeds import open_rows, prepare_seeds
-from draftalign.workers.generate_engine import ENGINE_MAX_RESTARTS, engine_kwargs, replica_bundles
+from draftalign.workers.generate_engine import ENGINE_MAX_RESTARTS, engine_kwargs
 from draftalign.workers.generate_rows import error_row, expand_requests, pending, read_parts, row_key_counts
 
 
@@ -59,20 +60,11 @@ def reason_kind(reason: str) -> str:
 def describe_generate(cfg: Config) -> dict[str, Any]:
     """The --plan view: what would be read and written, and what Ray would be asked for."""
     gen, eng = cfg.generate, cfg.generate.engine
-    per_replica = Counter()
-    for bundle in replica_bundles(eng):
-        per_replica.update(bundle)
     return {
         "target": cfg.target_path(), "seeds": gen.seeds, "max_seeds": gen.max_seeds,
         "output": gen.output, "sampling": [s.name for s in gen.sampling],
         "rows": f"{gen.max_seeds or 'all'} seeds x {len(gen.sampling)} sampling settings",
-        "resources": {
-            "engine_replicas": eng.replicas, "tensor_parallel_size": eng.tensor_parallel_size,
-            "per_replica": dict(per_replica),
-            "total": {k: v * eng.replicas for k, v in per_replica.items()},
-            "batch_size": eng.batch_size, "max_concurrent_batches": eng.max_concurrent_batches,
-            "engine_kwargs": engine_kwargs(eng),
-        },
+        "resources": {**generate_resources(eng), "engine_kwargs": engine_kwargs(eng)},
     }
 
 

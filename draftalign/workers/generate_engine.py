@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
+from draftalign.cluster.resources import replica_bundles
 from draftalign.config import EngineConfig, VllmEvalConfig
 from draftalign.schemas import DISTILL_SCHEMA, to_table
 from draftalign.workers.generate_rows import distill_row, vllm_sampling_params
@@ -50,12 +51,6 @@ def engine_kwargs(engine: EngineConfig | VllmEvalConfig) -> dict[str, Any]:
                       # generator cannot do ("CPU Generator does not use offset"): prefill whole.
                       enable_chunked_prefill=False)
     return {**kwargs, **engine.engine_kwargs}
-
-
-def replica_bundles(engine: EngineConfig) -> list[dict[str, float]]:
-    """One Ray resource bundle per tensor-parallel worker of one engine replica."""
-    bundle = {"CPU": engine.cpus_per_replica, **({"GPU": engine.gpus_per_replica} if engine.use_gpu else {})}
-    return [dict(bundle) for _ in range(engine.tensor_parallel_size)]
 
 
 def _preprocess(row: dict[str, Any], fail_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
