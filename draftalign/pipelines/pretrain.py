@@ -105,7 +105,7 @@ def describe_jobs(cfg: Config) -> list[dict[str, Any]]:
 
 
 def _rows_text(ds, field: str, where: str):
-    from draftalign.workers.tokenize import column_as_text
+    from draftalign.workers.corpus_tokens import column_as_text
 
     names = ds.schema().names
     if field not in names:
@@ -118,7 +118,7 @@ def corpus_datasets(corpus: CorpusConfig, tokenizer_dir: str, seq_len: int, seed
     """(train, holdout) Ray Datasets of packed rows {input_ids: int32[seq_len]}."""
     import ray.data
 
-    from draftalign.workers.tokenize import bytes_to_text, tokenize_and_pack
+    from draftalign.workers.corpus_tokens import bytes_to_text, tokenize_and_pack
 
     frac = corpus.holdout_fraction
     if corpus.kind in ("stdlib", "files"):
