@@ -187,7 +187,7 @@ def _fit(cfg: Config, loss: LossConfig, inputs: DistillInputs, job_dir: Path):
         cache_dir=_cache_dir(cfg, inputs) if d.target_pool.cache else None,
         death_marker=str(marker) if marker else None)
     return fit(distill_loop, loop_config, d.train, f"{cfg.run.name}-distill-{loss.folder}", job_dir,
-               {"train": train_ds, "holdout": holdout_ds}, distill_resources(d)["per_worker"])
+               {"train": train_ds, "holdout": holdout_ds})
 
 
 def _cache_dir(cfg: Config, inputs: DistillInputs) -> str:

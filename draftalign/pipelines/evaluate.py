@@ -142,20 +142,20 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
         try:
             res = {}
             for task, rows in prompts.items():
-                for t in ev.engine_temperatures("vllm"):
+                for temp in ev.engine_temperatures("vllm"):
                     t0 = time.time()
                     got = ray.get(actor.generate.remote(
-                        [{"id": p["id"], "token_ids": p["token_ids"]} for p in rows], t, ev.top_p,
+                        [{"id": p["id"], "token_ids": p["token_ids"]} for p in rows], temp, ev.top_p,
                         ev.max_new_tokens, ev.seed, cfg.evaluate.reference.warmup_tokens))
-                    res.update({(task, t, g["id"]): g for g in got})
+                    res.update({(task, temp, g["id"]): g for g in got})
                     if draft is None:
                         n, s = sum(len(g["tokens"]) for g in got), sum(g["seconds"] for g in got)
-                        log(f"[evaluate] vllm autoregressive / {task} T={t:g}: {n / s:.1f} tokens/s "
+                        log(f"[evaluate] vllm autoregressive / {task} T={temp:g}: {n / s:.1f} tokens/s "
                             f"({len(rows)} prompts, {time.time() - t0:.1f} s)")
                     else:
-                        vllm_rows.extend(_rows_from_vllm(what, draft, task, rows, gamma, t, got, ar, ev.top_p,
+                        vllm_rows.extend(_rows_from_vllm(what, draft, task, rows, gamma, temp, got, ar, ev.top_p,
                                                          target_model))
-                        log(progress_line("vllm", what, task, gamma, t, vllm_rows[-len(rows):], time.time() - t0))
+                        log(progress_line("vllm", what, task, gamma, temp, vllm_rows[-len(rows):], time.time() - t0))
             return res
         except ray.exceptions.RayError as exc:
             role = f"drafter {what!r} ({draft}) as vLLM draft_model" if draft else "the target"
@@ -176,14 +176,14 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
     return vllm_rows
 
 
-def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: int, t: float, got: list[dict],
+def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: int, temp: float, got: list[dict],
                     ar: dict[tuple, dict], top_p: float, target_model: str) -> list[dict]:
     out = []
     for p, g in zip(rows, got, strict=True):
-        base = ar.get((task, t, p["id"]))
+        base = ar.get((task, temp, p["id"]))
         out.append({
             "drafter": name, "drafter_path": draft, "task": task, "task_kind": p["kind"], "prompt_id": p["id"],
-            "engine": "vllm", "gamma": gamma, "temperature": float(t), "top_p": float(top_p),
+            "engine": "vllm", "gamma": gamma, "temperature": float(temp), "top_p": float(top_p),
             "num_input_tokens": len(p["token_ids"]), "num_generated_tokens": len(g["tokens"]),
             "num_drafts": g["num_drafts"], "num_draft_tokens": g["num_draft_tokens"],
             "num_accepted": g["num_accepted"], "accepted_per_pos": g["accepted_per_pos"],
@@ -191,7 +191,7 @@ def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: i
             "acceptance_rate": acceptance_rate(g["num_accepted"], g["num_draft_tokens"]),
             "spec_seconds": g["seconds"], "ar_seconds": base["seconds"] if base else None,
             "ar_generated_tokens": len(base["tokens"]) if base else None,
-            "matches_autoregressive": (g["tokens"] == base["tokens"]) if base and t == 0 else None,
+            "matches_autoregressive": (g["tokens"] == base["tokens"]) if base and temp == 0 else None,
             "generated_token_ids": g["tokens"], "target_model": target_model,
         })
     return out
@@ -277,11 +277,11 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     if _vllm_sampled(ev):
         log(f"[evaluate] {VLLM_SAMPLED_NOTE}")
     first = next(iter(prompts.values()))[0]["token_ids"]
-    engine = None
+    ref_engine = None
     if "reference" in ev.engines or ev.export_check:
-        engine = ReferenceEngine(target, ev.reference.device, cfg.models.trust_remote_code,
+        ref_engine = ReferenceEngine(target, ev.reference.device, cfg.models.trust_remote_code,
                                  ev.reference.threads)
-        target_params, params = _check_and_count(engine, target, drafters, first, ev.export_check, log)
+        target_params, params = _check_and_count(ref_engine, target, drafters, first, ev.export_check, log)
     else:  # a vLLM-only run on a big target: count on the meta device instead of loading it here
         from draftalign.models import count_parameters_of
 
@@ -293,8 +293,8 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
                                top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, eos=tok.eos_token_id, seed=ev.seed,
                                measure_ar=ev.reference.measure_autoregressive,
                                warmup_tokens=ev.reference.warmup_tokens, target_model=target)
-        rows += reference_rows(engine, drafters, prompts, sweep, log)
-    del engine
+        rows += reference_rows(ref_engine, drafters, prompts, sweep, log)
+    del ref_engine
     if "vllm" in ev.engines:
         rows += _vllm_rows(cfg, target, drafters, prompts, log)
     write_parquet_atomic(to_table(rows, EVAL_SCHEMA), out / "rows.parquet")

@@ -211,9 +211,9 @@ def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_d
     from draftalign.workers.pretrain_loop import PretrainLoopConfig, pretrain_loop
 
     init_ray(cfg.ray)
-    t = job.train
-    train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, t.seq_len, t.seed)
+    train = job.train
+    train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, train.seq_len, train.seed)
     target = str(Path(cfg.target_path()).resolve()) if job.arch.init_embeddings == "target" else None
     loop_config = PretrainLoopConfig(name=f"pretrain {name}", job=job, model_config=mc.to_dict(), target=target)
-    return fit(pretrain_loop, loop_config, t, f"{cfg.run.name}-pretrain-{name}", job_dir,
-               {"train": train_ds, "holdout": holdout_ds}, train_resources(job)["per_worker"])
+    return fit(pretrain_loop, loop_config, train, f"{cfg.run.name}-pretrain-{name}", job_dir,
+               {"train": train_ds, "holdout": holdout_ds})

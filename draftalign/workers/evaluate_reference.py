@@ -100,21 +100,21 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
 
     drafters: [{"name", "path"}]; prompts: task name -> [{"id", "kind", "token_ids"}].
     """
-    gen = lambda pid, t: prompt_generator(s.seed, pid, t, engine.device)  # noqa: E731
+    gen = lambda pid, temp: prompt_generator(s.seed, pid, temp, engine.device)  # noqa: E731
     first = next(iter(prompts.values()))[0]["token_ids"]
     if s.warmup_tokens:
         engine.autoregressive(first, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
     ar: dict[tuple[str, float, str], tuple[list[int], float]] = {}
     if s.measure_ar:
         for task, rows in prompts.items():
-            for t in s.temperatures:
+            for temp in s.temperatures:
                 t0 = time.time()
                 for p in rows:
-                    ar[(task, t, p["id"])] = engine.autoregressive(p["token_ids"], t, s.top_p, s.max_new_tokens,
-                                                                   s.eos, gen(p["id"], t))
-                n = sum(len(ar[(task, t, p['id'])][0]) for p in rows)
-                secs = sum(ar[(task, t, p['id'])][1] for p in rows)
-                log(f"[evaluate] reference autoregressive / {task} T={t:g}: {n / secs:.1f} tokens/s "
+                    ar[(task, temp, p["id"])] = engine.autoregressive(p["token_ids"], temp, s.top_p, s.max_new_tokens,
+                                                                   s.eos, gen(p["id"], temp))
+                n = sum(len(ar[(task, temp, p['id'])][0]) for p in rows)
+                secs = sum(ar[(task, temp, p['id'])][1] for p in rows)
+                log(f"[evaluate] reference autoregressive / {task} T={temp:g}: {n / secs:.1f} tokens/s "
                     f"({len(rows)} prompts, {time.time() - t0:.1f} s)")
     out: list[dict] = []
     for d in drafters:
@@ -123,16 +123,16 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
             engine.speculative(draft, first, 2, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
         for task, rows in prompts.items():
             for gamma in s.gammas:
-                for t in s.temperatures:
+                for temp in s.temperatures:
                     t0, batch = time.time(), []
                     for p in rows:
-                        res, secs = engine.speculative(draft, p["token_ids"], gamma, t, s.top_p,
-                                                       s.max_new_tokens, s.eos, gen(p["id"], t))
-                        base = ar.get((task, t, p["id"]))
+                        res, secs = engine.speculative(draft, p["token_ids"], gamma, temp, s.top_p,
+                                                       s.max_new_tokens, s.eos, gen(p["id"], temp))
+                        base = ar.get((task, temp, p["id"]))
                         st = res.stats
                         batch.append({
                             "drafter": d["name"], "drafter_path": d["path"], "task": task, "task_kind": p["kind"],
-                            "prompt_id": p["id"], "engine": "reference", "gamma": gamma, "temperature": float(t),
+                            "prompt_id": p["id"], "engine": "reference", "gamma": gamma, "temperature": float(temp),
                             "top_p": float(s.top_p), "num_input_tokens": len(p["token_ids"]),
                             "num_generated_tokens": len(res.tokens), "num_drafts": st.num_drafts,
                             "num_draft_tokens": st.num_draft_tokens, "num_accepted": st.num_accepted,
@@ -140,21 +140,22 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
                             "block_efficiency": st.block_efficiency, "acceptance_rate": st.acceptance_rate,
                             "spec_seconds": secs, "ar_seconds": base[1] if base else None,
                             "ar_generated_tokens": len(base[0]) if base else None,
-                            "matches_autoregressive": (res.tokens == base[0]) if base and t == 0 else None,
+                            "matches_autoregressive": (res.tokens == base[0]) if base and temp == 0 else None,
                             "generated_token_ids": list(res.tokens), "target_model": s.target_model,
                         })
                     out.extend(batch)
-                    log(progress_line("reference", d["name"], task, gamma, t, batch, time.time() - t0))
+                    log(progress_line("reference", d["name"], task, gamma, temp, batch, time.time() - t0))
         del draft
     return out
 
 
-def progress_line(engine: str, drafter: str, task: str, gamma: int, t: float, rows: list[dict], secs: float) -> str:
+def progress_line(engine_name: str, drafter: str, task: str, gamma: int, temperature: float, rows: list[dict],
+                  secs: float) -> str:
     """One log line per sweep cell: τ and draft acceptance pooled over its rows, as the report pools them."""
     from draftalign.evalreport import pooled_block_efficiency
     from draftalign.specmetrics import acceptance_rate
 
     tau = pooled_block_efficiency(rows)
     alpha = acceptance_rate(sum(r["num_accepted"] for r in rows), sum(r["num_draft_tokens"] for r in rows))
-    return (f"[evaluate] {engine} {drafter} / {task} γ={gamma} T={t:g}: τ={tau:.2f} "
+    return (f"[evaluate] {engine_name} {drafter} / {task} γ={gamma} T={temperature:g}: τ={tau:.2f} "
             f"draft_acceptance={alpha:.2f} ({len(rows)} prompts, {secs:.1f} s)")
