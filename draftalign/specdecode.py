@@ -57,10 +57,6 @@ class SpecResult:
     iterations: list[IterationRecord]
     stats: SpecStats
 
-    @property
-    def num_target_calls(self) -> int:
-        return len(self.iterations)
-
 
 def adjust_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
     """Renormalised float32 probabilities softmax(logits / T) restricted to the top-p nucleus.

@@ -251,11 +251,6 @@ class SpecStats:
         return self.num_emitted / self.num_drafts if self.num_drafts else 1.0
 
     @property
-    def tokens_per_call(self) -> float:
-        """num_emitted / num_drafts: the same as ``block_efficiency`` (kept for existing callers)."""
-        return self.block_efficiency
-
-    @property
     def acceptance_rate(self) -> float:
         """num_accepted / num_draft_tokens."""
         return acceptance_rate(self.num_accepted, self.num_draft_tokens)
