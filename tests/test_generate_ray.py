@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import descendants, ray_processes
+
+from tests.procs import descendants, ray_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

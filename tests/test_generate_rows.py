@@ -1,7 +1,6 @@
 """Fast tests of the generate stage's pure parts: requests, resume filter, context check, identity, plan."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from draftalign.workers.generate_rows import (
     pending,
     vllm_sampling_params,
 )
+from tests import scripts
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 SETTINGS = [SamplingSetting(name="greedy", temperature=0.0, max_tokens=4),
@@ -146,11 +146,9 @@ def test_config_defaults_validation_and_engine_resources():
 
 
 def test_plan_prints_resources_without_starting_ray(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", (
-        "import sys; from draftalign.cli import main; rc = main(sys.argv[1:]); "
-        "assert 'ray' not in sys.modules, 'ray imported'; sys.exit(rc)"),
-        "generate", str(TINY), f"run.output={tmp_path}", "generate.engine.replicas=3", "--plan"],
-        capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(scripts.command("main_without_ray", "generate", TINY, f"run.output={tmp_path}",
+                                          "generate.engine.replicas=3", "--plan"),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "engine_replicas: 3" in proc.stdout and "CPU: 1.5" in proc.stdout
     assert not (tmp_path / "generate").exists()

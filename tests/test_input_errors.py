@@ -64,7 +64,7 @@ def test_config_file_that_is_not_utf8(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    from worlds import tiny_llama
+    from tests.worlds import tiny_llama
 
     folder = tmp_path_factory.mktemp("target") / "model"
     tiny_llama(folder, seed=0, hidden=32)
@@ -171,7 +171,7 @@ def test_a_target_without_safetensors_is_refused_before_ray(capsys, tmp_path, ta
     argv = [stage, str(TINY), f"run.output={tmp_path / 'run'}", f"models.target={pickled}",
             f"models.draft={target}"]
     if stage == "distill":
-        from worlds import distill_set
+        from tests.worlds import distill_set
 
         distill_set(tmp_path / "run" / "generate", 4)
     err = _cli_error(capsys, argv)

@@ -49,10 +49,9 @@ def test_plan_output_is_redacted(capsys):
 
 def test_generate_outputs_hold_no_secret(tmp_path, monkeypatch):
     """config.yaml, run_info.json (argv included) and manifest.json of a real generate run."""
-    from worlds import tiny_llama
-
     import draftalign.pipelines.generate as pg
     from draftalign.pipelines.generate import run_generate
+    from tests.worlds import tiny_llama
 
     tiny_llama(tmp_path / "target", seed=0, hidden=32)
     argv = ["draftalign", "generate", str(TINY), f"run.output={tmp_path / 'run'}",

@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from worlds import distill_set, tiny_llama
 
 from draftalign.cli import main
 from draftalign.config import ConfigError, load_config
 from draftalign.pipelines.setprint import FINGERPRINT
+from tests.worlds import distill_set, tiny_llama
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 
