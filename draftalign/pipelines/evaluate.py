@@ -23,7 +23,7 @@ from draftalign.cluster.resources import vllm_eval_engine
 from draftalign.config import Config, ConfigError
 from draftalign.evalreport import comparison_table, markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
-from draftalign.modelid import absolute_model_path, looks_local
+from draftalign.modelid import absolute_model_path, check_target_folder, looks_local
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import MODEL_INFO
 from draftalign.redact import redact_argv
@@ -246,26 +246,31 @@ VLLM_SAMPLED_NOTE = (
     "at T = 0 the engines agree.")
 
 
+def _checked_models(cfg: Config) -> tuple[str, list[dict]]:
+    """(target, drafters), each refused here if it is missing, unloadable or of another vocabulary."""
+    from draftalign.exportcheck import check_vocab
+
+    target = cfg.target_path()
+    if looks_local(target) and not Path(target).expanduser().is_dir():
+        raise ConfigError(f"target {target!r} does not exist: run `draftalign pretrain` or set models.target")
+    if Path(target).expanduser().is_dir():
+        check_target_folder(Path(target).expanduser())
+    drafters = resolve_drafters(cfg)
+    for d in drafters:
+        check_vocab(target, d["path"], cfg.models.trust_remote_code)
+    return target, drafters
+
+
 @locked_output("evaluate", lambda cfg: cfg.evaluate.output)
 def run_evaluate(cfg: Config, log=None) -> list[dict]:
     """Run the sweep and write the report under evaluate.output; returns the summary records."""
-    from draftalign.exportcheck import check_vocab
     from draftalign.tokenization import ensure_chat_template, load_tokenizer
     from draftalign.workers.evaluate_reference import ReferenceEngine, ReferenceSweep, reference_rows
 
     log = log or (lambda msg: print(msg, flush=True))
     ev, t_start = cfg.evaluate, time.time()
-    target = cfg.target_path()
-    if looks_local(target) and not Path(target).expanduser().is_dir():
-        raise ConfigError(f"target {target!r} does not exist: run `draftalign pretrain` or set models.target")
-    if Path(target).expanduser().is_dir():
-        from draftalign.modelid import check_target_folder
-
-        check_target_folder(Path(target).expanduser())
-    drafters = resolve_drafters(cfg)
+    target, drafters = _checked_models(cfg)
     out = Path(ev.output)
-    for d in drafters:
-        check_vocab(target, d["path"], cfg.models.trust_remote_code)
     tok = ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
     from draftalign.models import load_model_config
 
@@ -280,7 +285,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     ref_engine = None
     if "reference" in ev.engines or ev.export_check:
         ref_engine = ReferenceEngine(target, ev.reference.device, cfg.models.trust_remote_code,
-                                 ev.reference.threads)
+                                     ev.reference.threads)
         target_params, params = _check_and_count(ref_engine, target, drafters, first, ev.export_check, log)
     else:  # a vLLM-only run on a big target: count on the meta device instead of loading it here
         from draftalign.models import count_parameters_of
