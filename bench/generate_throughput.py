@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _requests(model: str, n: int, max_tokens: int) -> list[dict]:
-    from draftalign.prompts import SamplingSetting, encode_prompt, render_prompt
-    from draftalign.seeds import SeedFields, prepare_seeds, read_seed_file
+    from draftalign.config import SamplingSetting, SeedFields
+    from draftalign.prompts import encode_prompt, render_prompt
+    from draftalign.seeds import prepare_seeds, read_seed_file
     from draftalign.tokenization import LLAMA2_CHAT_TEMPLATE, load_tokenizer
     from draftalign.workers.generate_rows import expand_requests
 

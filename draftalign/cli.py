@@ -79,7 +79,7 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from draftalign.inspect import inspect_main
+    from draftalign.datasetinfo import inspect_main
 
     return inspect_main(args.path, args.rows, args.plot, out=sys.stdout)
 

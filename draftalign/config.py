@@ -14,8 +14,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from draftalign.errors import ConfigError
-from draftalign.prompts import SamplingSetting, default_sampling_settings
-from draftalign.seeds import SeedFields
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "dump_config"]
 
@@ -157,6 +155,47 @@ class EngineConfig(Strict):
     # Environment of the engine actors, e.g. vLLM's CPU knobs VLLM_CPU_NUM_OF_RESERVED_CPU or
     # VLLM_CPU_OMP_THREADS_BIND (how many cores the engine binds its threads to).
     env: dict[str, str] = Field(default_factory=dict)
+
+
+class SeedFields(BaseModel):
+    """Which column holds what. `messages`, when set, replaces `instruction`/`input`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    instruction: str = "instruction"
+    input: str | None = "input"  # optional context appended to the instruction
+    messages: str | None = None  # a list of {role, content} turns ending with a user turn
+    id: str | None = None  # a stable id column; else the id is derived from the text
+    source: str | None = None  # a per-row source column; else prepare_seeds' `source`
+
+
+class SamplingSetting(BaseModel):
+    """One way of sampling the target; every seed is answered once per setting.
+
+    `name` goes into each row's `row_key` ("{id}/{name}"), so it is restricted to
+    letters, digits, ".", "_" and "-". temperature 0 means greedy decoding.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN passes ge=0
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=64)
+    temperature: float = Field(ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(1024, ge=1)  # paper-spec section 4 recommends <= 1024 new tokens
+    seed: int | None = None  # per-request seed, for reproducible sampling
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def default_sampling_settings(max_tokens: int = 1024, seed: int | None = None) -> list[SamplingSetting]:
+    """Greedy plus T=0.7 and T=1.0 with top-p 0.95: several temperatures per prompt (section 4)."""
+    return [
+        SamplingSetting(name="greedy", temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=None),
+        SamplingSetting(name="t0.7", temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed),
+        SamplingSetting(name="t1.0", temperature=1.0, top_p=0.95, max_tokens=max_tokens, seed=seed),
+    ]
 
 
 class GenerateConfig(Strict):

@@ -90,8 +90,11 @@ def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor, mask
     m = mask.bool()
     log_q = torch.log_softmax(draft_logits.float(), -1)
     log_p = torch.log_softmax(target_logprobs.float(), -1)
-    alpha = expected_acceptance(log_p.exp(), log_q.exp())
-    fkl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    p = log_p.exp()
+    alpha = expected_acceptance(p, log_q.exp())
+    # 0 · log 0 = 0 where the target has no mass (log p = -inf), as in losses.forward_kl; the plain
+    # product would give 0 · -inf = NaN there.
+    fkl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
     alpha_bt = torch.zeros(m.shape, dtype=alpha.dtype)
     alpha_bt[m] = alpha
     tau = chained_block_efficiency(alpha_bt, m, gamma)

@@ -18,12 +18,21 @@ from draftalign.config import EvalTaskConfig
 from draftalign.errors import DraftalignError
 from draftalign.seeds import open_rows
 
-__all__ = ["EvalDataError", "bundled_path", "task_rows", "build_prompts", "load_task_prompts"]
+__all__ = ["EvalDataError", "bundled_path", "task_rows", "build_prompts", "load_task_prompts", "prompt_seed"]
 
 # Summaries and translations have nothing to work on without their input; a Dolly
 # question often has no context.
 _INPUT_REQUIRED = {"open_ended": False, "summarize": True, "translate": True}
 _BUNDLED = Path(__file__).resolve().parent.parent / "examples" / "data" / "eval"
+
+
+def prompt_seed(seed: int, prompt_id: str, temperature: float) -> int:
+    """The sampling seed of one prompt at one temperature, for both engines: a rerun samples the same answers.
+
+    15 hex digits (60 bits) of sha256 of "seed/prompt id/temperature", as the reference engine
+    has always seeded its generators (the vLLM engine used 12 digits before).
+    """
+    return int(hashlib.sha256(f"{seed}/{prompt_id}/{temperature}".encode()).hexdigest()[:15], 16)
 
 
 class EvalDataError(DraftalignError, ValueError):

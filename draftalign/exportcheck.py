@@ -1,9 +1,9 @@
-"""Does an exported drafter serve? transformers' `assistant_model` and vLLM's `draft_model`.
+"""Does an exported drafter serve? transformers' `assistant_model` (vLLM's `draft_model` is
+exercised by the evaluate stage's vllm engine, in a Ray actor).
 
 A drafter that loads but uses another tokenizer would be accepted by both engines and then
 propose nonsense, so the vocabulary is compared first and a mismatch is refused with both
-sides named. vLLM is imported only inside `check_vllm` (it starts an engine: run it in a
-Ray actor or a subprocess, not in a driver that must stay light).
+sides named.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from draftalign.errors import VocabMismatchError
 from draftalign.models import check_compatible
 
-__all__ = ["check_vocab", "check_transformers", "check_vllm", "parameter_count"]
+__all__ = ["check_vocab", "check_transformers"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -39,10 +39,6 @@ def check_vocab(target: str, draft: str, trust_remote_code: bool = False) -> Non
         check_compatible(t_cfg, d_cfg, _vocab(target), _vocab(draft))
     except VocabMismatchError as exc:
         raise VocabMismatchError(f"drafter {draft!r} cannot draft for target {target!r}: {exc}") from None
-
-
-def parameter_count(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def check_transformers(target: Any, draft: Any, target_name: str, draft_name: str,
@@ -71,25 +67,3 @@ def check_transformers(target: Any, draft: Any, target_name: str, draft_name: st
         raise RuntimeError(f"drafter {draft_name!r} does not run as transformers' assistant_model for "
                            f"target {target_name!r}: {type(exc).__name__}: {exc}") from exc
     return {"drafter": draft_name, "transformers": "ok", "tokens": out[0, ids.shape[1]:].tolist()}
-
-
-def check_vllm(target: str, draft: str, engine_kwargs: dict[str, Any], num_speculative_tokens: int = 2,
-               prompt_ids: list[int] | None = None, max_tokens: int = 4) -> dict[str, Any]:
-    """Start a vLLM engine with `draft` as its draft_model and generate a few tokens.
-
-    Starts processes (spawn): call it from a script with a __main__ guard, a Ray actor or task.
-    """
-    check_vocab(target, draft)
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    try:
-        llm = LLM(model=target, speculative_config={"method": "draft_model", "model": draft,
-                                                    "num_speculative_tokens": num_speculative_tokens},
-                  **engine_kwargs)
-        out = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids or [1])],
-                           SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=False)
-    except Exception as exc:
-        raise RuntimeError(f"drafter {draft!r} does not load as vLLM's draft_model for target {target!r}: "
-                           f"{type(exc).__name__}: {exc}") from exc
-    return {"drafter": draft, "vllm": "ok", "tokens": list(out[0].outputs[0].token_ids)}

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from draftalign.errors import ConfigError
-from draftalign.runinfo import write_text_atomic
+from draftalign.atomicio import write_text_atomic
 
 MODEL_INFO = "draftalign_model.json"  # the name pipelines.outputs writes
 CARD = "README.md"

@@ -124,11 +124,26 @@ def init_embeddings_from(model, target_folder: str) -> None:
         emb.copy_(projected)
 
 
+def parameter_count(model: Any) -> int:
+    """Parameters of a built model (torch module)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def count_parameters(config: PretrainedConfig) -> int:
-    """Parameters of the model `config` describes, counted on the meta device (no memory)."""
+    """Parameters of the Llama model `config` describes, counted on the meta device (no memory)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    return sum(p.numel() for p in model.parameters())
+    return parameter_count(model)
+
+
+def count_parameters_of(path: str, trust_remote_code: bool = False) -> int:
+    """Parameters of the model (any architecture) saved at `path`, counted on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_model_config(path, trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    return parameter_count(model)
 
 
 def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:

@@ -1,4 +1,4 @@
-"""Prompt rendering through the target's chat template, and the sampling settings.
+"""Prompt rendering through the target's chat template.
 
 The distillation set must hold exactly the token sequences the target sees at serving
 time, so prompts are rendered by the tokenizer's own chat template (Llama 2's when the
@@ -13,14 +13,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 __all__ = [
     "render_prompt",
     "encode_prompt",
     "chat_template_hash",
-    "SamplingSetting",
-    "default_sampling_settings",
 ]
 
 
@@ -57,32 +53,3 @@ def chat_template_hash(tokenizer: Any) -> str:
     if not isinstance(template, str):  # named templates come as a dict
         template = json.dumps(template, sort_keys=True)
     return hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
-
-
-class SamplingSetting(BaseModel):
-    """One way of sampling the target; every seed is answered once per setting.
-
-    `name` goes into each row's `row_key` ("{id}/{name}"), so it is restricted to
-    letters, digits, ".", "_" and "-". temperature 0 means greedy decoding.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN passes ge=0
-
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=64)
-    temperature: float = Field(ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(1024, ge=1)  # paper-spec section 4 recommends <= 1024 new tokens
-    seed: int | None = None  # per-request seed, for reproducible sampling
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def default_sampling_settings(max_tokens: int = 1024, seed: int | None = None) -> list[SamplingSetting]:
-    """Greedy plus T=0.7 and T=1.0 with top-p 0.95: several temperatures per prompt (section 4)."""
-    return [
-        SamplingSetting(name="greedy", temperature=0.0, top_p=1.0, max_tokens=max_tokens, seed=None),
-        SamplingSetting(name="t0.7", temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed),
-        SamplingSetting(name="t1.0", temperature=1.0, top_p=0.95, max_tokens=max_tokens, seed=seed),
-    ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from draftalign.atomicio import write_json_atomic, write_text_atomic
 from draftalign.config import Config, dump_config
 from draftalign.redact import redact_argv
 
@@ -48,26 +48,6 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able parts: equal inputs, equal outputs, reusable results."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` whole or not at all: a full disk or a kill midway leaves the old
-    file as it was and no temp file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # a full disk shows here at the latest, before the old file is gone
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_run_info(folder: str | Path, cfg: Config, stage: str, extra: dict[str, Any] | None = None) -> Path:

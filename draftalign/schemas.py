@@ -1,4 +1,4 @@
-"""Versioned Parquet row contracts of the `generate` stage (schema_version 1).
+"""Versioned Parquet row contracts of the `generate` and `evaluate` stages (schema_version 1).
 
 Every file carries a `schema_version` column; readers call `check_table` first, so a
 file written by another version fails with the columns that differ, not deep in training.
@@ -38,22 +38,21 @@ Errors (`ERROR_SCHEMA`), one row per seed or request that produced no distillati
 
 Prepared seeds (`SEED_SCHEMA`): `id`, `source`, `instruction`, `input`, `messages` and
 `schema_version`, typed as in the distillation set.
+
+Evaluation rows (`EVAL_SCHEMA`), one per (drafter, task, prompt, engine, γ, temperature):
+their columns are listed where it is defined, below the other three.
 """
 
 from __future__ import annotations
 
 import numbers
-import os
-import uuid
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 __all__ = [
-    "SCHEMA_VERSION", "DISTILL_SCHEMA", "ERROR_SCHEMA", "SEED_SCHEMA",
-    "row_key", "to_table", "check_table", "write_parquet_atomic",
+    "SCHEMA_VERSION", "DISTILL_SCHEMA", "ERROR_SCHEMA", "SEED_SCHEMA", "EVAL_SCHEMA",
+    "row_key", "to_table", "check_table",
 ]
 
 SCHEMA_VERSION = 1
@@ -115,6 +114,60 @@ ERROR_SCHEMA = _schema(
         _f("stage", pa.string()),
         _f("reason", pa.string()),
         _f("raw", pa.string()),
+    ],
+)
+
+
+# Per-prompt rows of the `evaluate` stage (EVAL_SCHEMA, schema_version 1), one per
+# (drafter, task, prompt, engine, γ, temperature):
+#
+# - `drafter` (string), `drafter_path` (string): the drafter's report name and its folder or hub name.
+# - `task` (string), `task_kind` (string): the task name and its kind (open_ended, summarize, translate).
+# - `prompt_id` (string): the evaluation row's id.
+# - `engine` (string): "reference" (draftalign.specdecode) or "vllm".
+# - `gamma` (int32), `temperature` (float32), `top_p` (float32): the decoding setting.
+# - `num_input_tokens` (int32), `num_generated_tokens` (int32): prompt and answer lengths.
+# - `num_drafts` (int32): speculative iterations (target calls that verified drafts).
+# - `num_draft_tokens` (int32), `num_accepted` (int32): draft tokens proposed and accepted.
+# - `accepted_per_pos` (list<int32>, length γ): drafts whose position i was accepted.
+# - `block_efficiency` (float64), `acceptance_rate` (float64): this prompt's τ (reference: emitted
+#   tokens / target calls; vllm: 1 + accepted / drafts) and draft acceptance rate accepted / drafted
+#   tokens (summary.json's `draft_acceptance_rate`; not Σ min(p, q)). The summary pools counts over
+#   prompts instead of averaging these.
+# - `spec_seconds` (float64): wall-clock seconds of the speculative generation.
+# - `ar_seconds` (float64, nullable), `ar_generated_tokens` (int32, nullable): the same prompt
+#   decoded by the target alone, when measured.
+# - `matches_autoregressive` (bool, nullable): greedy only: the speculative tokens equal the
+#   target's own greedy tokens (losslessness, up to floating-point ties).
+# - `generated_token_ids` (list<int32>): the speculative answer.
+# - `target_model` (string): the target's name or path.
+# - `schema_version` (int32): 1.
+EVAL_SCHEMA = _schema(
+    "evaluate",
+    [
+        _f("drafter", pa.string()),
+        _f("drafter_path", pa.string()),
+        _f("task", pa.string()),
+        _f("task_kind", pa.string()),
+        _f("prompt_id", pa.string()),
+        _f("engine", pa.string()),
+        _f("gamma", pa.int32()),
+        _f("temperature", pa.float32()),
+        _f("top_p", pa.float32()),
+        _f("num_input_tokens", pa.int32()),
+        _f("num_generated_tokens", pa.int32()),
+        _f("num_drafts", pa.int32()),
+        _f("num_draft_tokens", pa.int32()),
+        _f("num_accepted", pa.int32()),
+        _f("accepted_per_pos", pa.list_(pa.int32())),
+        _f("block_efficiency", pa.float64()),
+        _f("acceptance_rate", pa.float64()),
+        _f("spec_seconds", pa.float64()),
+        _f("ar_seconds", pa.float64(), True),
+        _f("ar_generated_tokens", pa.int32(), True),
+        _f("matches_autoregressive", pa.bool_(), True),
+        _f("generated_token_ids", pa.list_(pa.int32())),
+        _f("target_model", pa.string()),
     ],
 )
 
@@ -218,80 +271,3 @@ def check_table(table_or_schema: pa.Table | pa.Schema, schema: pa.Schema) -> Non
             f"table does not match schema_version {SCHEMA_VERSION} (file says schema_version {found}): "
             + "; ".join(problems)
         )
-
-
-def write_parquet_atomic(table: pa.Table, path: str | Path) -> Path:
-    """Write `table` to `path` via a temp file in the same folder and os.replace.
-
-    A writer killed midway leaves at most a hidden `.name.*.tmp` file, never a half file
-    under the final name; readers see the old file or the new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would stick to the final file; "xb" still refuses a clash.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not land before the bytes do
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-# Per-prompt rows of the `evaluate` stage (EVAL_SCHEMA, schema_version 1), one per
-# (drafter, task, prompt, engine, γ, temperature):
-#
-# - `drafter` (string), `drafter_path` (string): the drafter's report name and its folder or hub name.
-# - `task` (string), `task_kind` (string): the task name and its kind (open_ended, summarize, translate).
-# - `prompt_id` (string): the evaluation row's id.
-# - `engine` (string): "reference" (draftalign.specdecode) or "vllm".
-# - `gamma` (int32), `temperature` (float32), `top_p` (float32): the decoding setting.
-# - `num_input_tokens` (int32), `num_generated_tokens` (int32): prompt and answer lengths.
-# - `num_drafts` (int32): speculative iterations (target calls that verified drafts).
-# - `num_draft_tokens` (int32), `num_accepted` (int32): draft tokens proposed and accepted.
-# - `accepted_per_pos` (list<int32>, length γ): drafts whose position i was accepted.
-# - `block_efficiency` (float64), `acceptance_rate` (float64): this prompt's τ (reference: emitted
-#   tokens / target calls; vllm: 1 + accepted / drafts) and draft acceptance rate accepted / drafted
-#   tokens (summary.json's `draft_acceptance_rate`; not Σ min(p, q)). The summary pools counts over
-#   prompts instead of averaging these.
-# - `spec_seconds` (float64): wall-clock seconds of the speculative generation.
-# - `ar_seconds` (float64, nullable), `ar_generated_tokens` (int32, nullable): the same prompt
-#   decoded by the target alone, when measured.
-# - `matches_autoregressive` (bool, nullable): greedy only: the speculative tokens equal the
-#   target's own greedy tokens (losslessness, up to floating-point ties).
-# - `generated_token_ids` (list<int32>): the speculative answer.
-# - `target_model` (string): the target's name or path.
-# - `schema_version` (int32): 1.
-EVAL_SCHEMA = _schema(
-    "evaluate",
-    [
-        _f("drafter", pa.string()),
-        _f("drafter_path", pa.string()),
-        _f("task", pa.string()),
-        _f("task_kind", pa.string()),
-        _f("prompt_id", pa.string()),
-        _f("engine", pa.string()),
-        _f("gamma", pa.int32()),
-        _f("temperature", pa.float32()),
-        _f("top_p", pa.float32()),
-        _f("num_input_tokens", pa.int32()),
-        _f("num_generated_tokens", pa.int32()),
-        _f("num_drafts", pa.int32()),
-        _f("num_draft_tokens", pa.int32()),
-        _f("num_accepted", pa.int32()),
-        _f("accepted_per_pos", pa.list_(pa.int32())),
-        _f("block_efficiency", pa.float64()),
-        _f("acceptance_rate", pa.float64()),
-        _f("spec_seconds", pa.float64()),
-        _f("ar_seconds", pa.float64(), True),
-        _f("ar_generated_tokens", pa.int32(), True),
-        _f("matches_autoregressive", pa.bool_(), True),
-        _f("generated_token_ids", pa.list_(pa.int32())),
-        _f("target_model", pa.string()),
-    ],
-)
-__all__ += ["EVAL_SCHEMA"]

@@ -17,11 +17,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
+from draftalign.config import SeedFields
 from draftalign.errors import ConfigError
 
-__all__ = ["SeedFields", "normalize_text", "seed_id", "prepare_seeds", "open_rows", "read_seed_file",
+__all__ = ["normalize_text", "seed_id", "prepare_seeds", "open_rows", "read_seed_file",
            "SUPPORTED_SUFFIXES", "MAX_FIELD_CHARS", "unreadable_parquet"]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
@@ -36,18 +35,6 @@ RAW_KEY = "__raw__"
 # Other chat dumps name roles differently; the Llama 2 template knows only these three.
 _ROLE_ALIASES = {"prompter": "user", "human": "user", "gpt": "assistant", "bot": "assistant"}
 _ROLES = ("system", "user", "assistant")
-
-
-class SeedFields(BaseModel):
-    """Which column holds what. `messages`, when set, replaces `instruction`/`input`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    instruction: str = "instruction"
-    input: str | None = "input"  # optional context appended to the instruction
-    messages: str | None = None  # a list of {role, content} turns ending with a user turn
-    id: str | None = None  # a stable id column; else the id is derived from the text
-    source: str | None = None  # a per-row source column; else prepare_seeds' `source`
 
 
 class _Bad(Exception):
@@ -126,6 +113,21 @@ def _raw(row: dict) -> str:
     return str(text)[:RAW_LIMIT]
 
 
+def _conversation(row: dict, fields: SeedFields) -> tuple[str, str | None, list[dict[str, str]], str]:
+    """(instruction, input, messages, the text that identifies the seed) of one seed row."""
+    if fields.messages is not None:
+        messages = _messages(_get(row, fields.messages), fields.messages)
+        instruction = next(t["content"] for t in reversed(messages) if t["role"] == "user")
+        return instruction, None, messages, "\n".join(f"{t['role']}: {t['content']}" for t in messages)
+    instruction = _text(_get(row, fields.instruction), fields.instruction)
+    context = None
+    if fields.input is not None and row.get(fields.input) is not None:
+        context = _text(row[fields.input], fields.input, allow_empty=True)
+        context = context if context.strip() else None
+    user = instruction if context is None else f"{instruction}\n\n{context}"
+    return instruction, context, [{"role": "user", "content": user}], user
+
+
 def prepare_seeds(
     rows: Iterable[dict], fields: SeedFields, source: str, max_seeds: int | None = None
 ) -> tuple[list[dict], list[dict]]:
@@ -160,20 +162,7 @@ def prepare_seeds(
                 # Integer ids (common in exports) are fine; they become strings.
                 row_id = str(raw_id) if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
                 row_id = row_id or _text(raw_id, fields.id).strip()
-            if fields.messages is not None:
-                messages = _messages(_get(row, fields.messages), fields.messages)
-                instruction = next(t["content"] for t in reversed(messages) if t["role"] == "user")
-                context = None
-                key_text = "\n".join(f"{t['role']}: {t['content']}" for t in messages)
-            else:
-                instruction = _text(_get(row, fields.instruction), fields.instruction)
-                context = None
-                if fields.input is not None and row.get(fields.input) is not None:
-                    context = _text(row[fields.input], fields.input, allow_empty=True)
-                    context = context if context.strip() else None
-                user = instruction if context is None else f"{instruction}\n\n{context}"
-                messages = [{"role": "user", "content": user}]
-                key_text = user
+            instruction, context, messages, key_text = _conversation(row, fields)
             key = normalize_text(key_text)
             row_id = row_id or seed_id(key_text)
             if key in kept_by_text:

@@ -57,10 +57,6 @@ class SpecResult:
     iterations: list[IterationRecord]
     stats: SpecStats
 
-    @property
-    def num_target_calls(self) -> int:
-        return len(self.iterations)
-
 
 def adjust_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
     """Renormalised float32 probabilities softmax(logits / T) restricted to the top-p nucleus.
@@ -167,6 +163,55 @@ def autoregressive_generate(target: PreTrainedModel, input_ids: Sequence[int] | 
     return new
 
 
+def _draft_block(draft: PreTrainedModel, d_cache: DynamicCache, pending: list[int], n_max: int, temperature: float,
+                 top_p: float, greedy: bool, eos: set[int], generator: torch.Generator | None
+                 ) -> tuple[list[int], list[torch.Tensor]]:
+    """Step 1: the draft proposes up to ``n_max`` tokens (stopping after an EOS); their q distributions."""
+    drafts: list[int] = []
+    qs: list[torch.Tensor] = []
+    for _ in range(n_max):
+        q = _forward_probs(draft, d_cache, pending, 1, temperature, top_p)[0]
+        x = _sample(q, greedy, generator)
+        drafts.append(x)
+        qs.append(q)
+        pending = [x]
+        if x in eos:  # nothing after EOS is ever emitted: stop drafting
+            break
+    return drafts, qs
+
+
+def _num_accepted(p: torch.Tensor, qs: list[torch.Tensor], drafts: list[int], greedy: bool,
+                  generator: torch.Generator | None) -> int:
+    """Step 3: the acceptance test, k = number of leading accepted drafts."""
+    n = len(drafts)
+    if n == 0:
+        return 0
+    if greedy:
+        return int((p[:n].argmax(-1) == torch.tensor(drafts, device=p.device)).long().cumprod(0).sum())
+    q = torch.stack(qs).to(p.device)
+    idx, xs = torch.arange(n, device=p.device), torch.tensor(drafts, device=p.device)
+    ratio = p[idx, xs] / q[idx, xs]  # q_i(x_i) > 0 since x_i was sampled from q_i
+    u = torch.rand(n, generator=generator, device=p.device)
+    return int((u < ratio).long().cumprod(0).sum())  # P(u < r) = min(1, r) for u ~ U[0, 1)
+
+
+def _emit(p: torch.Tensor, qs: list[torch.Tensor], drafts: list[int], k: int, greedy: bool, eos: set[int],
+          generator: torch.Generator | None) -> tuple[list[int], bool]:
+    """Step 4: the accepted drafts plus the correction from the residual at the first rejection, or the
+    bonus token from p_{n+1}; and whether the generation is done."""
+    n, emitted = len(drafts), drafts[:k]
+    if k == n and n > 0 and drafts[-1] in eos:
+        return emitted, True  # accepted EOS draft ends the generation: no bonus token
+    if k < n and not greedy:
+        residual = (p[k] - qs[k].to(p.device)).clamp_min(0.0)
+        # residual sums to 0 only if p_k == q_k up to rounding; then p_k is the right law
+        y = _sample(residual if residual.sum() > 0 else p[k], False, generator)
+    else:
+        y = _sample(p[k], greedy, generator)
+    emitted.append(y)
+    return emitted, y in eos
+
+
 def speculative_generate(target: PreTrainedModel, draft: PreTrainedModel,
                          input_ids: Sequence[int] | torch.Tensor, gamma: int, max_new_tokens: int,
                          temperature: float = 0.0, top_p: float = 1.0,
@@ -192,45 +237,14 @@ def speculative_generate(target: PreTrainedModel, draft: PreTrainedModel,
         while not done and (remaining := max_new_tokens - (len(tokens) - n_prompt)) > 0:
             base = len(tokens)
             # 1. draft proposes n <= min(gamma, remaining - 1) tokens so that n + 1 fits the budget
-            drafts: list[int] = []
-            qs: list[torch.Tensor] = []
-            pending = tokens[d_cache.get_seq_length():]
-            for _ in range(min(gamma, remaining - 1)):
-                q = _forward_probs(draft, d_cache, pending, 1, temperature, top_p)[0]
-                x = _sample(q, greedy, generator)
-                drafts.append(x)
-                qs.append(q)
-                pending = [x]
-                if x in eos:  # nothing after EOS is ever emitted: stop drafting
-                    break
+            drafts, qs = _draft_block(draft, d_cache, tokens[d_cache.get_seq_length():], min(gamma, remaining - 1),
+                                      temperature, top_p, greedy, eos, generator)
             n = len(drafts)
             # 2. one target pass over the uncached tokens and all drafts gives p_1..p_{n+1}
             p = _forward_probs(target, t_cache, tokens[t_cache.get_seq_length():] + drafts, n + 1,
                                temperature, top_p)
-            # 3. acceptance test, k = number of leading accepted drafts
-            if n == 0:
-                k = 0
-            elif greedy:
-                k = int((p[:n].argmax(-1) == torch.tensor(drafts, device=p.device)).long().cumprod(0).sum())
-            else:
-                q = torch.stack(qs).to(p.device)
-                idx, xs = torch.arange(n, device=p.device), torch.tensor(drafts, device=p.device)
-                ratio = p[idx, xs] / q[idx, xs]  # q_i(x_i) > 0 since x_i was sampled from q_i
-                u = torch.rand(n, generator=generator, device=p.device)
-                k = int((u < ratio).long().cumprod(0).sum())  # P(u < r) = min(1, r) for u ~ U[0, 1)
-            # 4. correction from the residual at the first rejection, or bonus token from p_{n+1}
-            emitted = drafts[:k]
-            if k == n and n > 0 and drafts[-1] in eos:
-                done = True  # accepted EOS draft ends the generation: no bonus token
-            else:
-                if k < n and not greedy:
-                    residual = (p[k] - q[k]).clamp_min(0.0)
-                    # residual sums to 0 only if p_k == q_k up to rounding; then p_k is the right law
-                    y = _sample(residual if residual.sum() > 0 else p[k], False, generator)
-                else:
-                    y = _sample(p[k], greedy, generator)
-                emitted.append(y)
-                done = y in eos
+            k = _num_accepted(p, qs, drafts, greedy, generator)
+            emitted, done = _emit(p, qs, drafts, k, greedy, eos, generator)
             tokens.extend(emitted)
             records.append(IterationRecord(n, k, len(emitted)))
             # drop rejected drafts from the caches; the newest token stays uncached for the next pass

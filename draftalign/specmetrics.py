@@ -19,7 +19,7 @@ Implied τ         (1 − α^{γ+1}) / (1 − α)                  (i.i.d. accep
 
 The implied τ takes the *tested* acceptance α, not α̂: drafts after the first rejection of a block are
 never tested, so α̂ is well below the per-token acceptance (i.i.d. α = 0.8 at γ = 5 gives α̂ ≈ 0.54,
-whose implied τ 2.13 is far from the measured 3.69).  Neither is Σ min(p, q) (``expected_acceptance``,
+whose implied τ 2.13 is far from the measured 3.69).  Neither is Σ min(p, q) (``draftalign.losses.expected_acceptance``,
 the distill stage's held-out "expected acceptance"), which is a per-position probability.
 
 Each draft emits its accepted tokens plus one correction or bonus token, so 1 ≤ τ ≤ γ + 1.
@@ -39,7 +39,6 @@ __all__ = [
     "acceptance_per_position",
     "acceptance_rate",
     "block_efficiency",
-    "expected_acceptance",
     "implied_block_efficiency",
     "mbsu",
 ]
@@ -138,14 +137,6 @@ def implied_block_efficiency(alpha: float, gamma: int) -> float:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     return float(sum(float(alpha) ** i for i in range(gamma + 1)))
-
-
-def expected_acceptance(p: np.ndarray, q: np.ndarray) -> float:
-    """Per-position acceptance probability β = Σ_x min(p(x), q(x)) = 1 − TVD(p, q) (paper-spec §1.2)."""
-    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
-    if p.shape != q.shape:
-        raise ValueError(f"p and q shapes differ: {p.shape} vs {q.shape}")
-    return float(np.minimum(p, q).sum())
 
 
 @dataclass(frozen=True)
@@ -258,11 +249,6 @@ class SpecStats:
         draft, which emits no bonus token: counting one there made a 1-token, 1-call run report τ = 2.
         """
         return self.num_emitted / self.num_drafts if self.num_drafts else 1.0
-
-    @property
-    def tokens_per_call(self) -> float:
-        """num_emitted / num_drafts: the same as ``block_efficiency`` (kept for existing callers)."""
-        return self.block_efficiency
 
     @property
     def acceptance_rate(self) -> float:

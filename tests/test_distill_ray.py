@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import ray_processes
-from worlds import distill_set, tiny_llama
+
+from tests.procs import ray_processes
+from tests.worlds import distill_set, tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -85,6 +85,20 @@ def test_heldout_sums_of_a_perfect_draft():
     assert heldout_means({}, 2) == {}
 
 
+
+def test_heldout_forward_kl_is_finite_where_the_target_has_no_mass():
+    """A top-k target (or a masked vocabulary) gives log p = -inf: 0 · log 0 counts 0, as in losses.forward_kl."""
+    from draftalign.losses import forward_kl
+
+    g = torch.Generator().manual_seed(2)
+    draft = torch.randn(4, 10, generator=g)
+    target = torch.log_softmax(torch.randn(4, 10, generator=g), -1)
+    target[:, 7:] = float("-inf")
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    fkl = heldout_sums(draft, target, mask, 2)["forward_kl"]
+    assert np.isfinite(fkl)
+    assert fkl == pytest.approx(float(forward_kl(draft[None], target[None], mask).sum()), rel=1e-5)
+
 def _tiny_llama(vocab=64, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

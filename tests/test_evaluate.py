@@ -218,3 +218,17 @@ def test_the_report_says_when_vllm_rows_use_vllms_own_sampled_acceptance(engines
     cfg = load_config(TINY, [f"evaluate.engines={engines}", f"evaluate.temperatures={temperatures}"])
     header = _header(cfg, "t", [{"name": "d", "path": "p"}], {"d": 10}, 1000)
     assert (VLLM_SAMPLED_NOTE in header) is noted
+
+
+def test_both_engines_seed_a_prompt_the_same_way():
+    """One per-prompt seed (the reference engine's 15 hex digits, so its sampled answers stay as they were)."""
+    import hashlib
+
+    import torch
+
+    from draftalign.evaltasks import prompt_seed
+    from draftalign.workers.evaluate_reference import prompt_generator
+
+    assert prompt_seed(3, "p-1", 1.0) == int(hashlib.sha256(b"3/p-1/1.0").hexdigest()[:15], 16)
+    assert prompt_generator(3, "p-1", 1.0, torch.device("cpu")).initial_seed() == prompt_seed(3, "p-1", 1.0)
+    assert prompt_seed(3, "p-1", 1.0) != prompt_seed(3, "p-1", 0.7)

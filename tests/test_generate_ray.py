@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import descendants, ray_processes
+
+from tests.procs import descendants, ray_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -297,7 +298,7 @@ def test_a_dead_engine_ends_run_passes_at_once_and_a_retry_skips_what_was_writte
     from ray.exceptions import ActorDiedError
 
     import draftalign.cluster.session as session
-    import draftalign.workers.generate_engine as ge
+    import draftalign.pipelines.generate as pg
     from draftalign.config import load_config
 
     monkeypatch.setattr(session, "init_ray", lambda cfg: None)
@@ -309,9 +310,9 @@ def test_a_dead_engine_ends_run_passes_at_once_and_a_retry_skips_what_was_writte
         calls.append([r["row_key"] for r in requests])
         raise ActorDiedError()
 
-    monkeypatch.setattr(ge, "_one_pass", never_starts)
-    with pytest.raises(ge.EngineError, match="died 2 times"):
-        ge.run_passes(cfg, reqs, tmp_path, {}, 2, "t")
+    monkeypatch.setattr(pg, "_one_pass", never_starts)
+    with pytest.raises(pg.EngineError, match="died 2 times"):
+        pg.run_passes(cfg, reqs, tmp_path, {}, 2, "t")
     assert len(calls) == 1  # no retry pass for an engine that cannot work
 
     def dies_after_one_chunk(cfg, requests, data_dir, *rest):
@@ -322,8 +323,8 @@ def test_a_dead_engine_ends_run_passes_at_once_and_a_retry_skips_what_was_writte
             raise ActorDiedError()
         return [{"row_key": r["row_key"], "error": "", "num_generated_tokens": 5, "file": "f"} for r in requests]
 
-    monkeypatch.setattr(ge, "_one_pass", dies_after_one_chunk)
-    res = ge.run_passes(cfg, reqs, tmp_path, {}, 2, "t")
+    monkeypatch.setattr(pg, "_one_pass", dies_after_one_chunk)
+    res = pg.run_passes(cfg, reqs, tmp_path, {}, 2, "t")
     assert calls[2] == ["s2/greedy", "s3/greedy"]  # the chunk the dead pass wrote is not generated again
     assert (res["rows_written"], res["tokens"], res["passes"], res["failed"]) == (4, 17, 2, [])
 

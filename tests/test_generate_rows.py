@@ -1,16 +1,17 @@
 """Fast tests of the generate stage's pure parts: requests, resume filter, context check, identity, plan."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from draftalign.config import ConfigError, load_config
-from draftalign.pipelines.generate import describe_generate, existing_row_keys, reason_kind, target_identity
-from draftalign.prompts import SamplingSetting
-from draftalign.schemas import DISTILL_SCHEMA, ERROR_SCHEMA, to_table, write_parquet_atomic
-from draftalign.workers.generate_engine import chunk_file, engine_kwargs, replica_bundles
+from draftalign.atomicio import write_parquet_atomic
+from draftalign.cluster.resources import replica_bundles
+from draftalign.config import ConfigError, SamplingSetting, load_config
+from draftalign.modelid import target_identity
+from draftalign.pipelines.generate import describe_generate, existing_row_keys, reason_kind
+from draftalign.schemas import DISTILL_SCHEMA, ERROR_SCHEMA, to_table
+from draftalign.workers.generate_engine import chunk_file, engine_kwargs
 from draftalign.workers.generate_rows import (
     context_error,
     distill_row,
@@ -20,6 +21,7 @@ from draftalign.workers.generate_rows import (
     pending,
     vllm_sampling_params,
 )
+from tests import scripts
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 SETTINGS = [SamplingSetting(name="greedy", temperature=0.0, max_tokens=4),
@@ -144,11 +146,9 @@ def test_config_defaults_validation_and_engine_resources():
 
 
 def test_plan_prints_resources_without_starting_ray(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", (
-        "import sys; from draftalign.cli import main; rc = main(sys.argv[1:]); "
-        "assert 'ray' not in sys.modules, 'ray imported'; sys.exit(rc)"),
-        "generate", str(TINY), f"run.output={tmp_path}", "generate.engine.replicas=3", "--plan"],
-        capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(scripts.command("main_without_ray", "generate", TINY, f"run.output={tmp_path}",
+                                          "generate.engine.replicas=3", "--plan"),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "engine_replicas: 3" in proc.stdout and "CPU: 1.5" in proc.stdout
     assert not (tmp_path / "generate").exists()
@@ -157,7 +157,7 @@ def test_plan_prints_resources_without_starting_ray(tmp_path):
 def _fake_passes(monkeypatch, outcomes):
     """run_passes with Ray replaced: each pass answers from `outcomes` (a list of callables)."""
     import draftalign.cluster.session as session
-    import draftalign.workers.generate_engine as ge
+    import draftalign.pipelines.generate as pg
 
     calls = []
     monkeypatch.setattr(session, "init_ray", lambda cfg: None)
@@ -166,8 +166,8 @@ def _fake_passes(monkeypatch, outcomes):
         calls.append(([r["row_key"] for r in requests], fail_keys))
         return outcomes[len(calls) - 1](requests, fail_keys)
 
-    monkeypatch.setattr(ge, "_one_pass", one_pass)
-    return ge.run_passes, calls
+    monkeypatch.setattr(pg, "_one_pass", one_pass)
+    return pg.run_passes, calls
 
 
 def _answer(requests, fail_keys):

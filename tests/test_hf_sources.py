@@ -4,14 +4,14 @@ them: a clone of the hub repo (data files in a folder) or `save_to_disk` output.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from draftalign.config import EvalFields, EvalTaskConfig, GenerateConfig
+from draftalign.config import EvalFields, EvalTaskConfig, GenerateConfig, SeedFields
 from draftalign.evaltasks import load_task_prompts
 from draftalign.pipelines.generate import seed_rows
-from draftalign.seeds import SeedFields, prepare_seeds, seed_id
+from draftalign.seeds import prepare_seeds, seed_id
+from tests import scripts
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -59,9 +59,7 @@ def test_a_saved_cnn_dailymail_set_loads_as_a_summarize_task(tmp_path):
 
 def test_an_unreachable_hub_set_is_a_config_error_naming_the_key(tmp_path):
     # A fresh process: `datasets` reads the offline switches when first imported.
-    script = ("from draftalign.seeds import open_rows\n"
-              "open_rows('nobody-here/no-such-set', None, 'train', 'generate.seeds')\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(scripts.command("open_hub_set"), capture_output=True, text=True, timeout=120,
                           env={**os.environ, **OFFLINE}, cwd=tmp_path)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]

@@ -64,7 +64,7 @@ def test_config_file_that_is_not_utf8(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    from worlds import tiny_llama
+    from tests.worlds import tiny_llama
 
     folder = tmp_path_factory.mktemp("target") / "model"
     tiny_llama(folder, seed=0, hidden=32)
@@ -72,7 +72,8 @@ def target(tmp_path_factory):
 
 
 def _truncated_parquet(path: Path) -> Path:
-    from draftalign.schemas import DISTILL_SCHEMA, to_table, write_parquet_atomic
+    from draftalign.atomicio import write_parquet_atomic
+    from draftalign.schemas import DISTILL_SCHEMA, to_table
 
     whole = path.with_name("whole.parquet")
     write_parquet_atomic(to_table([], DISTILL_SCHEMA), whole)
@@ -118,7 +119,8 @@ def test_seed_file_with_unsupported_suffix(capsys, tmp_path, target):
 
 
 def test_a_bom_on_the_first_jsonl_line_is_accepted(tmp_path):
-    from draftalign.seeds import SeedFields, prepare_seeds, read_seed_file
+    from draftalign.config import SeedFields
+    from draftalign.seeds import prepare_seeds, read_seed_file
 
     f = tmp_path / "s.jsonl"
     f.write_bytes(b'\xef\xbb\xbf{"instruction": "first"}\n{"instruction": "second"}\n')
@@ -128,13 +130,14 @@ def test_a_bom_on_the_first_jsonl_line_is_accepted(tmp_path):
 
 def test_a_huge_seed_field_is_an_error_row_naming_the_row(tmp_path, monkeypatch):
     import draftalign.seeds as seeds
+    from draftalign.config import SeedFields
 
     monkeypatch.setattr(seeds, "MAX_FIELD_CHARS", 1000)
     monkeypatch.setattr(seeds, "MAX_LINE_BYTES", 5000)
     f = tmp_path / "s.jsonl"
     f.write_text('{"instruction": "ok"}\n' + '{"instruction": "' + "x" * 2000 + '"}\n'
                  + '{"instruction": "' + "y" * 9000 + '"}\n' + '{"instruction": "fine"}\n')
-    good, errors = seeds.prepare_seeds(seeds.read_seed_file(f), seeds.SeedFields(), "s")
+    good, errors = seeds.prepare_seeds(seeds.read_seed_file(f), SeedFields(), "s")
     assert [g["instruction"] for g in good] == ["ok", "fine"]
     assert errors[0]["reason"] == "row 2: field too long: 'instruction' holds 2,000 characters (limit 1,000)"
     assert errors[1]["reason"] == "line 3: line too long: 9,020 bytes (limit 5,000)"
@@ -168,7 +171,7 @@ def test_a_target_without_safetensors_is_refused_before_ray(capsys, tmp_path, ta
     argv = [stage, str(TINY), f"run.output={tmp_path / 'run'}", f"models.target={pickled}",
             f"models.draft={target}"]
     if stage == "distill":
-        from worlds import distill_set
+        from tests.worlds import distill_set
 
         distill_set(tmp_path / "run" / "generate", 4)
     err = _cli_error(capsys, argv)

@@ -5,19 +5,16 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from draftalign.cli import main
 from draftalign.pipelines.locks import LOCK_NAME, OutputLockedError, output_lock
+from tests import scripts
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny.yaml"
-HOLD = ("import sys, time; from draftalign.pipelines.locks import output_lock\n"
-        "with output_lock(sys.argv[1], 'generate'):\n"
-        "    print('held', flush=True); time.sleep(600)\n")
 
 
 @pytest.fixture
@@ -26,7 +23,7 @@ def holder():
     procs = []
 
     def start(folder: Path) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
+        proc = subprocess.Popen(scripts.command("hold_lock", folder), stdout=subprocess.PIPE, text=True,
                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         procs.append(proc)
         assert proc.stdout.readline().strip() == "held"

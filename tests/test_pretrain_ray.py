@@ -3,10 +3,11 @@
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests import scripts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -102,23 +103,6 @@ def test_draft_from_jsonl_and_text_files_takes_the_targets_vocabulary(target_run
         target.vocab_size, target.max_position_embeddings, target.eos_token_id)
 
 
-VLLM_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from vllm import LLM, SamplingParams
-
-    def main():
-        llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, gpu_memory_utilization=0.05,
-                  max_model_len=128, seed=0)
-        ids = json.loads(sys.argv[2])
-        out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0))
-        lps = [None] + [next(iter(d.values())).logprob for d in out[0].prompt_logprobs[1:]]
-        print("RESULT " + json.dumps(lps))
-
-    if __name__ == "__main__":
-        main()
-""")
-
-
 def test_export_loads_in_vllm_with_the_same_log_probs(target_run, tmp_path):
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -126,9 +110,7 @@ def test_export_loads_in_vllm_with_the_same_log_probs(target_run, tmp_path):
     model_dir = target_run[0] / "pretrain" / "target" / "model"
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok("def add(a, b):\n    return a + b\n")["input_ids"]
-    script = tmp_path / "vllm_check.py"
-    script.write_text(VLLM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(ids)], capture_output=True,
+    proc = subprocess.run(scripts.command("vllm_prompt_logprobs", model_dir, json.dumps(ids)), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     vllm_lps = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])[1:]

@@ -10,13 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from draftalign.prompts import (
-    SamplingSetting,
-    chat_template_hash,
-    default_sampling_settings,
-    encode_prompt,
-    render_prompt,
-)
+from draftalign.atomicio import write_parquet_atomic
+from draftalign.config import SamplingSetting, SeedFields, default_sampling_settings
+from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.schemas import (
     DISTILL_SCHEMA,
     ERROR_SCHEMA,
@@ -25,9 +21,8 @@ from draftalign.schemas import (
     check_table,
     row_key,
     to_table,
-    write_parquet_atomic,
 )
-from draftalign.seeds import SeedFields, normalize_text, prepare_seeds, read_seed_file, seed_id
+from draftalign.seeds import normalize_text, prepare_seeds, read_seed_file, seed_id
 
 SEEDS = Path(__file__).resolve().parents[1] / "examples" / "data" / "seeds.jsonl"
 DOLLY = SeedFields(instruction="instruction", input="context", source="category")

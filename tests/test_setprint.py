@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from worlds import distill_set, tiny_llama
 
 from draftalign.cli import main
 from draftalign.config import ConfigError, load_config
 from draftalign.pipelines.setprint import FINGERPRINT
+from tests.worlds import distill_set, tiny_llama
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 
@@ -24,10 +24,10 @@ def targets(tmp_path_factory):
 @pytest.fixture
 def generate(monkeypatch, tmp_path, targets):
     """run_generate without Ray: the engine passes answer nothing, everything else is real."""
-    import draftalign.workers.generate_engine as ge
+    import draftalign.pipelines.generate as pg
     from draftalign.pipelines.generate import run_generate
 
-    monkeypatch.setattr(ge, "run_passes", lambda *a, **k: {"failed": [], "rows_written": 0, "tokens": 0,
+    monkeypatch.setattr(pg, "run_passes", lambda *a, **k: {"failed": [], "rows_written": 0, "tokens": 0,
                                                            "seconds": 0.0, "passes": 0})
 
     def run(*overrides: str, target: str = "a"):

@@ -13,7 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from worlds import tiny_llama
+
+from tests.worlds import tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -21,8 +21,9 @@ def tiny_llama(path: Path, seed: int, hidden: int) -> None:
 def distill_set(folder: Path, n_seeds: int, target: Path | None = None) -> None:
     """A distillation set of random token rows, one greedy row per seed, in `folder/data`, as if
     `target` (whose hash distill checks) had generated it."""
-    from draftalign.pipelines.generate import target_identity
-    from draftalign.schemas import DISTILL_SCHEMA, SCHEMA_VERSION, to_table, write_parquet_atomic
+    from draftalign.atomicio import write_parquet_atomic
+    from draftalign.modelid import target_identity
+    from draftalign.schemas import DISTILL_SCHEMA, SCHEMA_VERSION, to_table
 
     target_hash = target_identity(str(target))["target_hash"] if target else "h"
 

@@ -1,15 +1,44 @@
-"""What each stage would ask Ray for: the `--plan` view, computed without starting Ray."""
+"""What each stage asks Ray for, computed without starting Ray: the bundles the stages request
+and the `--plan` view of them."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from draftalign.config import PretrainJob
+from draftalign.config import (
+    DistillConfig,
+    EngineConfig,
+    PretrainJob,
+    TargetPoolConfig,
+    TrainConfig,
+    VllmEvalConfig,
+)
+
+
+def train_worker(train: TrainConfig) -> dict[str, float]:
+    """One Ray Train worker's resources (pretrain and distill)."""
+    return {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+
+
+def target_actor(pool: TargetPoolConfig) -> dict[str, float]:
+    """One distill target actor's resources."""
+    return {"CPU": pool.cpus_per_actor, **({"GPU": pool.gpus_per_actor} if pool.use_gpu else {})}
+
+
+def replica_bundles(engine: EngineConfig) -> list[dict[str, float]]:
+    """One Ray resource bundle per tensor-parallel worker of one generate engine replica."""
+    bundle = {"CPU": engine.cpus_per_replica, **({"GPU": engine.gpus_per_replica} if engine.use_gpu else {})}
+    return [dict(bundle) for _ in range(engine.tensor_parallel_size)]
+
+
+def vllm_eval_engine(v: VllmEvalConfig) -> dict[str, float]:
+    """One evaluate vLLM engine actor's resources (all its tensor-parallel GPUs)."""
+    return {"CPU": v.cpus_per_engine, **({"GPU": v.gpus_per_engine * v.tensor_parallel_size} if v.use_gpu else {})}
 
 
 def train_resources(job: PretrainJob) -> dict[str, Any]:
     t = job.train
-    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    per_worker = train_worker(t)
     return {
         "ray_train_workers": t.num_workers,
         "per_worker": per_worker,
@@ -22,3 +51,29 @@ def train_resources(job: PretrainJob) -> dict[str, Any]:
         "tokens_total": t.micro_batch_size * t.grad_accum * t.num_workers * t.seq_len * t.max_steps,
     }
 
+
+def distill_resources(d: DistillConfig) -> dict[str, Any]:
+    t, pool = d.train, d.target_pool
+    worker, actor = train_worker(t), target_actor(pool)
+    actors = 0 if pool.in_process else pool.actors * t.num_workers
+    return {
+        "ray_train_workers": t.num_workers, "per_worker": worker,
+        "target_actors": actors, "per_target_actor": actor,
+        "total": {k: worker.get(k, 0) * t.num_workers + actor.get(k, 0) * actors for k in sorted({*worker, *actor})},
+        "deepspeed_zero_stage": t.zero_stage, "precision": t.dtype_name,
+        "global_batch_sequences": t.micro_batch_size * t.grad_accum * t.num_workers,
+        "optimizer_steps": t.max_steps,
+    }
+
+
+def generate_resources(eng: EngineConfig) -> dict[str, Any]:
+    per_replica: dict[str, float] = {}
+    for bundle in replica_bundles(eng):
+        for k, v in bundle.items():
+            per_replica[k] = per_replica.get(k, 0) + v
+    return {
+        "engine_replicas": eng.replicas, "tensor_parallel_size": eng.tensor_parallel_size,
+        "per_replica": per_replica,
+        "total": {k: v * eng.replicas for k, v in per_replica.items()},
+        "batch_size": eng.batch_size, "max_concurrent_batches": eng.max_concurrent_batches,
+    }

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from draftalign.cluster.resources import distill_resources
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
 from draftalign.distillation import build_sequences, holdout_row
+from draftalign.modelid import absolute_model_path, check_target_folder, target_identity
 from draftalign.models import check_compatible, count_parameters, load_model_config
-from draftalign.pipelines.generate import check_target_folder, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.setprint import SAME_NAME_HINT, set_target_hashes
@@ -62,27 +63,12 @@ def _check_set_target(files: list[Path], target: str, target_hash: str) -> None:
                           "(`draftalign generate`), or set models.target to the model that generated it")
 
 
-def _resources(d: DistillConfig) -> dict[str, Any]:
-    t, pool = d.train, d.target_pool
-    worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    actor = {"CPU": pool.cpus_per_actor, **({"GPU": pool.gpus_per_actor} if pool.use_gpu else {})}
-    actors = 0 if pool.in_process else pool.actors * t.num_workers
-    return {
-        "ray_train_workers": t.num_workers, "per_worker": worker,
-        "target_actors": actors, "per_target_actor": actor,
-        "total": {k: worker.get(k, 0) * t.num_workers + actor.get(k, 0) * actors for k in sorted({*worker, *actor})},
-        "deepspeed_zero_stage": t.zero_stage, "precision": t.dtype_name,
-        "global_batch_sequences": t.micro_batch_size * t.grad_accum * t.num_workers,
-        "optimizer_steps": t.max_steps,
-    }
-
-
 def describe_distill(cfg: Config) -> dict[str, Any]:
     d = cfg.distill
     return {"data": cfg.distill_data_path(), "init_from": d.init_from or cfg.draft_path(),
             "target": cfg.target_path(),
             "losses": [{**loss.model_dump(), "output": cfg.distilled_path(loss)} for loss in d.losses],
-            "resources": _resources(d)}
+            "resources": distill_resources(d)}
 
 
 def _split(files: list[Path], d: DistillConfig, pad_id: int):
@@ -100,10 +86,6 @@ def _split(files: list[Path], d: DistillConfig, pad_id: int):
     train = train.random_shuffle(seed=d.train.seed).map_batches(to_sequences, batch_format="numpy")
     holdout = ds.filter(lambda r: holdout_row(r["id"], frac)).map_batches(to_sequences, batch_format="numpy")
     return train, materialize_in_order(holdout)
-
-
-def _absolute(path: str) -> str:
-    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def _model_config(cfg: Config, role: str, path: str, key: str):
@@ -131,7 +113,7 @@ def _inputs(cfg: Config) -> DistillInputs:
     from draftalign.tokenization import load_tokenizer
 
     d = cfg.distill
-    target, init_from = (_absolute(p) for p in (cfg.target_path(), d.init_from or cfg.draft_path()))
+    target, init_from = (absolute_model_path(p) for p in (cfg.target_path(), d.init_from or cfg.draft_path()))
     target_cfg = _model_config(cfg, "target", target, "models.target")
     if Path(target).is_dir():
         check_target_folder(Path(target))  # the target actors load safetensors only
@@ -205,7 +187,7 @@ def _fit(cfg: Config, loss: LossConfig, inputs: DistillInputs, job_dir: Path):
         cache_dir=_cache_dir(cfg, inputs) if d.target_pool.cache else None,
         death_marker=str(marker) if marker else None)
     return fit(distill_loop, loop_config, d.train, f"{cfg.run.name}-distill-{loss.folder}", job_dir,
-               {"train": train_ds, "holdout": holdout_ds}, _resources(d)["per_worker"])
+               {"train": train_ds, "holdout": holdout_ds})
 
 
 def _cache_dir(cfg: Config, inputs: DistillInputs) -> str:

@@ -17,32 +17,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
-from draftalign.config import Config, ConfigError, EngineConfig
+from draftalign.cluster.resources import vllm_eval_engine
+from draftalign.config import Config, ConfigError
 from draftalign.evalreport import comparison_table, markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
+from draftalign.modelid import absolute_model_path, check_target_folder, looks_local
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import MODEL_INFO
 from draftalign.redact import redact_argv
 from draftalign.runinfo import write_run_info
-from draftalign.schemas import EVAL_SCHEMA, to_table, write_parquet_atomic
+from draftalign.schemas import EVAL_SCHEMA, to_table
 from draftalign.specmetrics import acceptance_rate, block_efficiency
 from draftalign.workers.generate_engine import engine_kwargs
 
 
-def _looks_local(path: str) -> bool:
-    # hub names are "org/name"; anything else that is path-like must exist here
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).expanduser().exists()
-
-
 def _exists(path: str) -> bool:
-    return Path(path).expanduser().is_dir() or not _looks_local(path)
-
-
-def _abs(path: str) -> str:
-    # Ray actors may not share the driver's working folder
-    p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else path
+    return Path(path).expanduser().is_dir() or not looks_local(path)
 
 
 def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
@@ -83,12 +75,6 @@ def _distilled_drafters(cfg: Config) -> dict[str, str]:
     return out
 
 
-def _engine_config(cfg: Config) -> EngineConfig:
-    v = cfg.evaluate.vllm
-    return EngineConfig(use_gpu=v.use_gpu, tensor_parallel_size=v.tensor_parallel_size,
-                        max_model_len=v.max_model_len, engine_kwargs=v.engine_kwargs)
-
-
 def describe_evaluate(cfg: Config) -> dict[str, Any]:
     """The --plan view: drafters, tasks, the sweep and the engines, offline and without Ray."""
     ev = cfg.evaluate
@@ -106,9 +92,9 @@ def describe_evaluate(cfg: Config) -> dict[str, Any]:
     }
     if "vllm" in ev.engines:
         v = ev.vllm
-        per = {"CPU": v.cpus_per_engine, **({"GPU": v.gpus_per_engine * v.tensor_parallel_size} if v.use_gpu else {})}
+        per = vllm_eval_engine(v)
         plan["vllm"] = {"engines": len(drafters) * len(ev.gammas) + int(v.measure_autoregressive),
-                        "one_at_a_time": True, "per_engine": per, "engine_kwargs": engine_kwargs(_engine_config(cfg))}
+                        "one_at_a_time": True, "per_engine": per, "engine_kwargs": engine_kwargs(v)}
     return plan
 
 
@@ -138,7 +124,7 @@ def _prompts(cfg: Config, tok: Any, context: int, log) -> dict[str, list[dict]]:
 
 
 def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str, list[dict]],
-               settings: dict[str, Any], log) -> list[dict]:
+               log) -> list[dict]:
     import ray
 
     from draftalign.cluster.session import init_ray
@@ -147,30 +133,29 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
 
     ev, v = cfg.evaluate, cfg.evaluate.vllm
     init_ray(cfg.ray)
-    opts: dict[str, Any] = {"num_cpus": v.cpus_per_engine}
-    if v.use_gpu:
-        opts["num_gpus"] = v.gpus_per_engine * v.tensor_parallel_size
-    actor_cls = ray.remote(**opts)(VllmEngine)
-    kwargs, target = engine_kwargs(_engine_config(cfg)), _abs(target)
+    per = vllm_eval_engine(v)
+    actor_cls = ray.remote(num_cpus=per["CPU"], **({"num_gpus": per["GPU"]} if "GPU" in per else {}))(VllmEngine)
+    target_model, target = target, absolute_model_path(target)
 
     def sweep(draft: str | None, gamma: int, what: str) -> dict[tuple, dict]:
-        actor = actor_cls.remote(target, draft, gamma, kwargs, v.speculative_config)
+        actor = actor_cls.remote(target, draft, gamma, v)
         try:
             res = {}
             for task, rows in prompts.items():
-                for t in ev.engine_temperatures("vllm"):
+                for temp in ev.engine_temperatures("vllm"):
                     t0 = time.time()
                     got = ray.get(actor.generate.remote(
-                        [{"id": p["id"], "token_ids": p["token_ids"]} for p in rows], t, ev.top_p,
+                        [{"id": p["id"], "token_ids": p["token_ids"]} for p in rows], temp, ev.top_p,
                         ev.max_new_tokens, ev.seed, cfg.evaluate.reference.warmup_tokens))
-                    res.update({(task, t, g["id"]): g for g in got})
+                    res.update({(task, temp, g["id"]): g for g in got})
                     if draft is None:
                         n, s = sum(len(g["tokens"]) for g in got), sum(g["seconds"] for g in got)
-                        log(f"[evaluate] vllm autoregressive / {task} T={t:g}: {n / s:.1f} tokens/s "
+                        log(f"[evaluate] vllm autoregressive / {task} T={temp:g}: {n / s:.1f} tokens/s "
                             f"({len(rows)} prompts, {time.time() - t0:.1f} s)")
                     else:
-                        vllm_rows.extend(_rows_from_vllm(what, draft, task, rows, gamma, t, got, ar, settings))
-                        log(progress_line("vllm", what, task, gamma, t, vllm_rows[-len(rows):], time.time() - t0))
+                        vllm_rows.extend(_rows_from_vllm(what, draft, task, rows, gamma, temp, got, ar, ev.top_p,
+                                                         target_model))
+                        log(progress_line("vllm", what, task, gamma, temp, vllm_rows[-len(rows):], time.time() - t0))
             return res
         except ray.exceptions.RayError as exc:
             role = f"drafter {what!r} ({draft}) as vLLM draft_model" if draft else "the target"
@@ -187,18 +172,18 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
     for d in drafters:
         for gamma in ev.gammas:
             log(f"[evaluate] vllm: starting an engine for {d['name']} γ={gamma}")
-            sweep(_abs(d["path"]), gamma, d["name"])
+            sweep(absolute_model_path(d["path"]), gamma, d["name"])
     return vllm_rows
 
 
-def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: int, t: float, got: list[dict],
-                    ar: dict[tuple, dict], s: dict[str, Any]) -> list[dict]:
+def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: int, temp: float, got: list[dict],
+                    ar: dict[tuple, dict], top_p: float, target_model: str) -> list[dict]:
     out = []
     for p, g in zip(rows, got, strict=True):
-        base = ar.get((task, t, p["id"]))
+        base = ar.get((task, temp, p["id"]))
         out.append({
             "drafter": name, "drafter_path": draft, "task": task, "task_kind": p["kind"], "prompt_id": p["id"],
-            "engine": "vllm", "gamma": gamma, "temperature": float(t), "top_p": float(s["top_p"]),
+            "engine": "vllm", "gamma": gamma, "temperature": float(temp), "top_p": float(top_p),
             "num_input_tokens": len(p["token_ids"]), "num_generated_tokens": len(g["tokens"]),
             "num_drafts": g["num_drafts"], "num_draft_tokens": g["num_draft_tokens"],
             "num_accepted": g["num_accepted"], "accepted_per_pos": g["accepted_per_pos"],
@@ -206,8 +191,8 @@ def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: i
             "acceptance_rate": acceptance_rate(g["num_accepted"], g["num_draft_tokens"]),
             "spec_seconds": g["seconds"], "ar_seconds": base["seconds"] if base else None,
             "ar_generated_tokens": len(base["tokens"]) if base else None,
-            "matches_autoregressive": (g["tokens"] == base["tokens"]) if base and t == 0 else None,
-            "generated_token_ids": g["tokens"], "target_model": s["target_model"],
+            "matches_autoregressive": (g["tokens"] == base["tokens"]) if base and temp == 0 else None,
+            "generated_token_ids": g["tokens"], "target_model": target_model,
         })
     return out
 
@@ -215,7 +200,8 @@ def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: i
 def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: list[int], check: bool,
                      log) -> tuple[int, dict[str, int]]:
     """Parameter counts from the loaded models, after the assistant_model check when asked."""
-    from draftalign.exportcheck import check_transformers, parameter_count
+    from draftalign.exportcheck import check_transformers
+    from draftalign.models import parameter_count
 
     params = {}
     for d in drafters:
@@ -226,18 +212,6 @@ def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: lis
             log(f"[evaluate] export check: {d['name']} ({d['path']}) runs as transformers' assistant_model")
         del draft
     return parameter_count(engine.target), params
-
-
-def _meta_parameters(path: str, trust_remote_code: bool) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from draftalign.models import load_model_config
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(load_model_config(path, trust_remote_code),
-                                                 trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in model.parameters())
 
 
 def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, int], target_params: int) -> str:
@@ -272,26 +246,31 @@ VLLM_SAMPLED_NOTE = (
     "at T = 0 the engines agree.")
 
 
+def _checked_models(cfg: Config) -> tuple[str, list[dict]]:
+    """(target, drafters), each refused here if it is missing, unloadable or of another vocabulary."""
+    from draftalign.exportcheck import check_vocab
+
+    target = cfg.target_path()
+    if looks_local(target) and not Path(target).expanduser().is_dir():
+        raise ConfigError(f"target {target!r} does not exist: run `draftalign pretrain` or set models.target")
+    if Path(target).expanduser().is_dir():
+        check_target_folder(Path(target).expanduser())
+    drafters = resolve_drafters(cfg)
+    for d in drafters:
+        check_vocab(target, d["path"], cfg.models.trust_remote_code)
+    return target, drafters
+
+
 @locked_output("evaluate", lambda cfg: cfg.evaluate.output)
 def run_evaluate(cfg: Config, log=None) -> list[dict]:
     """Run the sweep and write the report under evaluate.output; returns the summary records."""
-    from draftalign.exportcheck import check_vocab
     from draftalign.tokenization import ensure_chat_template, load_tokenizer
-    from draftalign.workers.evaluate_reference import ReferenceEngine, reference_rows
+    from draftalign.workers.evaluate_reference import ReferenceEngine, ReferenceSweep, reference_rows
 
     log = log or (lambda msg: print(msg, flush=True))
     ev, t_start = cfg.evaluate, time.time()
-    target = cfg.target_path()
-    if _looks_local(target) and not Path(target).expanduser().is_dir():
-        raise ConfigError(f"target {target!r} does not exist: run `draftalign pretrain` or set models.target")
-    if Path(target).expanduser().is_dir():
-        from draftalign.pipelines.generate import check_target_folder
-
-        check_target_folder(Path(target).expanduser())
-    drafters = resolve_drafters(cfg)
+    target, drafters = _checked_models(cfg)
     out = Path(ev.output)
-    for d in drafters:
-        check_vocab(target, d["path"], cfg.models.trust_remote_code)
     tok = ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
     from draftalign.models import load_model_config
 
@@ -303,24 +282,26 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     if _vllm_sampled(ev):
         log(f"[evaluate] {VLLM_SAMPLED_NOTE}")
     first = next(iter(prompts.values()))[0]["token_ids"]
-    engine = None
+    ref_engine = None
     if "reference" in ev.engines or ev.export_check:
-        engine = ReferenceEngine(target, ev.reference.device, cfg.models.trust_remote_code,
-                                 ev.reference.threads)
-        target_params, params = _check_and_count(engine, target, drafters, first, ev.export_check, log)
+        ref_engine = ReferenceEngine(target, ev.reference.device, cfg.models.trust_remote_code,
+                                     ev.reference.threads)
+        target_params, params = _check_and_count(ref_engine, target, drafters, first, ev.export_check, log)
     else:  # a vLLM-only run on a big target: count on the meta device instead of loading it here
-        target_params = _meta_parameters(target, cfg.models.trust_remote_code)
-        params = {d["name"]: _meta_parameters(d["path"], cfg.models.trust_remote_code) for d in drafters}
-    settings = {"gammas": ev.gammas, "temperatures": ev.engine_temperatures("reference"), "top_p": ev.top_p,
-                "max_new_tokens": ev.max_new_tokens, "eos": tok.eos_token_id, "seed": ev.seed,
-                "measure_ar": ev.reference.measure_autoregressive, "warmup_tokens": ev.reference.warmup_tokens,
-                "target_model": target}
+        from draftalign.models import count_parameters_of
+
+        target_params = count_parameters_of(target, cfg.models.trust_remote_code)
+        params = {d["name"]: count_parameters_of(d["path"], cfg.models.trust_remote_code) for d in drafters}
     rows: list[dict] = []
     if "reference" in ev.engines:
-        rows += reference_rows(engine, drafters, prompts, settings, log)
-    del engine
+        sweep = ReferenceSweep(gammas=tuple(ev.gammas), temperatures=tuple(ev.engine_temperatures("reference")),
+                               top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, eos=tok.eos_token_id, seed=ev.seed,
+                               measure_ar=ev.reference.measure_autoregressive,
+                               warmup_tokens=ev.reference.warmup_tokens, target_model=target)
+        rows += reference_rows(ref_engine, drafters, prompts, sweep, log)
+    del ref_engine
     if "vllm" in ev.engines:
-        rows += _vllm_rows(cfg, target, drafters, prompts, settings, log)
+        rows += _vllm_rows(cfg, target, drafters, prompts, log)
     write_parquet_atomic(to_table(rows, EVAL_SCHEMA), out / "rows.parquet")
     records = summarize_rows(rows, params, target_params)
     for r in records:

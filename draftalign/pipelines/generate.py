@@ -9,85 +9,27 @@ still fails, and every rejected seed, lands in `errors/`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from draftalign.atomicio import write_json_atomic, write_parquet_atomic
 from draftalign.cluster.metrics import record
+from draftalign.cluster.resources import generate_resources
 from draftalign.config import Config, ConfigError, GenerateConfig
+from draftalign.errors import DraftalignError
+from draftalign.modelid import absolute_model_path, check_target_folder, looks_local, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.setprint import check_set, row_determinants, write_fingerprint
 from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.redact import redact
-from draftalign.runinfo import write_json_atomic, write_run_info
-from draftalign.schemas import ERROR_SCHEMA, to_table, write_parquet_atomic
+from draftalign.runinfo import write_run_info
+from draftalign.schemas import ERROR_SCHEMA, to_table
 from draftalign.seeds import open_rows, prepare_seeds
-from draftalign.workers.generate_engine import engine_kwargs, replica_bundles
-from draftalign.workers.generate_rows import error_row, expand_requests, pending, row_key_counts
-
-_HASH_WHOLE_FILES_BELOW = 256 * 2**20  # small weights are hashed byte for byte; big ones by name and size
-
-
-def target_identity(target: str) -> dict[str, str]:
-    """{"target_model", "target_hash"}: the name as configured and a fingerprint of the weights.
-
-    A local folder hashes config.json plus every weights file (contents when the folder is
-    small, else names and sizes, which change with any re-export). A hub name hashes the
-    name and, where the hub answers, the commit it resolves to.
-    """
-    h = hashlib.sha256()
-    folder = Path(target).expanduser()
-    if folder.is_dir():
-        weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
-        whole = sum(p.stat().st_size for p in weights) < _HASH_WHOLE_FILES_BELOW
-        for p in [folder / "config.json", *weights]:
-            if not p.is_file():
-                continue
-            h.update(p.name.encode() + b"\0" + str(p.stat().st_size).encode() + b"\0")
-            if whole or p.name == "config.json":
-                h.update(p.read_bytes())
-    else:
-        h.update(target.encode())
-        try:
-            from huggingface_hub import HfApi
-
-            h.update((HfApi().model_info(target).sha or "").encode())
-        except Exception:  # offline or private: the name alone still tells targets apart
-            pass
-    return {"target_model": target, "target_hash": h.hexdigest()[:16]}
-
-
-def check_target_folder(folder: Path) -> None:
-    """Refuse a local target that vLLM could not load, before Ray and the engines start.
-
-    Reading config.json and every safetensors header costs milliseconds; finding out from a
-    dead engine actor costs an engine start-up and buries the cause in the engine's log.
-    """
-    config = folder / "config.json"
-    try:
-        json.loads(config.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"target model {str(folder)!r}: config.json is missing or unreadable ({exc})") from None
-    from safetensors import safe_open
-
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        # Every loader here is safetensors-only; finding out from a dead Ray actor costs minutes.
-        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        raise ConfigError(f"target model {str(folder)!r} holds no *.safetensors weights"
-                          + (f" (only {', '.join(others)}, which would need unpickling)" if others else "")
-                          + "; re-save it with save_pretrained(folder, safe_serialization=True)")
-    for f in weights:
-        try:
-            with safe_open(str(f), "pt"):
-                pass
-        except Exception as exc:  # SafetensorError, OSError: either way vLLM cannot load it
-            raise ConfigError(f"target model {str(folder)!r}: {f.name} is not a readable safetensors file "
-                              f"({type(exc).__name__}: {exc}); re-export the model") from None
+from draftalign.workers.generate_engine import ENGINE_MAX_RESTARTS, engine_kwargs
+from draftalign.workers.generate_rows import error_row, expand_requests, pending, read_parts, row_key_counts
 
 
 def target_tokenizer(cfg: Config, target: str):
@@ -118,20 +60,11 @@ def reason_kind(reason: str) -> str:
 def describe_generate(cfg: Config) -> dict[str, Any]:
     """The --plan view: what would be read and written, and what Ray would be asked for."""
     gen, eng = cfg.generate, cfg.generate.engine
-    per_replica = Counter()
-    for bundle in replica_bundles(eng):
-        per_replica.update(bundle)
     return {
         "target": cfg.target_path(), "seeds": gen.seeds, "max_seeds": gen.max_seeds,
         "output": gen.output, "sampling": [s.name for s in gen.sampling],
         "rows": f"{gen.max_seeds or 'all'} seeds x {len(gen.sampling)} sampling settings",
-        "resources": {
-            "engine_replicas": eng.replicas, "tensor_parallel_size": eng.tensor_parallel_size,
-            "per_replica": dict(per_replica),
-            "total": {k: v * eng.replicas for k, v in per_replica.items()},
-            "batch_size": eng.batch_size, "max_concurrent_batches": eng.max_concurrent_batches,
-            "engine_kwargs": engine_kwargs(eng),
-        },
+        "resources": {**generate_resources(eng), "engine_kwargs": engine_kwargs(eng)},
     }
 
 
@@ -159,17 +92,119 @@ def _write_errors(path: Path, rows: list[dict]) -> None:
         path.unlink(missing_ok=True)  # a rerun that fixed them must not leave stale errors behind
 
 
+class EngineError(DraftalignError, RuntimeError):
+    """The vLLM engine could not start or keeps dying: no retry will fix it."""
+
+
+def _one_pass(cfg: Config, requests: list[dict], data_dir: Path, ident: dict[str, str], eos: int | None,
+              template_hash: str, fail_keys: frozenset[str]) -> list[dict]:
+    from draftalign.workers.generate_engine import run_pass
+
+    return run_pass(absolute_model_path(cfg.target_path()), cfg.generate.engine, cfg.generate.rows_per_file, requests, data_dir, ident, eos,
+                    template_hash, fail_keys)
+
+
+def _engine_died(exc: BaseException) -> bool:
+    """Whether a pass died because an engine actor did: it failed to start, or kept dying."""
+    from ray.exceptions import RayActorError
+
+    for _ in range(10):  # the chain of causes, bounded
+        if exc is None or isinstance(exc, RayActorError):
+            return exc is not None
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The line of a Ray error that says what went wrong, not the wrapper's preamble."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # vLLM's config checks are pydantic errors: the reason is the "Value error, ..." line.
+    picks = [ln for ln in lines if ln.startswith("Value error,")]
+    picks = picks or [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception): ", ln)
+                      and not re.match(r"^(ray\.exceptions\.)?(ActorDiedError|RayTaskError)", ln)]
+    if picks:
+        return picks[-1][:600]
+    if "creation task" in str(exc):
+        return "the engine failed while starting (see the engine's log above)"
+    return (f"an engine replica died {ENGINE_MAX_RESTARTS + 1} times in a row (see the EngineCore "
+            f"error in the log above)")
+
+
+def engine_error(exc: BaseException, model: str, kwargs: dict[str, Any]) -> EngineError:
+    return EngineError(f"the vLLM engine for {model} failed: {_root_cause(exc)}. Nothing was generated in "
+                       f"this pass and a retry would fail the same way; check generate.engine.engine_kwargs "
+                       f"(the engine got {kwargs}) and the model folder. Rows already in data/ are kept.")
+
+
+def _landed(data_dir: Path, before: set[str]) -> dict[str, int]:
+    """{row_key: generated tokens} of the rows written to data/ since `before` was taken."""
+    out: dict[str, int] = {}
+    for part in read_parts(data_dir, ["row_key", "num_generated_tokens"]):
+        out.update({k: n for k, n in zip(part["row_key"], part["num_generated_tokens"], strict=True)
+                    if k not in before})
+    return out
+
+
+def run_passes(cfg: Config, todo: list[dict], data_dir: Path, ident: dict, eos: int | None,
+               template_hash: str) -> dict[str, Any]:
+    """Answer `todo` in up to 1 + max_retries passes; each retry pass takes only what failed.
+
+    Returns {"rows_written", "tokens", "passes", "seconds", "failed": [(request, reason)]}.
+    A pass that dies because its engine did (it cannot start, or dies again after its
+    restart) before writing a single row raises EngineError at once: that is the engine's
+    fault, not a row's, and another pass would only repeat it. Any other dead pass counts
+    as a failure of the rows it did not write (the chunks it wrote stay and count as done);
+    if no pass ever completes, the last error is raised.
+    """
+    from draftalign.cluster.session import init_ray
+
+    reasons: dict[str, str] = {}
+    written = tokens = passes = 0
+    remaining, seconds, last_exc, completed = list(todo), 0.0, None, False
+    for attempt in range(cfg.generate.max_retries + 1):
+        if not remaining:
+            break
+        init_ray(cfg.ray)
+        passes += 1
+        fail = frozenset(cfg.generate.inject_failure_row_keys) if attempt == 0 else frozenset()
+        before = set(row_key_counts(data_dir))
+        t0 = time.time()
+        try:
+            summary = _one_pass(cfg, remaining, data_dir, ident, eos, template_hash, fail)
+            completed = True
+        except Exception as exc:  # the rows stay pending; files written before the failure stay
+            landed = _landed(data_dir, before)
+            if _engine_died(exc) and not landed:
+                raise engine_error(exc, cfg.target_path(), engine_kwargs(cfg.generate.engine)) from exc
+            last_exc = exc
+            summary = [{"row_key": k, "error": "", "num_generated_tokens": n} for k, n in landed.items()]
+            reasons.update({r["row_key"]: f"engine pass failed: {type(exc).__name__}: {_root_cause(exc)}"
+                            for r in remaining})
+            print(f"[generate] pass {passes} failed after writing {len(landed)} rows: {type(exc).__name__}: "
+                  f"{_root_cause(exc)}", flush=True)
+        seconds += time.time() - t0
+        ok = [s for s in summary if not s["error"]]
+        written += len(ok)
+        tokens += sum(s["num_generated_tokens"] for s in ok)
+        reasons.update({s["row_key"]: s["error"] for s in summary if s["error"]})
+        done = {s["row_key"] for s in ok}
+        remaining = [r for r in remaining if r["row_key"] not in done]
+        if remaining and attempt < cfg.generate.max_retries:
+            print(f"[generate] pass {passes}: {len(remaining)} requests failed, retrying", flush=True)
+    if remaining and not completed and last_exc is not None:
+        raise last_exc
+    return {"rows_written": written, "tokens": tokens, "passes": passes, "seconds": seconds,
+            "failed": [(r, reasons.get(r["row_key"], "unknown engine failure")) for r in remaining]}
+
+
 @locked_output("generate", lambda cfg: cfg.generate.output)
 def run_generate(cfg: Config) -> dict[str, Any]:
     """Generate (or complete) the distillation set under generate.output; returns the manifest."""
-    from draftalign.workers.generate_engine import run_passes
-
     gen = cfg.generate
     out = Path(gen.output).resolve()
     data_dir, err_dir = out / "data", out / "errors"
     target = cfg.target_path()
-    looks_local = target.startswith(("/", ".", "~")) or target.count("/") > 1  # hub names are org/name
-    if looks_local and not Path(target).expanduser().is_dir():
+    if looks_local(target) and not Path(target).expanduser().is_dir():
         raise ConfigError(f"target model {target!r} does not exist: run the pretrain stage or set models.target")
     start = time.time()
     ident = target_identity(target)

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from draftalign.atomicio import write_json_atomic
 from draftalign.errors import ConfigError
-from draftalign.runinfo import write_json_atomic
 
 MODEL_INFO = "draftalign_model.json"  # written next to every exported model
 

@@ -105,7 +105,7 @@ def describe_jobs(cfg: Config) -> list[dict[str, Any]]:
 
 
 def _rows_text(ds, field: str, where: str):
-    from draftalign.workers.tokenize import column_as_text
+    from draftalign.workers.corpus_tokens import column_as_text
 
     names = ds.schema().names
     if field not in names:
@@ -118,7 +118,7 @@ def corpus_datasets(corpus: CorpusConfig, tokenizer_dir: str, seq_len: int, seed
     """(train, holdout) Ray Datasets of packed rows {input_ids: int32[seq_len]}."""
     import ray.data
 
-    from draftalign.workers.tokenize import bytes_to_text, tokenize_and_pack
+    from draftalign.workers.corpus_tokens import bytes_to_text, tokenize_and_pack
 
     frac = corpus.holdout_fraction
     if corpus.kind in ("stdlib", "files"):
@@ -211,9 +211,9 @@ def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_d
     from draftalign.workers.pretrain_loop import PretrainLoopConfig, pretrain_loop
 
     init_ray(cfg.ray)
-    t = job.train
-    train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, t.seq_len, t.seed)
+    train = job.train
+    train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, train.seq_len, train.seed)
     target = str(Path(cfg.target_path()).resolve()) if job.arch.init_embeddings == "target" else None
     loop_config = PretrainLoopConfig(name=f"pretrain {name}", job=job, model_config=mc.to_dict(), target=target)
-    return fit(pretrain_loop, loop_config, t, f"{cfg.run.name}-pretrain-{name}", job_dir,
-               {"train": train_ds, "holdout": holdout_ds}, train_resources(job)["per_worker"])
+    return fit(pretrain_loop, loop_config, train, f"{cfg.run.name}-pretrain-{name}", job_dir,
+               {"train": train_ds, "holdout": holdout_ds})

@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from draftalign.atomicio import write_json_atomic
 from draftalign.config import Config
 from draftalign.pipelines.locks import locked_output
-from draftalign.runinfo import write_json_atomic, write_run_info
+from draftalign.runinfo import write_run_info
 
 
 class _Tee:

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from draftalign.atomicio import write_json_atomic
 from draftalign.config import Config
 from draftalign.errors import ConfigError
-from draftalign.runinfo import write_json_atomic
 from draftalign.seeds import unreadable_parquet
 from draftalign.workers.generate_rows import PART_RECOVERY
 

@@ -6,12 +6,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from draftalign.cluster.resources import train_worker
 from draftalign.config import TrainConfig
 
 
-def fit(loop: Callable[[Any], None], loop_config: Any, t: TrainConfig, run_name: str,
-        job_dir: Path, datasets: dict[str, Any], per_worker: dict[str, float]):
-    """Train `loop(loop_config)` on `t.num_workers` workers (loop_config: the loop's frozen
+def fit(loop: Callable[[Any], None], loop_config: Any, train: TrainConfig, run_name: str,
+        job_dir: Path, datasets: dict[str, Any]):
+    """Train `loop(loop_config)` on `train.num_workers` workers (loop_config: the loop's frozen
     dataclass); checkpoints under job_dir/ray; returns the Result.
 
     Only "train" is split across workers: each evaluates the same held-out rows (small, and no
@@ -30,11 +31,12 @@ def fit(loop: Callable[[Any], None], loop_config: Any, t: TrainConfig, run_name:
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                     resources_per_worker=train_worker(train)),
         run_config=RunConfig(
             name=run_name, storage_path=str(job_dir / "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures)),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=train.max_failures)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
     )

@@ -9,16 +9,32 @@ selection, allocator growth) out of the first measurement.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from draftalign.evaltasks import prompt_seed
 from draftalign.specdecode import autoregressive_generate, speculative_generate
 
-__all__ = ["ReferenceEngine", "progress_line", "prompt_generator", "reference_rows"]
+__all__ = ["ReferenceEngine", "ReferenceSweep", "progress_line", "prompt_generator", "reference_rows"]
+
+
+@dataclass(frozen=True)
+class ReferenceSweep:
+    """What `reference_rows` sweeps and how: the evaluate config's reference settings, resolved."""
+
+    gammas: tuple[int, ...]
+    temperatures: tuple[float, ...]  # this engine's (evaluate.reference.temperatures or evaluate.temperatures)
+    top_p: float
+    max_new_tokens: int
+    eos: Any  # the tokenizer's eos_token_id
+    seed: int
+    measure_ar: bool  # also time plain target decoding, the speed-up baseline
+    warmup_tokens: int
+    target_model: str
 
 
 def _device(name: str) -> torch.device:
@@ -30,7 +46,7 @@ def _device(name: str) -> torch.device:
 def prompt_generator(seed: int, prompt_id: str, temperature: float, device: torch.device) -> torch.Generator:
     """A generator seeded from (seed, prompt, temperature): a rerun samples the same answers."""
     g = torch.Generator(device=device)
-    g.manual_seed(int(hashlib.sha256(f"{seed}/{prompt_id}/{temperature}".encode()).hexdigest()[:15], 16))
+    g.manual_seed(prompt_seed(seed, prompt_id, temperature))
     return g
 
 
@@ -79,69 +95,67 @@ class ReferenceEngine:
 
 
 def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[str, list[dict]],
-                   settings: dict[str, Any], log: Callable[[str], None] = print) -> list[dict]:
+                   s: ReferenceSweep, log: Callable[[str], None] = print) -> list[dict]:
     """Per-prompt rows (EVAL_SCHEMA) for every drafter x task x γ x temperature.
 
-    drafters: [{"name", "path"}]; prompts: task name -> [{"id", "kind", "token_ids"}];
-    settings: gammas, temperatures, top_p, max_new_tokens, eos, seed, measure_ar, warmup_tokens,
-    target_model.
+    drafters: [{"name", "path"}]; prompts: task name -> [{"id", "kind", "token_ids"}].
     """
-    s = settings
-    gen = lambda pid, t: prompt_generator(s["seed"], pid, t, engine.device)  # noqa: E731
+    gen = lambda pid, temp: prompt_generator(s.seed, pid, temp, engine.device)  # noqa: E731
     first = next(iter(prompts.values()))[0]["token_ids"]
-    if s["warmup_tokens"]:
-        engine.autoregressive(first, 0.0, 1.0, s["warmup_tokens"], None, gen("warmup", 0.0))
+    if s.warmup_tokens:
+        engine.autoregressive(first, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
     ar: dict[tuple[str, float, str], tuple[list[int], float]] = {}
-    if s["measure_ar"]:
+    if s.measure_ar:
         for task, rows in prompts.items():
-            for t in s["temperatures"]:
+            for temp in s.temperatures:
                 t0 = time.time()
                 for p in rows:
-                    ar[(task, t, p["id"])] = engine.autoregressive(p["token_ids"], t, s["top_p"], s["max_new_tokens"],
-                                                                   s["eos"], gen(p["id"], t))
-                n = sum(len(ar[(task, t, p['id'])][0]) for p in rows)
-                secs = sum(ar[(task, t, p['id'])][1] for p in rows)
-                log(f"[evaluate] reference autoregressive / {task} T={t:g}: {n / secs:.1f} tokens/s "
+                    ar[(task, temp, p["id"])] = engine.autoregressive(p["token_ids"], temp, s.top_p, s.max_new_tokens,
+                                                                   s.eos, gen(p["id"], temp))
+                n = sum(len(ar[(task, temp, p['id'])][0]) for p in rows)
+                secs = sum(ar[(task, temp, p['id'])][1] for p in rows)
+                log(f"[evaluate] reference autoregressive / {task} T={temp:g}: {n / secs:.1f} tokens/s "
                     f"({len(rows)} prompts, {time.time() - t0:.1f} s)")
     out: list[dict] = []
     for d in drafters:
         draft = engine.load_draft(d["path"])
-        if s["warmup_tokens"]:
-            engine.speculative(draft, first, 2, 0.0, 1.0, s["warmup_tokens"], None, gen("warmup", 0.0))
+        if s.warmup_tokens:
+            engine.speculative(draft, first, 2, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
         for task, rows in prompts.items():
-            for gamma in s["gammas"]:
-                for t in s["temperatures"]:
+            for gamma in s.gammas:
+                for temp in s.temperatures:
                     t0, batch = time.time(), []
                     for p in rows:
-                        res, secs = engine.speculative(draft, p["token_ids"], gamma, t, s["top_p"],
-                                                       s["max_new_tokens"], s["eos"], gen(p["id"], t))
-                        base = ar.get((task, t, p["id"]))
+                        res, secs = engine.speculative(draft, p["token_ids"], gamma, temp, s.top_p,
+                                                       s.max_new_tokens, s.eos, gen(p["id"], temp))
+                        base = ar.get((task, temp, p["id"]))
                         st = res.stats
                         batch.append({
                             "drafter": d["name"], "drafter_path": d["path"], "task": task, "task_kind": p["kind"],
-                            "prompt_id": p["id"], "engine": "reference", "gamma": gamma, "temperature": float(t),
-                            "top_p": float(s["top_p"]), "num_input_tokens": len(p["token_ids"]),
+                            "prompt_id": p["id"], "engine": "reference", "gamma": gamma, "temperature": float(temp),
+                            "top_p": float(s.top_p), "num_input_tokens": len(p["token_ids"]),
                             "num_generated_tokens": len(res.tokens), "num_drafts": st.num_drafts,
                             "num_draft_tokens": st.num_draft_tokens, "num_accepted": st.num_accepted,
                             "accepted_per_pos": list(st.accepted_per_pos),
                             "block_efficiency": st.block_efficiency, "acceptance_rate": st.acceptance_rate,
                             "spec_seconds": secs, "ar_seconds": base[1] if base else None,
                             "ar_generated_tokens": len(base[0]) if base else None,
-                            "matches_autoregressive": (res.tokens == base[0]) if base and t == 0 else None,
-                            "generated_token_ids": list(res.tokens), "target_model": s["target_model"],
+                            "matches_autoregressive": (res.tokens == base[0]) if base and temp == 0 else None,
+                            "generated_token_ids": list(res.tokens), "target_model": s.target_model,
                         })
                     out.extend(batch)
-                    log(progress_line("reference", d["name"], task, gamma, t, batch, time.time() - t0))
+                    log(progress_line("reference", d["name"], task, gamma, temp, batch, time.time() - t0))
         del draft
     return out
 
 
-def progress_line(engine: str, drafter: str, task: str, gamma: int, t: float, rows: list[dict], secs: float) -> str:
+def progress_line(engine_name: str, drafter: str, task: str, gamma: int, temperature: float, rows: list[dict],
+                  secs: float) -> str:
+    """One log line per sweep cell: τ and draft acceptance pooled over its rows, as the report pools them."""
     from draftalign.evalreport import pooled_block_efficiency
+    from draftalign.specmetrics import acceptance_rate
 
-    accepted = sum(r["num_accepted"] for r in rows)
-    drafted = sum(r["num_draft_tokens"] for r in rows)
     tau = pooled_block_efficiency(rows)
-    alpha = accepted / drafted if drafted else 0.0
-    return (f"[evaluate] {engine} {drafter} / {task} γ={gamma} T={t:g}: τ={tau:.2f} "
+    alpha = acceptance_rate(sum(r["num_accepted"] for r in rows), sum(r["num_draft_tokens"] for r in rows))
+    return (f"[evaluate] {engine_name} {drafter} / {task} γ={gamma} T={temperature:g}: τ={tau:.2f} "
             f"draft_acceptance={alpha:.2f} ({len(rows)} prompts, {secs:.1f} s)")

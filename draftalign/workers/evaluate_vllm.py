@@ -9,9 +9,11 @@ reading the counters before and after each request gives per-prompt statistics.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
+
+from draftalign.config import VllmEvalConfig
+from draftalign.evaltasks import prompt_seed
 
 __all__ = ["VllmEngine", "SPEC_COUNTERS", "counter_delta"]
 
@@ -41,22 +43,19 @@ def counter_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
             "accepted_per_pos": [a - b for a, b in zip(after[PER_POS], before[PER_POS], strict=True)]}
 
 
-def request_seed(seed: int, prompt_id: str, temperature: float) -> int:
-    return int(hashlib.sha256(f"{seed}/{prompt_id}/{temperature}".encode()).hexdigest()[:12], 16)
-
-
 class VllmEngine:
     """A vllm.LLM for `target`, speculating with `draft` at `gamma` tokens (no draft: plain decoding)."""
 
-    def __init__(self, target: str, draft: str | None, gamma: int, engine_kwargs: dict[str, Any],
-                 speculative_extra: dict[str, Any] | None = None):
+    def __init__(self, target: str, draft: str | None, gamma: int, vllm: VllmEvalConfig):
         from vllm import LLM
 
+        from draftalign.workers.generate_engine import engine_kwargs
+
         self.gamma = gamma if draft else 0
-        kwargs = dict(engine_kwargs)
+        kwargs = engine_kwargs(vllm)
         if draft:
             kwargs["speculative_config"] = {"method": "draft_model", "model": draft, "num_speculative_tokens": gamma,
-                                            **(speculative_extra or {})}
+                                            **vllm.speculative_config}
         # disable_log_stats=False: the spec-decode counters are stats, off by default in LLM
         self.llm = LLM(model=target, disable_log_stats=False, **kwargs)
 
@@ -77,7 +76,7 @@ class VllmEngine:
 
         def one(p: dict, n: int) -> tuple[list[int], float]:
             params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=n,
-                                    seed=None if temperature == 0 else request_seed(seed, p["id"], temperature))
+                                    seed=None if temperature == 0 else prompt_seed(seed, p["id"], temperature))
             t0 = time.perf_counter()
             out = self.llm.generate([TokensPrompt(prompt_token_ids=list(p["token_ids"]))], params, use_tqdm=False)
             return list(out[0].outputs[0].token_ids), time.perf_counter() - t0

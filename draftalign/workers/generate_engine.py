@@ -9,18 +9,17 @@ atomically to `data/`, so a kill loses at most the chunks in flight, never half 
 from __future__ import annotations
 
 import hashlib
-import re
-import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
-from draftalign.config import EngineConfig
-from draftalign.errors import DraftalignError
-from draftalign.schemas import DISTILL_SCHEMA, to_table, write_parquet_atomic
-from draftalign.workers.generate_rows import distill_row, row_key_counts, vllm_sampling_params
+from draftalign.cluster.resources import replica_bundles
+from draftalign.config import EngineConfig, VllmEvalConfig
+from draftalign.schemas import DISTILL_SCHEMA, to_table
+from draftalign.workers.generate_rows import distill_row, vllm_sampling_params
 
 # ray.data.llm marks a failed request with this column and hands the row back as the engine
 # stage left it, skipping the postprocess; answered rows carry it empty.
@@ -37,12 +36,10 @@ _IDS = "draftalign_prompt_ids"
 ENGINE_MAX_RESTARTS = 1
 
 
-class EngineError(DraftalignError, RuntimeError):
-    """The vLLM engine could not start or keeps dying: no retry will fix it."""
+def engine_kwargs(engine: EngineConfig | VllmEvalConfig) -> dict[str, Any]:
+    """vllm.LLM kwargs: the config's, plus what the CPU backend needs unless overridden.
 
-
-def engine_kwargs(engine: EngineConfig) -> dict[str, Any]:
-    """vllm.LLM kwargs: the config's, plus what the CPU backend needs unless overridden."""
+    The generate stage's engines and the evaluate stage's share these CPU defaults."""
     # safetensors only: vLLM's "auto" would fall back to unpickling *.bin files from elsewhere.
     kwargs: dict[str, Any] = {"max_model_len": engine.max_model_len,
                               "tensor_parallel_size": engine.tensor_parallel_size, "load_format": "safetensors"}
@@ -54,12 +51,6 @@ def engine_kwargs(engine: EngineConfig) -> dict[str, Any]:
                       # generator cannot do ("CPU Generator does not use offset"): prefill whole.
                       enable_chunked_prefill=False)
     return {**kwargs, **engine.engine_kwargs}
-
-
-def replica_bundles(engine: EngineConfig) -> list[dict[str, float]]:
-    """One Ray resource bundle per tensor-parallel worker of one engine replica."""
-    bundle = {"CPU": engine.cpus_per_replica, **({"GPU": engine.gpus_per_replica} if engine.use_gpu else {})}
-    return [dict(bundle) for _ in range(engine.tensor_parallel_size)]
 
 
 def _preprocess(row: dict[str, Any], fail_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -139,113 +130,15 @@ def write_chunk(batch: pa.Table, data_dir: str, eos_token_id: int | None, target
          for r in rows], schema=_SUMMARY)
 
 
-def _one_pass(cfg, requests: list[dict], data_dir: Path, ident: dict, eos: int | None, template_hash: str,
-              fail_keys: frozenset[str]) -> list[dict]:
+def run_pass(model: str, engine: EngineConfig, rows_per_file: int, requests: list[dict], data_dir: Path,
+             ident: dict[str, str], eos: int | None, template_hash: str, fail_keys: frozenset[str]) -> list[dict]:
+    """One Ray Data pass over `requests`: engine stage, then the chunk writer; its summary rows."""
     import ray.data
 
-    eng = cfg.generate.engine
-    blocks = max(1, min(len(requests), -(-len(requests) // eng.batch_size)))
+    blocks = max(1, min(len(requests), -(-len(requests) // engine.batch_size)))
     ds = ray.data.from_items(requests, override_num_blocks=blocks)
-    model = cfg.target_path()
-    if Path(model).expanduser().is_dir():  # engine actors may not share the driver's working folder
-        model = str(Path(model).expanduser().resolve())
-    ds = build_engine_stage(model, eng, fail_keys)(ds)
-    ds = ds.map_batches(write_chunk, batch_size=cfg.generate.rows_per_file, batch_format="pyarrow",
+    ds = build_engine_stage(model, engine, fail_keys)(ds)
+    ds = ds.map_batches(write_chunk, batch_size=rows_per_file, batch_format="pyarrow",
                         num_cpus=0.25, fn_kwargs={"data_dir": str(data_dir), "eos_token_id": eos,
                                                   "template_hash": template_hash, **ident})
     return list(ds.iter_rows())
-
-
-def _engine_died(exc: BaseException) -> bool:
-    """Whether a pass died because an engine actor did: it failed to start, or kept dying."""
-    from ray.exceptions import RayActorError
-
-    for _ in range(10):  # the chain of causes, bounded
-        if exc is None or isinstance(exc, RayActorError):
-            return exc is not None
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The line of a Ray error that says what went wrong, not the wrapper's preamble."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # vLLM's config checks are pydantic errors: the reason is the "Value error, ..." line.
-    picks = [ln for ln in lines if ln.startswith("Value error,")]
-    picks = picks or [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception): ", ln)
-                      and not re.match(r"^(ray\.exceptions\.)?(ActorDiedError|RayTaskError)", ln)]
-    if picks:
-        return picks[-1][:600]
-    if "creation task" in str(exc):
-        return "the engine failed while starting (see the engine's log above)"
-    return (f"an engine replica died {ENGINE_MAX_RESTARTS + 1} times in a row (see the EngineCore "
-            f"error in the log above)")
-
-
-def engine_error(exc: BaseException, model: str, kwargs: dict[str, Any]) -> EngineError:
-    return EngineError(f"the vLLM engine for {model} failed: {_root_cause(exc)}. Nothing was generated in "
-                       f"this pass and a retry would fail the same way; check generate.engine.engine_kwargs "
-                       f"(the engine got {kwargs}) and the model folder. Rows already in data/ are kept.")
-
-
-def _landed(data_dir: Path, before: set[str]) -> dict[str, int]:
-    """{row_key: generated tokens} of the rows written to data/ since `before` was taken."""
-    import pyarrow.parquet as pq
-
-    out: dict[str, int] = {}
-    for f in sorted(Path(data_dir).glob("*.parquet")):
-        t = pq.read_table(f, columns=["row_key", "num_generated_tokens"]).to_pydict()
-        out.update({k: n for k, n in zip(t["row_key"], t["num_generated_tokens"], strict=True) if k not in before})
-    return out
-
-
-def run_passes(cfg, todo: list[dict], data_dir: Path, ident: dict, eos: int | None,
-               template_hash: str) -> dict[str, Any]:
-    """Answer `todo` in up to 1 + max_retries passes; each retry pass takes only what failed.
-
-    Returns {"rows_written", "tokens", "passes", "seconds", "failed": [(request, reason)]}.
-    A pass that dies because its engine did (it cannot start, or dies again after its
-    restart) before writing a single row raises EngineError at once: that is the engine's
-    fault, not a row's, and another pass would only repeat it. Any other dead pass counts
-    as a failure of the rows it did not write (the chunks it wrote stay and count as done);
-    if no pass ever completes, the last error is raised.
-    """
-    from draftalign.cluster.session import init_ray
-
-    reasons: dict[str, str] = {}
-    written = tokens = passes = 0
-    remaining, seconds, last_exc, completed = list(todo), 0.0, None, False
-    for attempt in range(cfg.generate.max_retries + 1):
-        if not remaining:
-            break
-        init_ray(cfg.ray)
-        passes += 1
-        fail = frozenset(cfg.generate.inject_failure_row_keys) if attempt == 0 else frozenset()
-        before = set(row_key_counts(data_dir))
-        t0 = time.time()
-        try:
-            summary = _one_pass(cfg, remaining, data_dir, ident, eos, template_hash, fail)
-            completed = True
-        except Exception as exc:  # the rows stay pending; files written before the failure stay
-            landed = _landed(data_dir, before)
-            if _engine_died(exc) and not landed:
-                raise engine_error(exc, cfg.target_path(), engine_kwargs(cfg.generate.engine)) from exc
-            last_exc = exc
-            summary = [{"row_key": k, "error": "", "num_generated_tokens": n} for k, n in landed.items()]
-            reasons.update({r["row_key"]: f"engine pass failed: {type(exc).__name__}: {_root_cause(exc)}"
-                            for r in remaining})
-            print(f"[generate] pass {passes} failed after writing {len(landed)} rows: {type(exc).__name__}: "
-                  f"{_root_cause(exc)}", flush=True)
-        seconds += time.time() - t0
-        ok = [s for s in summary if not s["error"]]
-        written += len(ok)
-        tokens += sum(s["num_generated_tokens"] for s in ok)
-        reasons.update({s["row_key"]: s["error"] for s in summary if s["error"]})
-        done = {s["row_key"] for s in ok}
-        remaining = [r for r in remaining if r["row_key"] not in done]
-        if remaining and attempt < cfg.generate.max_retries:
-            print(f"[generate] pass {passes}: {len(remaining)} requests failed, retrying", flush=True)
-    if remaining and not completed and last_exc is not None:
-        raise last_exc
-    return {"rows_written": written, "tokens": tokens, "passes": passes, "seconds": seconds,
-            "failed": [(r, reasons.get(r["row_key"], "unknown engine failure")) for r in remaining]}

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from draftalign.prompts import SamplingSetting
+from draftalign.config import SamplingSetting
 from draftalign.schemas import row_key
 from draftalign.seeds import RAW_LIMIT
 
@@ -28,11 +28,16 @@ def sampling_struct(s: SamplingSetting) -> dict[str, Any]:
             "max_tokens": int(s.max_tokens), "seed": s.seed}
 
 
+def _seed(sampling: dict[str, Any]) -> int | None:
+    """The struct's seed, or None: a null seed can come out of Ray Data as a float NaN."""
+    seed = sampling.get("seed")
+    return None if seed is None or seed != seed else int(seed)  # seed != seed: NaN
+
+
 def clean_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
     """A `sampling` struct back in its schema types after a trip through Ray Data, where a
     nullable integer can come back as a float (NaN for null)."""
-    seed = sampling.get("seed")
-    seed = None if seed is None or seed != seed else int(seed)  # seed != seed: NaN
+    seed = _seed(sampling)
     return {"name": str(sampling["name"]), "temperature": float(sampling["temperature"]),
             "top_p": float(sampling["top_p"]), "max_tokens": int(sampling["max_tokens"]), "seed": seed}
 
@@ -44,8 +49,8 @@ def vllm_sampling_params(sampling: dict[str, Any], key: str) -> dict[str, Any]:
     So a rerun reproduces its sampled answers, and the column stays integer through Ray
     (a struct field mixing ints and nulls comes out of Ray Data as float, which vLLM refuses).
     """
-    seed = sampling.get("seed")
-    if seed is None or seed != seed:  # seed != seed: a null that Ray turned into a float NaN
+    seed = _seed(sampling)
+    if seed is None:
         seed = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
     # Plain Python numbers: Ray hands struct fields over as numpy scalars.
     return {"temperature": float(sampling["temperature"]), "top_p": float(sampling["top_p"]),
@@ -108,19 +113,26 @@ def pending(requests: Iterable[dict], done: set[str]) -> list[dict]:
 PART_RECOVERY = "move it out of data/ (or delete it) and rerun: the rows it held are generated again"
 
 
-def row_key_counts(data_dir: Path) -> Counter:
-    """How often each row key occurs in `data/`: the files there are the record of what is done."""
+def read_parts(data_dir: Path, columns: list[str]) -> Iterator[dict[str, list]]:
+    """`columns` of each part file in `data/`, file by file; an unreadable file is a ConfigError."""
     import pyarrow.parquet as pq
 
     from draftalign.errors import ConfigError
     from draftalign.seeds import unreadable_parquet
 
-    counts: Counter = Counter()
     for f in sorted(Path(data_dir).glob("*.parquet")):  # hidden .tmp files of a killed writer do not match
         try:
-            counts.update(pq.read_table(f, columns=["row_key"]).column("row_key").to_pylist())
+            part = pq.read_table(f, columns=columns).to_pydict()
         except (OSError, ValueError, KeyError) as exc:  # truncated, corrupt, or no row_key column
             raise ConfigError(unreadable_parquet(f, exc, PART_RECOVERY)) from None
+        yield part
+
+
+def row_key_counts(data_dir: Path) -> Counter:
+    """How often each row key occurs in `data/`: the files there are the record of what is done."""
+    counts: Counter = Counter()
+    for part in read_parts(data_dir, ["row_key"]):
+        counts.update(part["row_key"])
     return counts
 
 

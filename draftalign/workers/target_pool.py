@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from draftalign.cluster.resources import target_actor
 from draftalign.config import TargetPoolConfig
 from draftalign.distillation import trim_padding
 from draftalign.errors import DraftalignError
@@ -188,8 +189,9 @@ class TargetPool:
         self.cfg = cfg
         self.stats = PoolStats()
         node = ray.get_runtime_context().get_node_id()
+        per = target_actor(cfg)
         actor_cls = ray.remote(TargetActor).options(
-            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
+            num_cpus=per["CPU"], num_gpus=per.get("GPU", 0),
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts,
             # Beside the train worker: the log-probs are the largest thing on the wire.
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True))

@@ -30,15 +30,15 @@ REPORT_INTERVAL_S = 5.0
 BEST_WEIGHTS = "best_weights.pt"  # in a checkpoint: the weights of the best evaluation so far
 
 
-def deepspeed_config(t: TrainConfig, o: OptimConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(train: TrainConfig, optim: OptimConfig, world_size: int) -> dict[str, Any]:
     """DeepSpeed's JSON config for a torch optimizer (its fused CPU Adam needs compiled ops)."""
     return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
-        "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.dtype_name == "bf16"},
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": train.dtype_name == "bf16"},
         "steps_per_print": 10**9,  # progress is reported through Ray Train instead
         "wall_clock_breakdown": False,
     }

@@ -75,9 +75,9 @@ def _open(files: list[Path], base: Path) -> ds.Dataset:
                       partition_base_dir=str(base))
 
 
-def _is_label(t: pa.DataType) -> bool:
-    """Whether value counts of a column of type T make sense (not lists, structs, floats, text blobs)."""
-    return any(f(t) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer,
+def _is_label(dtype: pa.DataType) -> bool:
+    """Whether value counts of a column of this type make sense (not lists, structs, floats, text blobs)."""
+    return any(f(dtype) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer,
                               pa.types.is_boolean, pa.types.is_dictionary))
 
 
