@@ -48,6 +48,16 @@ def trim_padding(batch: dict, columns=SEQUENCE_COLUMNS) -> dict:
     return {k: (v[:, :longest] if k in columns else v) for k, v in batch.items()}
 
 
+def masked_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits [N, V] at the N positions where `mask` [B, T] is set (row-major).
+
+    The output layer runs on those positions only: at a 49k vocabulary it is most of a small
+    drafter's cost, and the response positions are about half of each sequence.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.get_output_embeddings()(hidden[mask])
+
+
 def holdout_row(seed_id: str, fraction: float) -> bool:
     """Held-out split by seed id, so every sampling setting of a seed lands on the same side."""
     return is_holdout(f"distill:{seed_id}", fraction)

@@ -15,7 +15,7 @@ import torch
 
 from draftalign.cluster.metrics import record
 from draftalign.config import DistillConfig, LossConfig
-from draftalign.distillation import heldout_means, heldout_sums, trim_padding
+from draftalign.distillation import heldout_means, heldout_sums, masked_logits, trim_padding
 from draftalign.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
 from draftalign.workers.trainer import Trainer, mean_across_workers
 
@@ -71,9 +71,10 @@ class DistillTask:
     def _draft_and_target(self, engine, batch, reply):
         batch = trim_padding(batch)
         mask = batch["loss_mask"].to(engine.device).bool()
-        logits = engine(input_ids=batch["input_ids"].to(engine.device),
-                        attention_mask=batch["attention_mask"].to(engine.device)).logits
-        return logits[mask][None], _target_tensor(reply, engine.device), mask
+        # The DeepSpeed engine's module, called by part (its hooks sit on the submodules).
+        logits = masked_logits(engine.module, batch["input_ids"].to(engine.device),
+                               batch["attention_mask"].to(engine.device), mask)
+        return logits[None], _target_tensor(reply, engine.device), mask
 
     def _loss(self, draft_sel, target_sel) -> torch.Tensor:
         ones = torch.ones(draft_sel.shape[:2], dtype=torch.bool, device=draft_sel.device)

@@ -26,7 +26,7 @@ import torch
 
 from draftalign.cluster.resources import target_actor
 from draftalign.config import TargetPoolConfig
-from draftalign.distillation import trim_padding
+from draftalign.distillation import masked_logits, trim_padding
 from draftalign.errors import DraftalignError
 
 _WIRE = {"float16": torch.float16, "float32": torch.float32}
@@ -51,7 +51,7 @@ def target_logprobs(model, batch: dict[str, Any], top_k: int | None, wire_dtype:
     batch = trim_padding({k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")})
     ids, attn, mask = (torch.tensor(batch[k], device=device) for k in ("input_ids", "attention_mask", "loss_mask"))
     mask = mask.bool()
-    logits = model(input_ids=ids, attention_mask=attn).logits[mask]
+    logits = masked_logits(model, ids, attn, mask)
     logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V], normalised in float32
     if top_k is None:
         # float16 keeps log-probs down to -65504; -inf (impossible tokens) stays -inf.
