@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from draftalign.errors import ConfigError
 from draftalign.atomicio import write_text_atomic
+from draftalign.errors import ConfigError
 
 MODEL_INFO = "draftalign_model.json"  # the name pipelines.outputs writes
 CARD = "README.md"
