@@ -34,9 +34,9 @@ def _overrides(root: Path, out: Path, **train) -> list[str]:
             *[f"distill.train.{k}={v}" for k, v in t.items()]]
 
 
-def _distill(*args: str) -> subprocess.CompletedProcess:
+def _distill(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "draftalign", "distill", str(TINY), *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _info(out: Path, folder: str = "tvdpp") -> dict:
@@ -48,12 +48,15 @@ ALL_LOSSES = [{"name": "forward_kl"}, {"name": "reverse_kl"}, {"name": "tvd"}, {
               {"name": "tvd++", "variant": "exact"}, {"name": "tvd++", "variant": "sampled"}]
 
 
+@pytest.mark.timeout(1800)
 def test_every_loss_trains_from_one_run_sharing_the_target_cache(world):
     # One command, six drafters from the same start on the same set; the target pool's disk cache
     # means the target scores each sequence once, for the first loss, and serves the rest from disk.
     out = world / "losses"
     losses = "distill.losses=" + json.dumps(ALL_LOSSES)
-    proc = _distill(*_overrides(world, out), losses, "distill.target_pool.cache=true")
+    # Six Ray Train jobs one after the other: about 7 minutes on 2 busy cores; the limit leaves
+    # room for a machine shared with other work.
+    proc = _distill(*_overrides(world, out), losses, "distill.target_pool.cache=true", timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     from transformers import AutoModelForCausalLM
 
