@@ -151,3 +151,36 @@ def test_the_export_is_the_best_held_out_evaluation_not_the_last(tmp_path):
     assert final["export_step"] == best and final["export_holdout_tau_gamma3"] == pytest.approx(taus[best])
     assert best != 4, taus  # otherwise this test shows nothing
     assert task.evaluate(trainer.engine)["holdout_tau_gamma3"] == pytest.approx(taus[best], abs=1e-6)
+
+
+class FinishedCheckpoint:
+    """Ray Train's latest checkpoint of a run that finished: the export, no DeepSpeed state."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def as_directory(self):
+        from contextlib import nullcontext
+
+        return nullcontext(str(self.folder))
+
+
+def test_a_rerun_after_the_final_checkpoint_publishes_it_again_instead_of_resuming(tmp_path):
+    import json
+
+    from draftalign.workers.pretrain_loop import PretrainTask
+    from draftalign.workers.trainer import FINAL_METRICS, Trainer
+
+    # Before: the rerun handed the export checkpoint to DeepSpeed's loader, which failed with a bare
+    # AssertionError on every later try (a model/ folder deleted to retrain could never be rebuilt).
+    job = PretrainJob(arch={"preset": None}, train=_train(), optim=OptimConfig(lr=1e-2, warmup_steps=0))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / FINAL_METRICS).write_text(json.dumps({"step": 2, "loss": 5.0}))
+    session = FakeSession()
+    session.get_checkpoint = lambda: FinishedCheckpoint(tmp_path)
+    rows = _rows(8, 0)["input_ids"]
+    task = PretrainTask(FakeShard({"input_ids": rows}), FakeShard({"input_ids": rows}), job)
+    final = Trainer("pulse rerun", job.train, job.optim, _llama(0, 32), task, session).fit()
+    assert final == {"step": 2, "loss": 5.0}
+    assert session.reports == [({"step": 2, "loss": 5.0}, ["hf", "hf/model.safetensors", FINAL_METRICS])]

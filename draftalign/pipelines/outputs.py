@@ -47,6 +47,12 @@ def publish_model(checkpoint, model_dir: Path, tokenizer, info: dict[str, Any]) 
         shutil.copytree(Path(d) / "hf", tmp)
     tokenizer.save_pretrained(str(tmp))
     write_json_atomic(tmp / MODEL_INFO, info)
-    shutil.rmtree(model_dir, ignore_errors=True)
+    # The old export is renamed aside, not deleted, until the new one is in place: a crash
+    # between the two steps leaves `model.old`, never no model at all.
+    old = model_dir.with_name(model_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if model_dir.exists():
+        model_dir.rename(old)
     tmp.rename(model_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return model_dir

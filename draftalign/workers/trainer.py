@@ -28,6 +28,7 @@ from draftalign.config import OptimConfig, TrainConfig
 # report made sooner than that blocks the step. Progress is printed at every log step anyway.
 REPORT_INTERVAL_S = 5.0
 BEST_WEIGHTS = "best_weights.pt"  # in a checkpoint: the weights of the best evaluation so far
+FINAL_METRICS = "metrics.json"  # in the final checkpoint, beside the export: its last report
 
 
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, world_size: int) -> dict[str, Any]:
@@ -151,6 +152,9 @@ class Trainer:
         """Train to t.max_steps; the last report carries the export (`hf/`). Returns its metrics."""
         self.log(f"{self.session.world} worker(s), {torch.get_num_threads()} torch threads each, "
                  f"ZeRO stage {self.t.zero_stage}, {self.t.dtype_name}")
+        finished = self.finished_export()
+        if finished is not None:
+            return finished
         self.resume()
         if self.task.eval_at_start and not self.state.initial:
             self.state.initial = {f"initial_{k}": v for k, v in self.evaluate().items()}
@@ -160,6 +164,21 @@ class Trainer:
             metrics = self.epoch() or metrics
         metrics = self.select_export(metrics)
         self.save(metrics, export=True)
+        return metrics
+
+    def finished_export(self) -> dict[str, Any] | None:
+        """When Ray Train's latest checkpoint is the final export (the run finished, but its model
+        folder was deleted or never published), report it again instead of resuming: it holds
+        no DeepSpeed state to resume from. Returns its metrics, or None."""
+        checkpoint = self.session.get_checkpoint()
+        if not checkpoint:
+            return None
+        with checkpoint.as_directory() as d:
+            if not (Path(d) / "hf").is_dir():
+                return None
+            metrics = json.loads((Path(d) / FINAL_METRICS).read_text())
+            self.log(f"the run finished earlier (step {metrics.get('step')}): publishing its export again")
+            self.session.report(metrics, d)
         return metrics
 
     def resume(self) -> None:
@@ -273,6 +292,8 @@ class Trainer:
         with tempfile.TemporaryDirectory() as d:
             if export:
                 self.export(Path(d) / "hf")
+                if self.session.rank == 0:
+                    (Path(d) / FINAL_METRICS).write_text(json.dumps(metrics))
             else:
                 self.engine.save_checkpoint(str(Path(d) / "deepspeed"), tag="state")
                 if self.session.rank == 0 and self.best_weights is not None:
