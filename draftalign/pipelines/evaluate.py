@@ -21,13 +21,14 @@ from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import vllm_eval_engine
 from draftalign.config import Config, ConfigError
+from draftalign.evalcells import CellStore
 from draftalign.evalreport import comparison_table, markdown_table, summarize_rows, write_report
 from draftalign.evaltasks import bundled_path, load_task_prompts
-from draftalign.modelid import absolute_model_path, check_target_folder, looks_local
+from draftalign.modelid import absolute_model_path, check_target_folder, looks_local, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import MODEL_INFO
 from draftalign.redact import redact_argv
-from draftalign.runinfo import write_run_info
+from draftalign.runinfo import fingerprint, write_run_info
 from draftalign.schemas import EVAL_SCHEMA, to_table
 from draftalign.specmetrics import acceptance_rate, block_efficiency
 from draftalign.workers.generate_engine import engine_kwargs
@@ -261,6 +262,18 @@ def _checked_models(cfg: Config) -> tuple[str, list[dict]]:
     return target, drafters
 
 
+def _cells_fingerprint(cfg: Config, target: str, drafters: list[dict], prompts: dict[str, list[dict]]) -> str:
+    """What determines an evaluation cell: the settings, the target, each drafter's export, the prompts."""
+    ev = cfg.evaluate.model_dump(mode="json", exclude={"output", "plots", "export_check", "drafters"})
+    exports = []
+    for d in drafters:
+        info = Path(d["path"]).expanduser() / MODEL_INFO
+        exports.append((d["name"], d["path"], target_identity(d["path"])["target_hash"],
+                        info.read_text() if info.is_file() else None))
+    return fingerprint(ev, target_identity(target)["target_hash"], exports,
+                       {task: [(p["id"], p["token_ids"]) for p in rows] for task, rows in prompts.items()})
+
+
 @locked_output("evaluate", lambda cfg: cfg.evaluate.output)
 def run_evaluate(cfg: Config, log=None) -> list[dict]:
     """Run the sweep and write the report under evaluate.output; returns the summary records."""
@@ -298,7 +311,8 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
                                top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, eos=tok.eos_token_id, seed=ev.seed,
                                measure_ar=ev.reference.measure_autoregressive,
                                warmup_tokens=ev.reference.warmup_tokens, target_model=target)
-        rows += reference_rows(ref_engine, drafters, prompts, sweep, log)
+        cells = CellStore(out, _cells_fingerprint(cfg, target, drafters, prompts))
+        rows += reference_rows(ref_engine, drafters, prompts, sweep, log, cells)
     del ref_engine
     if "vllm" in ev.engines:
         rows += _vllm_rows(cfg, target, drafters, prompts, log)

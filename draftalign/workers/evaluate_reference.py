@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from draftalign.evalcells import CellStore
 from draftalign.evaltasks import prompt_seed
 from draftalign.specdecode import autoregressive_generate, speculative_generate
 
@@ -95,58 +96,80 @@ class ReferenceEngine:
 
 
 def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[str, list[dict]],
-                   s: ReferenceSweep, log: Callable[[str], None] = print) -> list[dict]:
+                   s: ReferenceSweep, log: Callable[[str], None] = print, cells: CellStore | None = None) -> list[dict]:
     """Per-prompt rows (EVAL_SCHEMA) for every drafter x task x γ x temperature.
 
-    drafters: [{"name", "path"}]; prompts: task name -> [{"id", "kind", "token_ids"}].
+    drafters: [{"name", "path"}]; prompts: task name -> [{"id", "kind", "token_ids"}]. With
+    `cells`, each finished cell is written at once and a cell written earlier is read back.
     """
     gen = lambda pid, temp: prompt_generator(s.seed, pid, temp, engine.device)  # noqa: E731
     first = next(iter(prompts.values()))[0]["token_ids"]
     if s.warmup_tokens:
         engine.autoregressive(first, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
-    ar: dict[tuple[str, float, str], tuple[list[int], float]] = {}
-    if s.measure_ar:
-        for task, rows in prompts.items():
-            for temp in s.temperatures:
-                t0 = time.time()
-                for p in rows:
-                    ar[(task, temp, p["id"])] = engine.autoregressive(p["token_ids"], temp, s.top_p, s.max_new_tokens,
-                                                                   s.eos, gen(p["id"], temp))
-                n = sum(len(ar[(task, temp, p['id'])][0]) for p in rows)
-                secs = sum(ar[(task, temp, p['id'])][1] for p in rows)
-                log(f"[evaluate] reference autoregressive / {task} T={temp:g}: {n / secs:.1f} tokens/s "
-                    f"({len(rows)} prompts, {time.time() - t0:.1f} s)")
+    ar = _baselines(engine, prompts, s, gen, log, cells) if s.measure_ar else {}
     out: list[dict] = []
     for d in drafters:
-        draft = engine.load_draft(d["path"])
-        if s.warmup_tokens:
-            engine.speculative(draft, first, 2, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
+        draft = None  # loaded on the first cell that has to be computed
         for task, rows in prompts.items():
             for gamma in s.gammas:
                 for temp in s.temperatures:
-                    t0, batch = time.time(), []
-                    for p in rows:
-                        res, secs = engine.speculative(draft, p["token_ids"], gamma, temp, s.top_p,
-                                                       s.max_new_tokens, s.eos, gen(p["id"], temp))
-                        base = ar.get((task, temp, p["id"]))
-                        st = res.stats
-                        batch.append({
-                            "drafter": d["name"], "drafter_path": d["path"], "task": task, "task_kind": p["kind"],
-                            "prompt_id": p["id"], "engine": "reference", "gamma": gamma, "temperature": float(temp),
-                            "top_p": float(s.top_p), "num_input_tokens": len(p["token_ids"]),
-                            "num_generated_tokens": len(res.tokens), "num_drafts": st.num_drafts,
-                            "num_draft_tokens": st.num_draft_tokens, "num_accepted": st.num_accepted,
-                            "accepted_per_pos": list(st.accepted_per_pos),
-                            "block_efficiency": st.block_efficiency, "acceptance_rate": st.acceptance_rate,
-                            "spec_seconds": secs, "ar_seconds": base[1] if base else None,
-                            "ar_generated_tokens": len(base[0]) if base else None,
-                            "matches_autoregressive": (res.tokens == base[0]) if base and temp == 0 else None,
-                            "generated_token_ids": list(res.tokens), "target_model": s.target_model,
-                        })
+                    key = ("reference", d["name"], task, gamma, temp)
+                    done = cells.rows(*key) if cells else None
+                    if done is not None:
+                        out.extend(done)
+                        log(progress_line("reference", d["name"], task, gamma, temp, done, 0.0) + " (written earlier)")
+                        continue
+                    if draft is None:
+                        draft = engine.load_draft(d["path"])
+                        if s.warmup_tokens:
+                            engine.speculative(draft, first, 2, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
+                    t0 = time.time()
+                    batch = [_row(d, task, p, gamma, temp, s, ar, *engine.speculative(
+                        draft, p["token_ids"], gamma, temp, s.top_p, s.max_new_tokens, s.eos, gen(p["id"], temp)))
+                        for p in rows]
+                    if cells:
+                        cells.put_rows(batch, *key)
                     out.extend(batch)
                     log(progress_line("reference", d["name"], task, gamma, temp, batch, time.time() - t0))
         del draft
     return out
+
+
+def _baselines(engine: ReferenceEngine, prompts: dict[str, list[dict]], s: ReferenceSweep, gen, log,
+               cells: CellStore | None) -> dict[tuple[str, float, str], tuple[list[int], float]]:
+    """The target alone on every prompt, once per (task, temperature): the speed-up baseline."""
+    ar: dict[tuple[str, float, str], tuple[list[int], float]] = {}
+    for task, rows in prompts.items():
+        for temp in s.temperatures:
+            done = cells.baseline("autoregressive", task, temp) if cells else None
+            t0 = time.time()
+            got = done or {p["id"]: engine.autoregressive(p["token_ids"], temp, s.top_p, s.max_new_tokens, s.eos,
+                                                          gen(p["id"], temp)) for p in rows}
+            if cells and done is None:
+                cells.put_baseline(got, "autoregressive", task, temp)
+            ar.update({(task, temp, pid): (list(tokens), secs) for pid, (tokens, secs) in got.items()})
+            n, secs = sum(len(t) for t, _ in got.values()), sum(x for _, x in got.values())
+            log(f"[evaluate] reference autoregressive / {task} T={temp:g}: {n / secs:.1f} tokens/s "
+                f"({len(rows)} prompts, {time.time() - t0:.1f} s)" + (" (written earlier)" if done else ""))
+    return ar
+
+
+def _row(d: dict, task: str, p: dict, gamma: int, temp: float, s: ReferenceSweep, ar: dict, res, secs: float) -> dict:
+    base = ar.get((task, temp, p["id"]))
+    st = res.stats
+    return {
+        "drafter": d["name"], "drafter_path": d["path"], "task": task, "task_kind": p["kind"],
+        "prompt_id": p["id"], "engine": "reference", "gamma": gamma, "temperature": float(temp),
+        "top_p": float(s.top_p), "num_input_tokens": len(p["token_ids"]),
+        "num_generated_tokens": len(res.tokens), "num_drafts": st.num_drafts,
+        "num_draft_tokens": st.num_draft_tokens, "num_accepted": st.num_accepted,
+        "accepted_per_pos": list(st.accepted_per_pos),
+        "block_efficiency": st.block_efficiency, "acceptance_rate": st.acceptance_rate,
+        "spec_seconds": secs, "ar_seconds": base[1] if base else None,
+        "ar_generated_tokens": len(base[0]) if base else None,
+        "matches_autoregressive": (res.tokens == base[0]) if base and temp == 0 else None,
+        "generated_token_ids": list(res.tokens), "target_model": s.target_model,
+    }
 
 
 def progress_line(engine_name: str, drafter: str, task: str, gamma: int, temperature: float, rows: list[dict],

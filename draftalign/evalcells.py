@@ -1,0 +1,59 @@
+"""Finished evaluation cells on disk, so a crash in a long sweep loses one cell, not the sweep.
+
+A cell is one (engine, drafter, task, γ, temperature): its per-prompt rows go to
+`evaluate.output/cells/<name>.parquet` (EVAL_SCHEMA) the moment it is done; the target-alone
+baseline of a (task, temperature) goes beside it as JSON. A rerun reads the cells that exist
+and computes the rest. `cells/fingerprint.json` holds what determined them (the evaluate
+settings, the target, each drafter's export); when it differs, the old cells are dropped, so a
+changed config never mixes with an earlier one's rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from draftalign.atomicio import write_json_atomic, write_parquet_atomic
+
+FINGERPRINT = "fingerprint.json"
+
+
+class CellStore:
+    def __init__(self, output: str | Path, fingerprint: str) -> None:
+        self.folder = Path(output) / "cells"
+        marker = self.folder / FINGERPRINT
+        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fingerprint:
+            shutil.rmtree(self.folder)  # made under another config: never mixed with this one's
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(marker, {"fingerprint": fingerprint})
+
+    def _path(self, suffix: str, *key: Any) -> Path:
+        name = "-".join(str(k) for k in key)
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]  # names may hold any character
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:80]
+        return self.folder / f"{safe}-{digest}{suffix}"
+
+    def rows(self, *key: Any) -> list[dict] | None:
+        """The rows of a finished cell, or None."""
+        import pyarrow.parquet as pq
+
+        path = self._path(".parquet", *key)
+        if not path.is_file():
+            return None
+        # as the sweep makes them: the schema version is stamped on when rows are written
+        return [{k: v for k, v in r.items() if k != "schema_version"} for r in pq.read_table(path).to_pylist()]
+
+    def put_rows(self, rows: list[dict], *key: Any) -> None:
+        from draftalign.schemas import EVAL_SCHEMA, to_table
+
+        write_parquet_atomic(to_table(rows, EVAL_SCHEMA), self._path(".parquet", *key))
+
+    def baseline(self, *key: Any) -> dict[str, Any] | None:
+        path = self._path(".json", *key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put_baseline(self, value: dict[str, Any], *key: Any) -> None:
+        write_json_atomic(self._path(".json", *key), value)

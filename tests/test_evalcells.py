@@ -1,0 +1,58 @@
+"""Evaluation cells written as they finish: a crash loses one cell, a rerun computes the rest."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from draftalign.evalcells import CellStore
+from draftalign.workers.evaluate_reference import ReferenceSweep, reference_rows
+
+SWEEP = ReferenceSweep(gammas=(1, 3), temperatures=(0.0, 1.0), top_p=1.0, max_new_tokens=3, eos=2, seed=0,
+                       measure_ar=True, warmup_tokens=0, target_model="t")
+PROMPTS = {"open_ended": [{"id": "a", "kind": "open_ended", "token_ids": [1, 5]},
+                          {"id": "b", "kind": "open_ended", "token_ids": [1, 6]}]}
+DRAFTERS = [{"name": "pretrained", "path": "p"}, {"name": "tvd++", "path": "q"}]
+
+
+class FakeEngine:
+    """The reference engine's interface with canned, deterministic results; it can die on a call."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, die_at: int | None = None) -> None:
+        self.spec_calls = self.ar_calls = 0
+        self.die_at = die_at
+
+    def load_draft(self, path):
+        return path
+
+    def autoregressive(self, ids, temperature, top_p, n, eos, gen):
+        self.ar_calls += 1
+        return [ids[-1], 7, 8], 0.5
+
+    def speculative(self, draft, ids, gamma, temperature, top_p, n, eos, gen):
+        self.spec_calls += 1
+        if self.spec_calls == self.die_at:
+            raise RuntimeError("killed")
+        stats = SimpleNamespace(num_drafts=2, num_draft_tokens=2 * gamma, num_accepted=gamma + len(draft),
+                                accepted_per_pos=[1] * gamma, block_efficiency=1.5, acceptance_rate=0.5)
+        return SimpleNamespace(tokens=[ids[-1], 7, 8], stats=stats), 0.25
+
+
+def test_a_sweep_killed_midway_resumes_from_its_finished_cells(tmp_path):
+    whole = reference_rows(FakeEngine(), DRAFTERS, PROMPTS, SWEEP, log=lambda m: None)
+    # 8 cells of 2 prompts; the 11th speculative call dies inside the 6th cell.
+    with pytest.raises(RuntimeError, match="killed"):
+        reference_rows(FakeEngine(die_at=11), DRAFTERS, PROMPTS, SWEEP, lambda m: None, CellStore(tmp_path, "fp"))
+    again = FakeEngine()
+    resumed = reference_rows(again, DRAFTERS, PROMPTS, SWEEP, lambda m: None, CellStore(tmp_path, "fp"))
+    assert resumed == whole
+    assert again.spec_calls == 3 * 2 and again.ar_calls == 0  # the 3 unfinished cells; baselines were kept
+
+
+def test_cells_of_another_config_are_dropped_not_mixed(tmp_path):
+    reference_rows(FakeEngine(), DRAFTERS, PROMPTS, SWEEP, lambda m: None, CellStore(tmp_path, "fp"))
+    other = FakeEngine()
+    reference_rows(other, DRAFTERS, PROMPTS, SWEEP, lambda m: None, CellStore(tmp_path, "another"))
+    assert other.spec_calls == 8 * 2 and other.ar_calls == 2 * 2
