@@ -1,6 +1,7 @@
 """Pretraining through Ray Data + Ray Train + DeepSpeed, end to end on CPU (slow: starts Ray)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,20 @@ def test_same_command_reuses_and_other_config_is_refused(target_run):
                         "pretrain.jobs.target.train.max_steps=5", timeout=120)
     assert other.returncode == 2 and "another config" in other.stderr
     assert (out / "pretrain" / "target" / "model" / "model.safetensors").is_file()  # nothing lost
+
+
+def test_a_rerun_after_model_was_deleted_publishes_the_finished_run_again(target_run):
+    # Ray Train hands a rerun its latest checkpoint, the final export, which holds no DeepSpeed
+    # state: before, every such rerun died in DeepSpeed's loader with a bare AssertionError.
+    out, _ = target_run
+    model_dir = out / "pretrain" / "target" / "model"
+    before = (model_dir / "model.safetensors").read_bytes()
+    shutil.rmtree(model_dir)
+    again = _draftalign("pretrain", str(TINY), f"run.output={out}", *SMOKE, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the run finished earlier (step 4): publishing its export again" in again.stdout + again.stderr
+    assert (model_dir / "model.safetensors").read_bytes() == before
+    assert json.loads((model_dir / "draftalign_model.json").read_text())["metrics"]["step"] == 4
 
 
 def test_draft_from_jsonl_and_text_files_takes_the_targets_vocabulary(target_run, tmp_path):
