@@ -128,6 +128,44 @@ def _read_yaml_text(text: str) -> Any:
         return None
 
 
+def _distillation_set(cfg: dict, bases: list[Path], target: str | None) -> dict[str, Any]:
+    """The set a distilled drafter learned from; generate's manifest names the target and its hash."""
+    data = _get(cfg, "distill", "data") or (
+        str(Path(_get(cfg, "generate", "output")) / "data") if _get(cfg, "generate", "output") else None)
+    set_dir = _find(data, bases)
+    if set_dir is not None and set_dir.name == "data":
+        set_dir = set_dir.parent
+    manifest = _read_json(set_dir / "manifest.json") if set_dir else None
+    if isinstance(manifest, dict):
+        counts = manifest.get("counts", {})
+        return {"distillation_set": {
+                    "path": str(set_dir), "rows": counts.get("rows_in_data"), "seeds": counts.get("seeds_good"),
+                    "tokens_generated": counts.get("tokens_generated"),
+                    "seeds_file": _get(manifest, "config", "generate", "seeds"),
+                    "sampling": _get(manifest, "config", "generate", "sampling"),
+                    "system_prompt": _get(manifest, "config", "generate", "system_prompt")},
+                "target": manifest.get("target_model") or target, "target_hash": manifest.get("target_hash")}
+    if data:
+        return {"distillation_set": {"path": data, "seeds_file": _get(cfg, "generate", "seeds"),
+                                     "sampling": _get(cfg, "generate", "sampling")}}
+    return {}
+
+
+def _summary(summary, cfg: dict, bases: list[Path], run_root: Path) -> tuple[list[dict] | None, str | None]:
+    """Evaluate's records (given, or read from a path, or found beside the run) and where they came from."""
+    if isinstance(summary, list):
+        return summary, None
+    path = Path(summary) if summary else None
+    if path is None:
+        ev_out = _find(_get(cfg, "evaluate", "output"), bases) or run_root / "evaluate"
+        path = Path(ev_out) / "summary.json"
+    loaded = _read_json(path)
+    if summary and loaded is None:
+        raise ConfigError(f"cannot read the evaluation summary {str(path)!r}")
+    records = loaded if isinstance(loaded, list) else None
+    return records, (str(path) if records is not None else None)
+
+
 def gather(model_dir: str | Path, summary: str | Path | list[dict] | None = None) -> dict[str, Any]:
     """Everything the card says, as a dict (the card is this rendered)."""
     model_dir = Path(model_dir)
@@ -145,27 +183,8 @@ def gather(model_dir: str | Path, summary: str | Path | list[dict] | None = None
         str(Path(_get(cfg, "pretrain", "output")) / "target" / "model") if _get(cfg, "pretrain", "output") else None)
     out: dict[str, Any] = {"name": name, "role": role, "path": str(model_dir), "info": info,
                            "target": target, "target_hash": None, "stage_config": cfg}
-    # the distillation set: generate's manifest names the target and its hash
     if role == "distilled":
-        data = _get(cfg, "distill", "data") or (
-            str(Path(_get(cfg, "generate", "output")) / "data") if _get(cfg, "generate", "output") else None)
-        set_dir = _find(data, bases)
-        if set_dir is not None and set_dir.name == "data":
-            set_dir = set_dir.parent
-        manifest = _read_json(set_dir / "manifest.json") if set_dir else None
-        if isinstance(manifest, dict):
-            counts = manifest.get("counts", {})
-            out["distillation_set"] = {
-                "path": str(set_dir), "rows": counts.get("rows_in_data"), "seeds": counts.get("seeds_good"),
-                "tokens_generated": counts.get("tokens_generated"),
-                "seeds_file": _get(manifest, "config", "generate", "seeds"),
-                "sampling": _get(manifest, "config", "generate", "sampling"),
-                "system_prompt": _get(manifest, "config", "generate", "system_prompt")}
-            out["target"] = manifest.get("target_model") or out["target"]
-            out["target_hash"] = manifest.get("target_hash")
-        elif data:
-            out["distillation_set"] = {"path": data, "seeds_file": _get(cfg, "generate", "seeds"),
-                                       "sampling": _get(cfg, "generate", "sampling")}
+        out.update(_distillation_set(cfg, bases, out["target"]))
         out["data_files"] = run_info.get("data_files")
     train = _get(cfg, "distill" if role == "distilled" else "pretrain", "train") or {}
     if role != "distilled":
@@ -178,20 +197,7 @@ def gather(model_dir: str | Path, summary: str | Path | list[dict] | None = None
         out["token_slots"] = steps * per_step
     out["steps"] = steps
     out["train"] = train
-    # the evaluation table
-    records: list[dict] | None = None
-    if isinstance(summary, list):
-        records = summary
-    else:
-        path = Path(summary) if summary else None
-        if path is None:
-            ev_out = _find(_get(cfg, "evaluate", "output"), bases) or run_root / "evaluate"
-            path = Path(ev_out) / "summary.json"
-        loaded = _read_json(path)
-        if summary and loaded is None:
-            raise ConfigError(f"cannot read the evaluation summary {str(path)!r}")
-        records = loaded if isinstance(loaded, list) else None
-        out["summary_path"] = str(path) if records is not None else None
+    records, out["summary_path"] = _summary(summary, cfg, bases, run_root)
     out["evaluation"] = drafter_records(records, model_dir, name) if records else []
     out["license"] = _target_license(out["target"], bases)
     return out
@@ -206,25 +212,10 @@ def _sampling_line(s: dict) -> str:
     return f"`{s.get('name', '?')}` ({', '.join(parts)})"
 
 
-def render(card: dict[str, Any]) -> str:
-    """The model card as Markdown with a YAML front matter the Hugging Face Hub reads."""
-    info, role, m = card["info"], card["role"], card["info"].get("metrics") or {}
-    front: dict[str, Any] = {"library_name": "transformers",
-                             "tags": ["draftalign", "speculative-decoding", "draft-model"]}
-    if card.get("license"):
-        front["license"] = card["license"]
-    target = card.get("target")
-    if target and not Path(target).is_absolute() and target.count("/") == 1 and not target.startswith("."):
-        front["base_model"] = target  # a hub name; a local path means nothing on the Hub
-    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
-             f"# draftalign drafter `{card['name']}`", ""]
-    what = ("distilled against the target's next-token distributions" if role == "distilled"
-            else "pretrained on a text corpus")
-    lines.append(f"A small draft model for speculative decoding, {what} with "
-                 f"draftalign (after {PAPER}).")
-    lines.append("")
-    lines.append("## Training")
-    lines.append("")
+def _training_lines(card: dict[str, Any], target: str | None, role: str, m: dict[str, Any]) -> list[str]:
+    """The card's Training bullets: target, size, loss, start, set, steps, final held-out metrics."""
+    info = card["info"]
+    lines: list[str] = []
     if target:
         lines.append(f"- Target model: `{target}`" + (f" (hash `{card['target_hash']}`)" if card.get("target_hash")
                                                      else ""))
@@ -265,6 +256,27 @@ def render(card: dict[str, Any]) -> str:
             lines.append(f"- Final {label}: {m[key]:.4f}")
     if info.get("fingerprint"):
         lines.append(f"- draftalign config fingerprint: `{info['fingerprint']}`")
+    return lines
+
+
+def render(card: dict[str, Any]) -> str:
+    """The model card as Markdown with a YAML front matter the Hugging Face Hub reads."""
+    role, m = card["role"], card["info"].get("metrics") or {}
+    front: dict[str, Any] = {"library_name": "transformers",
+                             "tags": ["draftalign", "speculative-decoding", "draft-model"]}
+    if card.get("license"):
+        front["license"] = card["license"]
+    target = card.get("target")
+    if target and not Path(target).is_absolute() and target.count("/") == 1 and not target.startswith("."):
+        front["base_model"] = target  # a hub name; a local path means nothing on the Hub
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
+             f"# draftalign drafter `{card['name']}`", ""]
+    what = ("distilled against the target's next-token distributions" if role == "distilled"
+            else "pretrained on a text corpus")
+    lines.append(f"A small draft model for speculative decoding, {what} with "
+                 f"draftalign (after {PAPER}).")
+    lines.append("")
+    lines += ["## Training", "", *_training_lines(card, target, role, m)]
     lines += ["", "## Evaluation", ""]
     if card["evaluation"]:
         lines.append("Speculative decoding with this drafter (from evaluate's `summary.json`): τ = tokens per "
