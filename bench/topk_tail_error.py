@@ -10,7 +10,7 @@ training actually follows: a loss value can be close while its gradient points e
 for TVD++, which config validation refuses with a top-k target). Bytes per position are those
 on the wire (float16 values + int32 ids, against float16 for the full vocabulary).
 
-    .venv/bin/python bench/topk_tail_error.py            # needs the world `make demo` builds
+    .venv/bin/python bench/topk_tail_error.py            # needs the toy world `make demo-toy` builds
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ GRADIENT_LOSSES = (("forward_kl", "forward_kl", {}), ("reverse_kl", "reverse_kl"
 
 
 def missing_world(run: Path) -> str | None:
-    """Why ``run`` cannot be measured (the folders `make demo` writes), or None."""
+    """Why ``run`` cannot be measured (the folders `make demo-toy` writes), or None."""
     need = [run / "generate/data", run / "pretrain/target/model", run / "pretrain/draft/model"]
     missing = [str(p) for p in need if not p.is_dir()]
     if missing:
-        return (f"no embedded world in {run} (missing {', '.join(missing)}): run `make demo` "
+        return (f"no toy world in {run} (missing {', '.join(missing)}): run `make demo-toy` "
                 "(or pretrain and generate) first, or pass --run RUN_OUTPUT")
     return None
 

@@ -18,7 +18,7 @@ def bench():
 
 
 def test_a_missing_world_is_named_before_any_work(bench, tmp_path):
-    with pytest.raises(SystemExit, match=r"no embedded world in .*pretrain/target/model.*make demo"):
+    with pytest.raises(SystemExit, match=r"no toy world in .*pretrain/target/model.*make demo-toy"):
         bench.main(["--run", str(tmp_path)])
 
 
