@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from draftalign.errors import ConfigError
 
@@ -228,8 +228,17 @@ class GenerateConfig(Strict):
 
 
 class LossConfig(Strict):
-    name: Literal["forward_kl", "reverse_kl", "tvd", "tvd++"] = "tvd++"
+    name: str = "tvd++"  # a key of losses.LOSSES, the one list of losses
     variant: Literal["vocab", "exact", "sampled"] = "vocab"  # tvd++ only (paper-spec 5.3)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from draftalign.losses import LOSSES  # torch: only when a config names a loss
+
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}")
+        return name
 
     @model_validator(mode="after")
     def _variant_only_for_tvdpp(self) -> LossConfig:

@@ -41,3 +41,10 @@ def test_each_loss_trains_into_its_own_folder_and_a_repeat_is_refused():
                                                                                   "forward_kl"]
     with pytest.raises(ConfigError, match="lists a loss twice"):
         load_config(TINY, ["distill.losses=[{name: tvd}, {name: tvd}]"])
+
+
+def test_an_unknown_loss_is_refused_naming_the_registered_ones():
+    # the names come from losses.LOSSES alone: registering a loss there is all the config needs
+    with pytest.raises(ConfigError, match=r"distill\.losses\.0\.name.*unknown loss 'kl'; known: forward_kl, "
+                                          r"reverse_kl, tvd, tvd\+\+"):
+        load_config(TINY, ["distill.losses=[{name: kl}]"])
