@@ -38,7 +38,10 @@ def fit(loop: Callable[[Any], None], loop_config: Any, train: TrainConfig, run_n
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=train.max_failures)),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": ingest}),
+        # Held-out too: unordered, each evaluation's first `eval_batches` were other rows, so the
+        # before/after numbers and the export selection compared different sets.
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options={"train": ingest, "holdout": ingest}),
     )
     return trainer.fit()
 
