@@ -375,6 +375,7 @@ class VllmEvalConfig(Strict):
     # Extra speculative_config keys (e.g. draft_sample_method), over method/model/num_speculative_tokens.
     speculative_config: dict[str, Any] = Field(default_factory=dict)
     measure_autoregressive: bool = True  # also run the target alone for the tokens/s baseline
+    warmup_tokens: int = Field(8, ge=0)  # an untimed request first in each engine, as for the reference engine
     # This engine's subset; None: evaluate.temperatures. [0.0] keeps vLLM to greedy, where it agrees
     # with standard speculative sampling (at T > 0 it does not: vllm-project/vllm#40149).
     temperatures: list[float] | None = None
