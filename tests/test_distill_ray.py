@@ -138,7 +138,7 @@ def test_kill_9_of_the_train_worker_then_of_a_target_actor_mid_run(world):
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
-    run_dir = out / "distill" / "tvdpp" / "ray" / "tiny-distill"
+    run_dir = out / "distill" / "tvdpp" / "ray" / "tiny-distill-tvdpp"  # Ray Train run: RUN-distill-LOSS
     saved, first, killed = None, [], {}
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline and len(killed) < 2:
