@@ -350,3 +350,11 @@ def test_topk_tail_error():
     # A flat tail is reproduced exactly.
     flat_tail = torch.log(torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1], dtype=torch.float64))
     assert L.topk_tail_error(flat_tail, 2).item() < 1e-12
+
+
+def test_the_config_accepts_exactly_the_registered_losses():
+    # config.LOSS_NAMES stays torch-free for config validation; it must name what LOSSES registers
+    from draftalign.config import LOSS_NAMES
+    from draftalign.losses import LOSSES
+
+    assert sorted(LOSS_NAMES) == sorted(LOSSES)
