@@ -15,6 +15,7 @@ from typing import Any
 from draftalign.cluster.resources import train_resources
 from draftalign.config import Config, ConfigError, CorpusConfig, PretrainJob
 from draftalign.corpus import is_holdout, list_files, stdlib_files, stdlib_root
+from draftalign.modelid import absolute_model_path
 from draftalign.models import (
     build_config,
     check_compatible,
@@ -213,7 +214,7 @@ def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_d
     init_ray(cfg.ray)
     train = job.train
     train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, train.seq_len, train.seed)
-    target = str(Path(cfg.target_path()).resolve()) if job.arch.init_embeddings == "target" else None
+    target = absolute_model_path(cfg.target_path()) if job.arch.init_embeddings == "target" else None
     loop_config = PretrainLoopConfig(name=f"pretrain {name}", job=job, model_config=mc.to_dict(), target=target)
     return fit(pretrain_loop, loop_config, train, f"{cfg.run.name}-pretrain-{name}", job_dir,
                {"train": train_ds, "holdout": holdout_ds})
