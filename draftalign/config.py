@@ -429,6 +429,18 @@ class EvaluateConfig(Strict):
         return [t for t in self.temperatures if own is None or t in own]
 
 
+class TrackingConfig(Strict):
+    """Experiment tracking: the training stages' step and held-out metrics (rank 0, through Ray
+    Train's integrations where Ray has one) and evaluate's summary (draftalign/tracking.py)."""
+
+    backend: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
+    # mlflow: the tracking URI (default: a local SQLite store, <run.output>/mlflow.db); tensorboard: the
+    # event files' folder (default: <run.output>/tensorboard, a subfolder per job); wandb: unused
+    # (W&B reads WANDB_API_KEY, WANDB_MODE=offline, ... from the environment).
+    uri: str | None = None
+    experiment: str | None = None  # the MLflow experiment or W&B project; default: run.name
+
+
 class Config(Strict):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
@@ -438,6 +450,7 @@ class Config(Strict):
     generate: GenerateConfig
     distill: DistillConfig
     evaluate: EvaluateConfig
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -87,12 +87,20 @@ def test_every_loss_trains_from_one_run_sharing_the_target_cache(world):
 
 def test_a_target_actor_that_dies_is_restarted_and_no_batch_is_lost(world):
     out = world / "actor-death"
-    proc = _distill(*_overrides(world, out), "distill.target_pool.inject_actor_death_at_request=3")
+    proc = _distill(*_overrides(world, out), "distill.target_pool.inject_actor_death_at_request=3",
+                    "tracking.backend=tensorboard", "run.name=tracked")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (out / "distill" / "tvdpp" / "chaos" / "target_actor_died").is_file()  # it did die
     m = _info(out)["metrics"]
     assert m["step"] == 4 and m["pool_restarts"] == 1
     assert m["pool_requests"] == 6  # the request in flight at the death was retried, not dropped
+    # Tracked from rank 0 of the Ray Train run, under run.output; the curves lie beside the model.
+    from tests.trackread import tensorboard_scalars
+
+    logged = tensorboard_scalars(out / "tensorboard" / "tracked-distill-tvdpp")
+    assert [s for s, _ in logged["loss"]] == [1, 2, 3, 4] and "pool_queue_depth" in logged
+    assert [s for s, _ in logged["holdout_expected_acceptance"]] == [0, 4]
+    assert (out / "distill" / "tvdpp" / "training_curves.png").stat().st_size > 0
 
 
 def test_a_killed_trainer_resumes_at_its_checkpoint_when_rerun(world):

@@ -184,3 +184,56 @@ def test_a_rerun_after_the_final_checkpoint_publishes_it_again_instead_of_resumi
     final = Trainer("pulse rerun", job.train, job.optim, _llama(0, 32), task, session).fit()
     assert final == {"step": 2, "loss": 5.0}
     assert session.reports == [({"step": 2, "loss": 5.0}, ["hf", "hf/model.safetensors", FINAL_METRICS])]
+
+
+class KeepingSession(FakeSession):
+    """FakeSession that keeps a copy of the last folder reported (the export)."""
+
+    def __init__(self, keep) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def report(self, metrics, folder=None):
+        import shutil
+
+        super().report(metrics, folder)
+        if folder:
+            shutil.rmtree(self.keep, ignore_errors=True)
+            shutil.copytree(folder, self.keep)
+
+
+@pytest.mark.parametrize("backend", ["tensorboard", "mlflow"])
+def test_a_tracked_run_logs_every_log_step_and_draws_its_curves(tmp_path, backend):
+    import json
+
+    from draftalign.tracking import TrackingRun
+    from draftalign.trainplots import CURVES_FILE, HISTORY_FILE
+    from draftalign.workers.trainer import Trainer
+    from tests.trackread import mlflow_runs, tensorboard_scalars
+
+    torch.set_num_threads(1)
+    task, d = _distill_task(tmp_path, LossConfig(name="forward_kl"), max_steps=2, eval_every=1)
+    uri = str(tmp_path / "tb") if backend == "tensorboard" else f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = TrackingRun(backend, uri, "pulse-exp", "pulse-distill")
+    session = KeepingSession(tmp_path / "export")
+    Trainer("pulse tracked", d.train, d.optim, _llama(2, 32), task, session, tracking=tracking,
+            params={"distill": d.model_dump(mode="json")}).fit()
+    reported = {m["step"]: m for m, _ in session.reports}
+    if backend == "tensorboard":
+        logged = tensorboard_scalars(tmp_path / "tb")
+    else:
+        run = mlflow_runs(uri, "pulse-exp")["pulse-distill"]
+        assert run["params"]["distill.optim.lr"] == "0.01"
+        logged = run["metrics"]
+    # Every log step's metrics, the held-out ones from the evaluation before training on (step 0).
+    assert [s for s, _ in logged["loss"]] == [1, 2]
+    assert [v for _, v in logged["loss"]] == pytest.approx([reported[1]["loss"], reported[2]["loss"]], rel=1e-6)
+    assert [s for s, _ in logged["holdout_expected_acceptance"]] == [0, 1, 2]
+    assert logged["holdout_expected_acceptance"][-1][1] == pytest.approx(
+        reported[2]["holdout_expected_acceptance"], rel=1e-6)
+    assert {"lr", "tokens_per_s", "pool_queue_depth"} <= set(logged)
+    assert not any(k.startswith("initial_") for k in logged)
+    # The export carries the curves: the history (steps 0, 1, 2) and its plot.
+    history = json.loads((tmp_path / "export" / HISTORY_FILE).read_text())["points"]
+    assert [p["step"] for p in history] == [0, 1, 2] and "loss" not in history[0]
+    assert (tmp_path / "export" / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,6 +24,7 @@ from draftalign.pipelines.setprint import SAME_NAME_HINT, set_target_hashes
 from draftalign.pipelines.training import fit, materialize_in_order
 from draftalign.runinfo import fingerprint, write_run_info
 from draftalign.schemas import DISTILL_SCHEMA, check_table
+from draftalign.tracking import tracking_run
 
 _COLUMNS = ["id", "prompt_token_ids", "response_token_ids"]
 
@@ -185,7 +186,8 @@ def _fit(cfg: Config, loss: LossConfig, inputs: DistillInputs, job_dir: Path):
     loop_config = DistillLoopConfig(
         name=f"distill {loss.label}", distill=d, loss=loss, target=inputs.target, init_from=inputs.init_from,
         cache_dir=_cache_dir(cfg, inputs) if d.target_pool.cache else None,
-        death_marker=str(marker) if marker else None)
+        death_marker=str(marker) if marker else None,
+        tracking=tracking_run(cfg.tracking, cfg.run, f"distill-{loss.folder}"))
     return fit(distill_loop, loop_config, d.train, f"{cfg.run.name}-distill-{loss.folder}", job_dir,
                {"train": train_ds, "holdout": holdout_ds})
 

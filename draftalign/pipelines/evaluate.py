@@ -31,6 +31,7 @@ from draftalign.redact import redact_argv
 from draftalign.runinfo import fingerprint, write_run_info
 from draftalign.schemas import EVAL_SCHEMA, to_table
 from draftalign.specmetrics import acceptance_rate, block_efficiency
+from draftalign.tracking import TrackingRun, open_tracker, summary_metrics, tracking_run
 from draftalign.workers.generate_engine import engine_kwargs
 
 
@@ -282,6 +283,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
 
     log = log or (lambda msg: print(msg, flush=True))
     ev, t_start = cfg.evaluate, time.time()
+    tracking = tracking_run(cfg.tracking, cfg.run, "evaluate")  # a missing backend fails now, not after the sweep
     target, drafters = _checked_models(cfg)
     out = Path(ev.output)
     tok = ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
@@ -329,7 +331,17 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     if comparison:
         print("\nblock efficiency τ by drafter (best of each row in **bold**):\n" + comparison, end="", flush=True)
     _write_cards(drafters, records, log)
+    _track(tracking, cfg, records)
     return records
+
+
+def _track(tracking: TrackingRun, cfg: Config, records: list[dict]) -> None:
+    """The summary to the experiment tracker (tracking.backend), as one step."""
+    tracker = open_tracker(tracking, cfg.evaluate.model_dump(mode="json"))
+    try:
+        tracker.log_metrics(summary_metrics(records), 0)
+    finally:
+        tracker.close()
 
 
 def _write_cards(drafters: list[dict], records: list[dict], log) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from draftalign.atomicio import write_json_atomic
 from draftalign.errors import ConfigError
+from draftalign.trainplots import CURVE_FILES
 
 MODEL_INFO = "draftalign_model.json"  # written next to every exported model
 
@@ -37,7 +38,8 @@ def reusable(model_dir: Path, fp: str) -> bool:
 
 
 def publish_model(checkpoint, model_dir: Path, tokenizer, info: dict[str, Any]) -> Path:
-    """Copy the final checkpoint's `hf/` export with the tokenizer and info, then swap it in.
+    """Copy the final checkpoint's `hf/` export with the tokenizer and info, then swap it in;
+    its training curves (trainplots.CURVE_FILES) go beside the model folder.
 
     The folder appears whole or not at all: readers never see a half-written model.
     """
@@ -45,6 +47,9 @@ def publish_model(checkpoint, model_dir: Path, tokenizer, info: dict[str, Any]) 
     shutil.rmtree(tmp, ignore_errors=True)
     with checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / "hf", tmp)
+        for name in CURVE_FILES:
+            if (Path(d) / name).is_file():
+                shutil.copyfile(Path(d) / name, model_dir.parent / name)
     tokenizer.save_pretrained(str(tmp))
     write_json_atomic(tmp / MODEL_INFO, info)
     # The old export is renamed aside, not deleted, until the new one is in place: a crash

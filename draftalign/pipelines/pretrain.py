@@ -28,6 +28,7 @@ from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.training import fit, materialize_in_order
 from draftalign.runinfo import fingerprint, write_run_info
 from draftalign.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
+from draftalign.tracking import tracking_run
 
 _DOC_SUFFIXES = (".txt", ".py", ".md", ".rst")
 _ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -215,6 +216,7 @@ def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_d
     train = job.train
     train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, train.seq_len, train.seed)
     target = absolute_model_path(cfg.target_path()) if job.arch.init_embeddings == "target" else None
-    loop_config = PretrainLoopConfig(name=f"pretrain {name}", job=job, model_config=mc.to_dict(), target=target)
+    loop_config = PretrainLoopConfig(name=f"pretrain {name}", job=job, model_config=mc.to_dict(), target=target,
+                                     tracking=tracking_run(cfg.tracking, cfg.run, f"pretrain-{name}"))
     return fit(pretrain_loop, loop_config, train, f"{cfg.run.name}-pretrain-{name}", job_dir,
                {"train": train_ds, "holdout": holdout_ds})

@@ -17,6 +17,7 @@ from draftalign.cluster.metrics import record
 from draftalign.config import DistillConfig, LossConfig
 from draftalign.distillation import heldout_means, heldout_sums, masked_logits, trim_padding
 from draftalign.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
+from draftalign.tracking import TrackingRun
 from draftalign.workers.trainer import Trainer, mean_across_workers
 
 
@@ -31,6 +32,7 @@ class DistillLoopConfig:
     init_from: str  # the drafter to start from
     cache_dir: str | None = None  # target_pool.cache: where the pool memoises log-probs
     death_marker: str | None = None  # chaos testing: a target actor dies once per run
+    tracking: TrackingRun | None = None  # experiment tracking, on rank 0
 
 
 def _target_tensor(reply: dict[str, Any], device) -> torch.Tensor | SparseTargetLogprobs:
@@ -135,6 +137,8 @@ def distill_loop(cfg: DistillLoopConfig) -> None:
     task = DistillTask(cfg, target, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("holdout"),
                        model.config.vocab_size)
     try:
-        Trainer(cfg.name, d.train, d.optim, model, task).fit()
+        params = {"distill": d.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
+                  "target": cfg.target, "init_from": cfg.init_from}
+        Trainer(cfg.name, d.train, d.optim, model, task, tracking=cfg.tracking, params=params).fit()
     finally:
         target.shutdown()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from draftalign.config import PretrainJob
+from draftalign.tracking import TrackingRun
 from draftalign.workers.trainer import Trainer, evaluate_lm
 
 
@@ -20,6 +21,7 @@ class PretrainLoopConfig:
     job: PretrainJob
     model_config: dict[str, Any]  # LlamaConfig fields (a plain dict: transformers' config pickles poorly)
     target: str | None = None  # the target folder, for arch.init_embeddings=target
+    tracking: TrackingRun | None = None  # experiment tracking, on rank 0
 
 
 class PretrainTask:
@@ -69,4 +71,5 @@ def pretrain_loop(cfg: PretrainLoopConfig) -> None:
     torch.manual_seed(cfg.job.train.seed)
     model = build_model(cfg)
     task = PretrainTask(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("holdout"), cfg.job)
-    Trainer(cfg.name, cfg.job.train, cfg.job.optim, model, task).fit()
+    params = {"job": cfg.job.model_dump(mode="json"), "model": cfg.model_config}
+    Trainer(cfg.name, cfg.job.train, cfg.job.optim, model, task, tracking=cfg.tracking, params=params).fit()

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import torch
 
 from draftalign.config import OptimConfig, TrainConfig
+from draftalign.tracking import TrackingRun, open_tracker
+from draftalign.trainplots import curve_point, write_curves
 
 # Ray Train v2 hands each report to its controller, which polls every couple of seconds; a
 # report made sooner than that blocks the step. Progress is printed at every log step anyway.
@@ -106,6 +108,7 @@ class TrainState:
     initial: dict[str, float] = field(default_factory=dict)
     best_step: int | None = None
     best_value: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)  # a curve point per log step
 
 
 class Window:
@@ -124,7 +127,8 @@ class Window:
 class Trainer:
     """DeepSpeed around `model`; resume, step, log and report, evaluate, checkpoint, export."""
 
-    def __init__(self, name: str, t: TrainConfig, o: OptimConfig, model, task: TrainTask, session=None) -> None:
+    def __init__(self, name: str, t: TrainConfig, o: OptimConfig, model, task: TrainTask, session=None,
+                 tracking: TrackingRun | None = None, params: dict[str, Any] | None = None) -> None:
         import deepspeed
         from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -141,6 +145,8 @@ class Trainer:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.last_report = 0.0
         self.window = Window()
+        # Rank 0 only; `params`, the job's resolved config, become the tracked run's parameters.
+        self.tracker = open_tracker(tracking, params or {}, self.session.rank)
 
     def log(self, msg: str) -> None:
         if self.session.rank == 0:
@@ -150,6 +156,12 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to t.max_steps; the last report carries the export (`hf/`). Returns its metrics."""
+        try:
+            return self._fit()
+        finally:
+            self.tracker.close()
+
+    def _fit(self) -> dict[str, Any]:
         self.log(f"{self.session.world} worker(s), {torch.get_num_threads()} torch threads each, "
                  f"ZeRO stage {self.t.zero_stage}, {self.t.dtype_name}")
         finished = self.finished_export()
@@ -157,7 +169,10 @@ class Trainer:
             return finished
         self.resume()
         if self.task.eval_at_start and not self.state.initial:
-            self.state.initial = {f"initial_{k}": v for k, v in self.evaluate().items()}
+            before = self.evaluate()
+            self.state.initial = {f"initial_{k}": v for k, v in before.items()}
+            self.state.history.append(curve_point({"step": 0, **before}))
+            self.tracker.log_metrics(before, 0)
             self.log(f"before training: {_rounded(self.state.initial)}")
         metrics: dict[str, Any] = {}
         while self.state.step < self.t.max_steps:
@@ -238,6 +253,9 @@ class Trainer:
             self.keep_if_best(metrics)
         metrics.update(self.task.extra_metrics())  # after evaluation, so the counts include it
         self.task.on_metrics(metrics)
+        # initial_* repeat the step-0 evaluation on every line; the tracker has them at step 0.
+        self.tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("initial_")}, st.step)
+        self.state.history.append(curve_point(metrics))
         self.log(f"step {st.step}/{self.t.max_steps} {_rounded(metrics)}")
         return metrics
 
@@ -294,6 +312,7 @@ class Trainer:
                 self.export(Path(d) / "hf")
                 if self.session.rank == 0:
                     (Path(d) / FINAL_METRICS).write_text(json.dumps(metrics))
+                    write_curves(self.state.history, Path(d), self.name)
             else:
                 self.engine.save_checkpoint(str(Path(d) / "deepspeed"), tag="state")
                 if self.session.rank == 0 and self.best_weights is not None:
