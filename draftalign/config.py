@@ -230,12 +230,14 @@ class GenerateConfig(Strict):
 # The losses a config may name: the keys of losses.LOSSES (tests/test_losses.py holds them equal).
 # Listed here rather than read from that module, which imports torch: validating a config
 # (--plan, submit, the Python API) should not pay for it.
-LOSS_NAMES = ("forward_kl", "reverse_kl", "tvd", "tvd++")
+LOSS_NAMES = ("forward_kl", "reverse_kl", "tvd", "tvd++", "lk", "lk_hybrid")
+LK_ETA = 3.0  # lk_hybrid's default η (losses.LK_ETA; tests hold them equal)
 
 
 class LossConfig(Strict):
     name: str = "tvd++"  # one of LOSS_NAMES
     variant: Literal["vocab", "exact", "sampled"] = "vocab"  # tvd++ only (paper-spec 5.3)
+    eta: float = Field(LK_ETA, gt=0)  # lk_hybrid only: λ = exp(−η α) weighs KL against TVD
 
     @field_validator("name")
     @classmethod
@@ -248,12 +250,16 @@ class LossConfig(Strict):
     def _variant_only_for_tvdpp(self) -> LossConfig:
         if self.name != "tvd++" and self.variant != "vocab":
             raise ValueError(f"variant={self.variant} applies to tvd++ only, not to {self.name}")
+        if self.name != "lk_hybrid" and self.eta != LK_ETA:
+            raise ValueError(f"eta={self.eta} applies to lk_hybrid only, not to {self.name}")
         return self
 
     @property
     def label(self) -> str:
-        """The drafter's name in reports: the loss, plus the variant when it is not the default."""
-        return self.name if self.variant == "vocab" else f"{self.name}-{self.variant}"
+        """The drafter's name in reports: the loss, plus the variant or η when not the default."""
+        if self.variant != "vocab":
+            return f"{self.name}-{self.variant}"
+        return self.name if self.eta == LK_ETA else f"{self.name}-eta{self.eta:g}"
 
     @property
     def folder(self) -> str:

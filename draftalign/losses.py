@@ -197,6 +197,40 @@ def tvd_plus_plus(
     return _masked(loss, mask)
 
 
+# Floor on α in −log α: a draft with no overlap at a position would give +inf and a NaN gradient.
+LK_ALPHA_FLOOR = 1e-6
+LK_ETA = 3.0  # LK^λ's default η in λ = exp(−η α), as vllm-project/speculators ships it
+
+
+def lk_alpha(draft_logits, target_logprobs, loss_mask) -> torch.Tensor:
+    """LK^α (Samarin et al. 2026, "LK losses"): −log α with α = Σ_x min(p(x), q(x)), per token [B, T].
+
+    α is the acceptance probability of speculative sampling at the position, so this maximises
+    the log of the acceptance directly. ∂L/∂z = (1/α) · ∂TVD/∂z = −(q/α)(r − E_q[r]) with
+    r = 1{p > q}: TVD's direction, scaled up where the overlap is small (a cold start), which
+    TVD's own gradient is not. α is floored at LK_ALPHA_FLOOR.
+    """
+    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask)
+    alpha = torch.minimum(log_p.exp(), log_q.exp()).sum(-1)
+    return _masked(-alpha.clamp_min(LK_ALPHA_FLOOR).log(), mask)
+
+
+def lk_hybrid(draft_logits, target_logprobs, loss_mask, *, eta: float = LK_ETA) -> torch.Tensor:
+    """LK^λ (Samarin et al. 2026): λ KL(p ‖ q) + (1 − λ) TVD(p, q), per token [B, T], with
+    λ = exp(−η · sg[α]) per position, α = Σ_x min(p(x), q(x)) and sg the stop-gradient.
+
+    Where the draft is far off (α → 0, λ → 1) forward KL's strong gradient leads; as the overlap
+    grows the weight moves to TVD = 1 − α, the acceptance itself. η (`distill.losses[].eta`)
+    sets how fast.
+    """
+    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask)
+    p, q = log_p.exp(), log_q.exp()
+    alpha = torch.minimum(p, q).sum(-1)
+    weight = torch.exp(-eta * alpha.detach())
+    kl = (torch.special.xlogy(p, p) - p * log_q).sum(-1)
+    return _masked(weight * kl + (1.0 - weight) * (1.0 - alpha), mask)
+
+
 LossFn = Callable[..., torch.Tensor]
 
 LOSSES: dict[str, LossFn] = {
@@ -204,6 +238,8 @@ LOSSES: dict[str, LossFn] = {
     "reverse_kl": reverse_kl,
     "tvd": tvd,
     "tvd++": tvd_plus_plus,
+    "lk": lk_alpha,
+    "lk_hybrid": lk_hybrid,
 }
 
 
@@ -217,4 +253,6 @@ def get_loss(name: str) -> LossFn:
 
 def loss_options(loss) -> dict[str, str]:
     """The keyword options a configured loss (config.LossConfig) passes to its function."""
-    return {"variant": loss.variant} if loss.name == "tvd++" else {}
+    if loss.name == "tvd++":
+        return {"variant": loss.variant}
+    return {"eta": loss.eta} if loss.name == "lk_hybrid" else {}

@@ -46,5 +46,13 @@ def test_each_loss_trains_into_its_own_folder_and_a_repeat_is_refused():
 def test_an_unknown_loss_is_refused_naming_the_registered_ones():
     # the names come from losses.LOSSES alone: registering a loss there is all the config needs
     with pytest.raises(ConfigError, match=r"distill\.losses\.0\.name.*unknown loss 'kl'; known: forward_kl, "
-                                          r"reverse_kl, tvd, tvd\+\+"):
+                                          r"lk, lk_hybrid, reverse_kl, tvd, tvd\+\+"):
         load_config(TINY, ["distill.losses=[{name: kl}]"])
+
+
+def test_eta_belongs_to_lk_hybrid_and_names_its_folder_when_not_the_default():
+    cfg = load_config(TINY, ["distill.losses=[{name: lk_hybrid}, {name: lk_hybrid, eta: 1.5}, {name: lk}]"])
+    assert [(loss.label, loss.folder) for loss in cfg.distill.losses] == [
+        ("lk_hybrid", "lk_hybrid"), ("lk_hybrid-eta1.5", "lk_hybrid-eta1.5"), ("lk", "lk")]
+    with pytest.raises(ConfigError, match="eta=1.5 applies to lk_hybrid only, not to tvd"):
+        load_config(TINY, ["distill.losses=[{name: tvd, eta: 1.5}]"])

@@ -17,6 +17,8 @@ ALL_LOSSES = [
     ("tvd++", {"variant": "vocab"}),
     ("tvd++", {"variant": "exact"}),
     ("tvd++", {"variant": "sampled", "num_samples": 4}),
+    ("lk", {}),
+    ("lk_hybrid", {}),
 ]
 LOSS_IDS = [name + ("-" + opts["variant"] if opts else "") for name, opts in ALL_LOSSES]
 
@@ -79,6 +81,16 @@ def _bf_tvdpp_exact(p, q):
     return -sum(qi * r * math.log(qi) for r, qi in zip(rh, q, strict=True))
 
 
+def _bf_lk(p, q):
+    return -math.log(sum(min(pi, qi) for pi, qi in zip(p, q, strict=True)))
+
+
+def _bf_lk_hybrid(p, q, eta=3.0):
+    alpha = sum(min(pi, qi) for pi, qi in zip(p, q, strict=True))
+    weight = math.exp(-eta * alpha)
+    return weight * _bf_forward_kl(p, q) + (1 - weight) * (1 - alpha)
+
+
 def _rows(draft, target, mask):
     """Yield (b, t, valid, p, q) as Python float lists."""
     for b in range(draft.shape[0]):
@@ -95,6 +107,9 @@ def _rows(draft, target, mask):
         ("tvd", {}, _bf_tvd),
         ("tvd++", {"variant": "vocab"}, _bf_tvdpp_vocab),
         ("tvd++", {"variant": "exact"}, _bf_tvdpp_exact),
+        ("lk", {}, _bf_lk),
+        ("lk_hybrid", {}, _bf_lk_hybrid),
+        ("lk_hybrid", {"eta": 0.5}, lambda p, q: _bf_lk_hybrid(p, q, eta=0.5)),
     ],
 )
 @pytest.mark.parametrize("V", [5, 11])
@@ -181,7 +196,35 @@ def test_gradient_identities():
     )
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "tvd"])
+def test_lk_gradients_are_tvds_scaled_and_blended():
+    # LK^α: (1/α) ∇TVD. LK^λ: λ ∇KL + (1 − λ) ∇TVD with λ = exp(−η α) held constant (stop-gradient).
+    draft, target, mask = _inputs(seed=15, V=8)
+    q = torch.softmax(draft, -1)
+    alpha = torch.minimum(q, target.exp()).sum(-1, keepdim=True)
+    m = mask[..., None].double()
+    tvd_grad, kl_grad = _grad("tvd", {}, draft, target, mask), _grad("forward_kl", {}, draft, target, mask)
+    torch.testing.assert_close(_grad("lk", {}, draft, target, mask), m * tvd_grad / alpha, rtol=1e-10, atol=1e-12)
+    weight = torch.exp(-2.0 * alpha)
+    torch.testing.assert_close(_grad("lk_hybrid", {"eta": 2.0}, draft, target, mask),
+                               weight * kl_grad + (1 - weight) * tvd_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_lk_hybrid_ends_are_forward_kl_and_tvd():
+    draft, target, mask = _inputs(seed=16, V=9)
+    torch.testing.assert_close(L.lk_hybrid(draft, target, mask, eta=0.0), L.forward_kl(draft, target, mask))
+    torch.testing.assert_close(L.lk_hybrid(draft, target, mask, eta=1e6), L.tvd(draft, target, mask))
+
+
+def test_lk_alpha_is_finite_without_overlap():
+    # Disjoint supports: α = 0 would give +inf; the floor keeps loss and gradient finite.
+    draft = torch.tensor([[[0.0, -200.0]]], dtype=torch.float64, requires_grad=True)
+    target = torch.log(torch.tensor([[[1e-300, 1.0]]], dtype=torch.float64))
+    loss = L.lk_alpha(draft, target, torch.ones(1, 1, dtype=torch.bool))
+    loss.sum().backward()
+    assert loss.item() == pytest.approx(-math.log(L.LK_ALPHA_FLOOR)) and torch.isfinite(draft.grad).all()
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "tvd", "lk"])
 def test_gradcheck(name):
     draft, target, mask = _inputs(seed=6, B=1, T=4, V=5)
     draft.requires_grad_()
@@ -209,6 +252,8 @@ PINNED = {
     "tvd++-vocab": 1.122181,
     "tvd++-exact": -0.4347399,
     "tvd++-sampled": 0.4469950,
+    "lk": 1.095626,
+    "lk_hybrid": 1.138894,
 }
 
 
@@ -358,3 +403,6 @@ def test_the_config_accepts_exactly_the_registered_losses():
     from draftalign.losses import LOSSES
 
     assert sorted(LOSS_NAMES) == sorted(LOSSES)
+    from draftalign.config import LK_ETA
+
+    assert LK_ETA == L.LK_ETA  # lk_hybrid's default η, in the config (torch-free) and the loss

@@ -142,7 +142,9 @@ def _fingerprint(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> str:
     chaos = {"output": True, "overwrite": True, "losses": True,
              "train": {"inject_failure_at_step", "max_failures"},
              "target_pool": {"inject_actor_death_at_request", "cache"}}
-    return fingerprint(cfg.distill.model_dump(mode="json", exclude=chaos), loss.model_dump(mode="json"),
+    # eta only where it means something: the other losses keep the fingerprints they had before it.
+    loss_fields = loss.model_dump(mode="json", exclude=None if loss.name == "lk_hybrid" else {"eta"})
+    return fingerprint(cfg.distill.model_dump(mode="json", exclude=chaos), loss_fields,
                        [(f.name, f.stat().st_size) for f in inputs.files], *inputs.identity)
 
 
