@@ -152,6 +152,9 @@ class EngineConfig(Strict):
     # Passed to vllm.LLM as they are. On CPU, kv_cache_memory_bytes defaults to 256 MiB,
     # enforce_eager to true and dtype to float32 unless set here.
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # vLLM's own engine metrics (ray.data.llm's log_engine_metrics: vllm:* series in Ray's
+    # Prometheus and Grafana). None: on with GPUs; the CPU engine actor has no metrics setup.
+    engine_metrics: bool | None = None
     # Environment of the engine actors, e.g. vLLM's CPU knobs VLLM_CPU_NUM_OF_RESERVED_CPU or
     # VLLM_CPU_OMP_THREADS_BIND (how many cores the engine binds its threads to).
     env: dict[str, str] = Field(default_factory=dict)

