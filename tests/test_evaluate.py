@@ -232,3 +232,27 @@ def test_both_engines_seed_a_prompt_the_same_way():
     assert prompt_seed(3, "p-1", 1.0) == int(hashlib.sha256(b"3/p-1/1.0").hexdigest()[:15], 16)
     assert prompt_generator(3, "p-1", 1.0, torch.device("cpu")).initial_seed() == prompt_seed(3, "p-1", 1.0)
     assert prompt_seed(3, "p-1", 1.0) != prompt_seed(3, "p-1", 0.7)
+
+
+def test_vllm_per_request_metrics_become_the_reference_engines_counts():
+    from types import SimpleNamespace
+
+    from draftalign.specmetrics import block_efficiency
+    from draftalign.workers.evaluate_vllm import request_counts
+
+    # 5 verify steps at γ = 3: two accepted nothing, one accepted 1 draft, two accepted all 3.
+    metrics = SimpleNamespace(histogram=[2, 1, 0, 2], num_draft_tokens=15)
+    counts = request_counts(metrics, 3)
+    assert counts == {"num_drafts": 5, "num_draft_tokens": 15, "num_accepted": 7, "accepted_per_pos": [3, 2, 2]}
+    assert block_efficiency(counts["num_accepted"], counts["num_drafts"], 3) == pytest.approx(12 / 5)
+    # A request that never speculated (finished at once) counts nothing.
+    assert request_counts(None, 2) == {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted": 0,
+                                       "accepted_per_pos": [0, 0]}
+
+
+def test_a_batch_time_is_shared_by_generated_tokens():
+    from draftalign.workers.evaluate_vllm import share_seconds
+
+    assert share_seconds(3.0, [10, 20]) == pytest.approx([1.0, 2.0])
+    assert share_seconds(2.0, [0, 0]) == [1.0, 1.0]
+    assert share_seconds(0.5, [7]) == [0.5]

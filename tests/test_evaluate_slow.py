@@ -85,7 +85,9 @@ def test_reference_and_vllm_agree_on_greedy_tau(world, tmp_path):
     gamma = 3
     _evaluate(world, tmp_path / "run", "evaluate.engines=[reference, vllm]", f"evaluate.gammas=[{gamma}]",
               "evaluate.temperatures=[0]", "evaluate.max_prompts=4", "evaluate.max_new_tokens=48",
-              "evaluate.vllm.cpus_per_engine=0.5", "ray.num_cpus=2")
+              "evaluate.vllm.cpus_per_engine=0.5", "ray.num_cpus=2",
+              # two prompts per vLLM call: each request's own counts come back with it
+              "evaluate.vllm.batch_size=2")
     out = tmp_path / "run" / "evaluate"
     records = json.loads((out / "summary.json").read_text())
     tau = {(r["task"], r["engine"]): r["block_efficiency"] for r in records}
@@ -102,5 +104,6 @@ def test_reference_and_vllm_agree_on_greedy_tau(world, tmp_path):
         same += r["generated_token_ids"] == other["generated_token_ids"]
         assert abs(r["num_drafts"] - other["num_drafts"]) <= 2
         assert abs(r["num_accepted"] - other["num_accepted"]) <= gamma
+        assert sum(r["accepted_per_pos"]) == r["num_accepted"] and len(r["accepted_per_pos"]) == gamma
         assert r["matches_autoregressive"] and other["matches_autoregressive"]  # both lossless
     assert same >= 11  # of 12 prompts; a float32 tie between two logits may flip one

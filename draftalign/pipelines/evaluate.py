@@ -148,7 +148,7 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
                     t0 = time.time()
                     got = ray.get(actor.generate.remote(
                         [{"id": p["id"], "token_ids": p["token_ids"]} for p in rows], temp, ev.top_p,
-                        ev.max_new_tokens, ev.seed, v.warmup_tokens))
+                        ev.max_new_tokens, ev.seed, v.warmup_tokens, v.batch_size))
                     res.update({(task, temp, g["id"]): g for g in got})
                     if draft is None:
                         n, s = sum(len(g["tokens"]) for g in got), sum(g["seconds"] for g in got)

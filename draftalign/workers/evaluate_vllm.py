@@ -1,10 +1,11 @@
-"""The `vllm` evaluation engine: vLLM's own speculative decoding, read from its counters.
+"""The `vllm` evaluation engine: vLLM's own speculative decoding, read per request.
 
 One engine per (drafter, γ), since vLLM fixes `speculative_config` at start-up, plus one
 engine without speculation for the tokens/s baseline. Each engine lives in a Ray actor, so
 the driver never imports vLLM and a finished engine's memory goes away with its actor.
-Prompts are sent one at a time: that is the batch-1 setting of the paper's speed-up, and
-reading the counters before and after each request gives per-prompt statistics.
+vLLM returns each finished request's speculative-decoding statistics
+(`per_request_spec_decode_metrics`), so prompts can go `evaluate.vllm.batch_size` at a time;
+the default, one at a time, is the batch-1 setting of the paper's speed-up.
 """
 
 from __future__ import annotations
@@ -15,32 +16,27 @@ from typing import Any
 from draftalign.config import VllmEvalConfig
 from draftalign.evaltasks import prompt_seed
 
-__all__ = ["VllmEngine", "SPEC_COUNTERS", "counter_delta"]
-
-SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
-                 "vllm:spec_decode_num_accepted_tokens")
-PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+__all__ = ["VllmEngine", "request_counts", "share_seconds"]
 
 
-def read_counters(metrics: list[Any], gamma: int) -> dict[str, Any]:
-    """Spec-decode counters summed over label sets (one per engine), from `llm.get_metrics()`."""
-    out: dict[str, Any] = {name: 0 for name in SPEC_COUNTERS}
-    out[PER_POS] = [0] * gamma
-    for m in metrics:
-        if m.name in SPEC_COUNTERS:
-            out[m.name] += int(m.value)
-        elif m.name == PER_POS:
-            for i, v in enumerate(list(m.values)[:gamma]):
-                out[PER_POS][i] += int(v)
-    return out
+def request_counts(metrics: Any, gamma: int) -> dict[str, Any]:
+    """One request's {"num_drafts", "num_draft_tokens", "num_accepted", "accepted_per_pos"} from
+    vLLM's RequestSpecDecodeMetrics (`histogram[j]`: verify steps that accepted j drafts; None
+    when the request never speculated). Position i was accepted in every step with j > i."""
+    hist = list(metrics.histogram) if metrics is not None else [0]
+    hist += [0] * (gamma + 1 - len(hist))
+    return {"num_drafts": sum(hist), "num_draft_tokens": int(metrics.num_draft_tokens) if metrics else 0,
+            "num_accepted": sum(j * c for j, c in enumerate(hist)),
+            "accepted_per_pos": [sum(hist[i + 1:]) for i in range(gamma)]}
 
 
-def counter_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """What one request added: {"num_drafts", "num_draft_tokens", "num_accepted", "accepted_per_pos"}."""
-    d = {name: after[name] - before[name] for name in SPEC_COUNTERS}
-    return {"num_drafts": d[SPEC_COUNTERS[0]], "num_draft_tokens": d[SPEC_COUNTERS[1]],
-            "num_accepted": d[SPEC_COUNTERS[2]],
-            "accepted_per_pos": [a - b for a, b in zip(after[PER_POS], before[PER_POS], strict=True)]}
+def share_seconds(seconds: float, token_counts: list[int]) -> list[float]:
+    """A batch's wall time split over its requests by generated tokens, so that a cell's
+    Σ tokens / Σ seconds is the batch's throughput (batch 1: the request's own time)."""
+    total = sum(token_counts)
+    if total == 0:
+        return [seconds / max(len(token_counts), 1)] * len(token_counts)
+    return [seconds * n / total for n in token_counts]
 
 
 class VllmEngine:
@@ -56,8 +52,8 @@ class VllmEngine:
         if draft:
             kwargs["speculative_config"] = {"method": "draft_model", "model": draft, "num_speculative_tokens": gamma,
                                             **vllm.speculative_config}
-        # disable_log_stats=False: the spec-decode counters are stats, off by default in LLM
-        self.llm = LLM(model=target, disable_log_stats=False, **kwargs)
+            kwargs["per_request_spec_decode_metrics"] = "summary"  # each finished request's own histogram
+        self.llm = LLM(model=target, **kwargs)
 
     def close(self) -> None:
         """Stop the engine's core process now, before the actor is killed (best effort)."""
@@ -65,30 +61,32 @@ class VllmEngine:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
 
-    def _counters(self) -> dict[str, Any]:
-        return read_counters(self.llm.get_metrics(), self.gamma)
-
     def generate(self, prompts: list[dict], temperature: float, top_p: float, max_tokens: int, seed: int,
-                 warmup_tokens: int = 8) -> list[dict]:
-        """[{"id", "tokens", "seconds", counters...}] for prompts [{"id", "token_ids"}], one at a time."""
+                 warmup_tokens: int = 8, batch_size: int = 1) -> list[dict]:
+        """[{"id", "tokens", "seconds", counts...}] for prompts [{"id", "token_ids"}], batch_size at a time."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        def one(p: dict, n: int) -> tuple[list[int], float]:
-            params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=n,
-                                    seed=None if temperature == 0 else prompt_seed(seed, p["id"], temperature))
+        def run(batch: list[dict], n: int) -> tuple[list[Any], float]:
+            params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=n,
+                                     seed=None if temperature == 0 else prompt_seed(seed, p["id"], temperature))
+                      for p in batch]
             t0 = time.perf_counter()
-            out = self.llm.generate([TokensPrompt(prompt_token_ids=list(p["token_ids"]))], params, use_tqdm=False)
-            return list(out[0].outputs[0].token_ids), time.perf_counter() - t0
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p["token_ids"])) for p in batch], params,
+                                     use_tqdm=False)
+            return [o.outputs[0] for o in outs], time.perf_counter() - t0
 
         if warmup_tokens and prompts:
-            one(prompts[0], warmup_tokens)  # untimed: the first request pays one-off costs
+            run(prompts[:1], warmup_tokens)  # untimed: the first request pays one-off costs
         rows = []
-        for p in prompts:
-            before = self._counters() if self.gamma else None
-            tokens, secs = one(p, max_tokens)
-            row = {"id": p["id"], "tokens": tokens, "seconds": secs}
-            if self.gamma:
-                row.update(counter_delta(before, self._counters()))
-            rows.append(row)
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            outs, secs = run(batch, max_tokens)
+            tokens = [list(o.token_ids) for o in outs]
+            for p, o, toks, share in zip(batch, outs, tokens, share_seconds(secs, [len(t) for t in tokens]),
+                                         strict=True):
+                row = {"id": p["id"], "tokens": toks, "seconds": share}
+                if self.gamma:
+                    row.update(request_counts(o.spec_decode_metrics, self.gamma))
+                rows.append(row)
         return rows
