@@ -287,3 +287,12 @@ def test_stage_pipelines_never_import_each_other():
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         others = {f"draftalign.pipelines.{s}" for s in stages - {stage}}
         assert not imported & others, (stage, imported & others)
+
+
+def test_the_example_config_extends_the_demo_with_two_half_and_half_rounds():
+    cfg = load_config(ROOT / "examples" / "smollm2-onpolicy.yaml")
+    demo = load_config(ROOT / "examples" / "smollm2.yaml")
+    op = cfg.distill.on_policy
+    assert (op.fraction, op.rounds, [s.name for s in op.sampling]) == (0.5, 2, ["greedy"])
+    assert cfg.run.output == demo.run.output and cfg.generate == demo.generate  # reuses the demo's set
+    assert cfg.distill.losses == demo.distill.losses and cfg.evaluate.output != demo.evaluate.output
