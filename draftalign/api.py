@@ -93,7 +93,7 @@ def run_stage(stage: str, config: str | Path | Config, overrides: list[str] | No
         from draftalign.pipelines.distill import run_distill
 
         paths = run_distill(cfg)
-        models = {loss.label: Path(p) for loss, p in zip(cfg.distill.losses, paths, strict=True)}
+        models = {cfg.distill.drafter_label(loss): Path(p) for loss, p in zip(cfg.distill.losses, paths, strict=True)}
         return StageResult(stage, Path(cfg.distill.output), models=models, config=cfg)
     if stage == "evaluate":
         from draftalign.pipelines.evaluate import run_evaluate
@@ -108,9 +108,13 @@ def run_stage(stage: str, config: str | Path | Config, overrides: list[str] | No
     models: dict[str, Path] = {}
     for meta in sorted(Path(cfg.pretrain.output).glob("*/model/draftalign_model.json")):
         models[meta.parent.parent.name] = meta.parent
-    for loss in cfg.distill.losses:
-        if Path(cfg.distilled_path(loss)).is_dir():
-            models[loss.label] = Path(cfg.distilled_path(loss))
+    d = cfg.distill
+    for loss in d.losses:
+        # Without rounds the drafter; with them each round's (`…-round1`, `…-round2`, …).
+        rounds = [(f"{d.drafter_label(loss)}-round{r}", p) for r, p in enumerate(cfg.round_paths(loss), start=1)]
+        for name, path in rounds or [(d.drafter_label(loss), cfg.distilled_path(loss))]:
+            if Path(path).is_dir():
+                models[name] = Path(path)
     return StageResult(stage, Path(cfg.run.output), summary=summary, models=models, manifest=manifest, config=cfg)
 
 

@@ -221,6 +221,10 @@ class GenerateConfig(Strict):
     overwrite: bool = False
     # Chaos testing: these row keys fail in the engine on the first pass (exercises the retries).
     inject_failure_row_keys: list[str] = Field(default_factory=list)
+    # What vLLM serves: "target" (the distillation set of the paper), "draft" (the pretrained
+    # drafter, models.draft: its own answers, the on-policy data of DistillSpec and GKD), or a model
+    # folder or hub name. The rows' target_* columns still name the target, which scores them.
+    generator: str = Field("target", min_length=1)
 
     @model_validator(mode="after")
     def _unique_sampling_names(self) -> GenerateConfig:
@@ -288,12 +292,62 @@ class TargetPoolConfig(Strict):
     max_restarts: int = Field(3, ge=0)  # a dead actor is restarted and its request retried
     # Benchmark/baseline: compute the target inside the train worker instead of the pool.
     in_process: bool = False
+    # Where the cache lives (None: distill.output/target_cache); on-policy rounds point theirs at
+    # the run's, so the target's own set is scored once for every round.
+    cache_dir: str | None = None
     # Memoise each sequence's log-probs on local disk (wire_dtype, V values per trained position:
     # 98 KB for a 49k vocabulary), so later passes and the other losses cost only the drafter.
     # Off by default: for a large set and vocabulary it is terabytes.
     cache: bool = False
     # Chaos testing: the first actor exits (os._exit) on this request number, once.
     inject_actor_death_at_request: int | None = Field(None, ge=1)
+
+
+class OnPolicyConfig(Strict):
+    """On-policy data: the drafter's own answers, scored by the target (DistillSpec; GKD's lmbda).
+
+    `fraction` λ of the training rows come from a drafter-generated set, the rest from the
+    target's (distill.data); the held-out rows are always the target's. With `rounds` N ≥ 1,
+    `draftalign run` generates that set with the current drafter, distils, and repeats N times,
+    each round in distill.output/rounds/round-R/; without rounds, `data` names a set made by
+    `draftalign generate` with generate.generator=draft.
+    """
+
+    fraction: float = Field(0.0, ge=0.0, le=1.0)  # λ: 0 is the paper's off-policy distillation
+    rounds: int = Field(0, ge=0, le=100)  # 0: no rounds (one distillation, on `data` when fraction > 0)
+    data: str | None = None  # a drafter-generated set (folder or file); the rounds make their own
+    # The drafter's sampling settings in the rounds (None: generate.sampling); GKD samples at T = 1.
+    sampling: list[SamplingSetting] | None = Field(None, min_length=1)
+    # Set by `draftalign run` for each round's distillation: names the drafter `...-roundR`.
+    round: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> OnPolicyConfig:
+        # Each message names the keys, so a bad combination is fixed where it was written.
+        if self.rounds and not self.fraction:
+            raise ValueError(f"distill.on_policy.rounds={self.rounds} needs distill.on_policy.fraction > 0: "
+                             "with 0 no round would train on the drafter's answers it generates")
+        if self.rounds and self.data is not None:
+            raise ValueError("distill.on_policy.data cannot be set with distill.on_policy.rounds: each round "
+                             "generates its own set with the current drafter")
+        if self.rounds and self.round is not None:
+            raise ValueError("distill.on_policy.round is set by `draftalign run` for each round; leave it unset")
+        if self.fraction and not self.rounds and self.data is None:
+            raise ValueError(f"distill.on_policy.fraction={self.fraction:g} needs distill.on_policy.data (a set "
+                             "made with generate.generator=draft) or distill.on_policy.rounds >= 1")
+        if not self.fraction and self.data is not None:
+            raise ValueError("distill.on_policy.data is set but distill.on_policy.fraction is 0: no row of it "
+                             "would be used; set the fraction (λ) of on-policy rows")
+        if self.sampling is not None and not self.rounds:
+            raise ValueError("distill.on_policy.sampling applies to the rounds' generation only; set "
+                             "distill.on_policy.rounds, or generate.sampling for a set you generate yourself")
+        if self.sampling is not None and len({s.name for s in self.sampling}) != len(self.sampling):
+            raise ValueError(f"distill.on_policy.sampling names must be unique: {[s.name for s in self.sampling]}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.fraction > 0
 
 
 class DistillConfig(Strict):
@@ -310,6 +364,21 @@ class DistillConfig(Strict):
     optim: OptimConfig = OptimConfig(lr=3e-4, warmup_steps=10, weight_decay=0.0, min_lr_ratio=0.0)
     eval_gamma: int = Field(3, ge=1)  # the γ at which the implied block efficiency is reported
     overwrite: bool = False  # replace an output made from a different config
+    on_policy: OnPolicyConfig = OnPolicyConfig()  # the drafter's own answers in the mix (off by default)
+
+    def drafter_label(self, loss: LossConfig) -> str:
+        """The drafter's name in reports: the loss's label, plus λ and the round when on-policy
+        (`tvd++-onpolicy0.5-round2`)."""
+        op = self.on_policy
+        if not op.active:
+            return loss.label
+        return f"{loss.label}-onpolicy{op.fraction:g}" + (f"-round{op.round}" if op.round else "")
+
+    def drafter_folder(self, loss: LossConfig) -> str:
+        """The drafter's folder under distill.output ("+" is awkward in paths: tvd++ -> tvdpp).
+        Without the round: each round has a folder of its own (rounds/round-R/)."""
+        op = self.on_policy
+        return loss.folder + (f"-onpolicy{op.fraction:g}" if op.active else "")
 
     @model_validator(mode="after")
     def _unique_losses(self) -> DistillConfig:
@@ -492,9 +561,24 @@ class Config(Strict):
     def distill_data_path(self) -> str:
         return self.distill.data or str(Path(self.generate.output) / "data")
 
+    def generator_path(self) -> str:
+        """The model the generate stage serves (generate.generator)."""
+        g = self.generate.generator
+        return self.target_path() if g == "target" else self.draft_path() if g == "draft" else g
+
     def distilled_path(self, loss: LossConfig) -> str:
-        """The drafter `draftalign distill` exports for `loss`."""
-        return str(Path(self.distill.output) / loss.folder / "model")
+        """The drafter distillation exports for `loss`: with on-policy rounds, the last round's."""
+        if self.distill.on_policy.rounds:
+            return self.round_paths(loss)[-1]
+        return str(Path(self.distill.output) / self.distill.drafter_folder(loss) / "model")
+
+    def round_dir(self, loss: LossConfig, r: int) -> Path:
+        """Round r's folder for `loss`: its set in `set/`, its drafter in `model/`."""
+        return Path(self.distill.output) / "rounds" / f"round-{r}" / self.distill.drafter_folder(loss)
+
+    def round_paths(self, loss: LossConfig) -> list[str]:
+        """Each on-policy round's drafter for `loss`, round 1 first ([] without rounds)."""
+        return [str(self.round_dir(loss, r) / "model") for r in range(1, self.distill.on_policy.rounds + 1)]
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

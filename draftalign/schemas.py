@@ -1,7 +1,10 @@
-"""Versioned Parquet row contracts of the `generate` and `evaluate` stages (schema_version 1).
+"""Versioned Parquet row contracts of the `generate` and `evaluate` stages.
 
-Every file carries a `schema_version` column; readers call `check_table` first, so a
-file written by another version fails with the columns that differ, not deep in training.
+Every file carries a `schema_version` column (and the version in its metadata); readers call
+`check_table` first, so a file written by another version fails with the columns that differ,
+not deep in training. The distillation set is at version 2 (`DISTILL_SCHEMA_VERSION`: version 1
+had no generator columns, and `distill_schema_for` still reads it, its generator being the
+target); the other tables are at version 1.
 
 Distillation set (`DISTILL_SCHEMA`), one row per (seed, sampling setting):
 
@@ -24,7 +27,11 @@ Distillation set (`DISTILL_SCHEMA`), one row per (seed, sampling setting):
 - `target_model` (string): the target's name or path as configured.
 - `target_hash` (string): fingerprint of the target's weights and config.
 - `chat_template_hash` (string): 16 hex chars of sha256 of the chat template used.
-- `schema_version` (int32): 1.
+- `generator_model` (string): the model that wrote the response (`generate.generator`): the
+  target's name for the target's own answers, a drafter's folder for on-policy rows.
+- `generator_hash` (string): its fingerprint, as `target_hash` (equal to it when the target
+  answered). `target_*` always name the target, which scores every row in distillation.
+- `schema_version` (int32): 2 (version 1: the same without the two generator columns).
 
 Errors (`ERROR_SCHEMA`), one row per seed or request that produced no distillation row:
 
@@ -51,11 +58,13 @@ from typing import Any
 import pyarrow as pa
 
 __all__ = [
-    "SCHEMA_VERSION", "DISTILL_SCHEMA", "ERROR_SCHEMA", "SEED_SCHEMA", "EVAL_SCHEMA",
-    "row_key", "to_table", "check_table",
+    "SCHEMA_VERSION", "DISTILL_SCHEMA_VERSION", "DISTILL_SCHEMA", "DISTILL_SCHEMA_V1", "ERROR_SCHEMA",
+    "SEED_SCHEMA", "EVAL_SCHEMA", "row_key", "to_table", "check_table", "schema_version_of",
+    "distill_schema_for",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # errors, seeds, evaluation rows
+DISTILL_SCHEMA_VERSION = 2  # the distillation set: version 2 added the generator columns
 
 _MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string(), False), pa.field("content", pa.string(), False)]))
 _SAMPLING = pa.struct(
@@ -69,9 +78,18 @@ _SAMPLING = pa.struct(
 )
 
 
-def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
-    meta = {"draftalign.schema": name, "draftalign.schema_version": str(SCHEMA_VERSION)}
+def _schema(name: str, fields: list[pa.Field], version: int = SCHEMA_VERSION) -> pa.Schema:
+    meta = {"draftalign.schema": name, "draftalign.schema_version": str(version)}
     return pa.schema([*fields, pa.field("schema_version", pa.int32(), False)], metadata=meta)
+
+
+def schema_version_of(schema: pa.Schema) -> int | None:
+    """The version a schema (ours, or a file's) declares in its metadata; None when it declares none."""
+    raw = (schema.metadata or {}).get(b"draftalign.schema_version")
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
@@ -86,25 +104,25 @@ _SEED_FIELDS = [
     _f("messages", _MESSAGES),
 ]
 SEED_SCHEMA = _schema("seeds", _SEED_FIELDS)
-DISTILL_SCHEMA = _schema(
-    "distill",
-    [
-        *_SEED_FIELDS[:1],
-        _f("row_key", pa.string()),
-        *_SEED_FIELDS[1:],
-        _f("prompt_text", pa.string()),
-        _f("prompt_token_ids", pa.list_(pa.int32())),
-        _f("response_text", pa.string()),
-        _f("response_token_ids", pa.list_(pa.int32())),
-        _f("finish_reason", pa.string()),
-        _f("sampling", _SAMPLING),
-        _f("num_input_tokens", pa.int32()),
-        _f("num_generated_tokens", pa.int32()),
-        _f("target_model", pa.string()),
-        _f("target_hash", pa.string()),
-        _f("chat_template_hash", pa.string()),
-    ],
-)
+_DISTILL_V1_FIELDS = [
+    *_SEED_FIELDS[:1],
+    _f("row_key", pa.string()),
+    *_SEED_FIELDS[1:],
+    _f("prompt_text", pa.string()),
+    _f("prompt_token_ids", pa.list_(pa.int32())),
+    _f("response_text", pa.string()),
+    _f("response_token_ids", pa.list_(pa.int32())),
+    _f("finish_reason", pa.string()),
+    _f("sampling", _SAMPLING),
+    _f("num_input_tokens", pa.int32()),
+    _f("num_generated_tokens", pa.int32()),
+    _f("target_model", pa.string()),
+    _f("target_hash", pa.string()),
+    _f("chat_template_hash", pa.string()),
+]
+DISTILL_SCHEMA_V1 = _schema("distill", _DISTILL_V1_FIELDS, 1)
+DISTILL_SCHEMA = _schema("distill", [*_DISTILL_V1_FIELDS, _f("generator_model", pa.string()),
+                                     _f("generator_hash", pa.string())], DISTILL_SCHEMA_VERSION)
 ERROR_SCHEMA = _schema(
     "errors",
     [
@@ -218,16 +236,17 @@ def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     """Rows as a table of exactly `schema`, or ValueError naming the row index and column.
 
     Nullable columns may be left out (they become null); `schema_version` may be left out
-    (it is filled with SCHEMA_VERSION). Extra keys and values of the wrong type are errors.
+    (it is filled with the schema's own version). Extra keys and values of the wrong type are errors.
     """
+    version = schema_version_of(schema)
     names = set(schema.names)
     filled = []
     for i, row in enumerate(rows):
         if extra := sorted(set(row) - names):
             raise ValueError(f"row {i}: unexpected columns {extra} (schema has {schema.names})")
-        row = {"schema_version": SCHEMA_VERSION, **row}
-        if row["schema_version"] != SCHEMA_VERSION:
-            raise ValueError(f"row {i}, column 'schema_version': {row['schema_version']!r} != {SCHEMA_VERSION}")
+        row = {"schema_version": version, **row}
+        if row["schema_version"] != version:
+            raise ValueError(f"row {i}, column 'schema_version': {row['schema_version']!r} != {version}")
         for field in schema:
             _check(row.get(field.name), field.type, field.nullable, f"row {i}, column {field.name!r}")
         filled.append(row)
@@ -268,6 +287,19 @@ def check_table(table_or_schema: pa.Table | pa.Schema, schema: pa.Schema) -> Non
     if problems:
         found = (have.metadata or {}).get(b"draftalign.schema_version", b"unknown").decode()
         raise ValueError(
-            f"table does not match schema_version {SCHEMA_VERSION} (file says schema_version {found}): "
+            f"table does not match schema_version {schema_version_of(schema)} (file says schema_version {found}): "
             + "; ".join(problems)
         )
+
+
+def distill_schema_for(have: pa.Schema) -> pa.Schema:
+    """The distillation-set schema a file's metadata declares: version 1 (no generator columns,
+    the target answered every row) or the current one. A file that declares none is held to the
+    current one; a version this draftalign does not know is a ValueError naming it."""
+    version = schema_version_of(have)
+    if version is None or version == DISTILL_SCHEMA_VERSION:
+        return DISTILL_SCHEMA
+    if version == 1:
+        return DISTILL_SCHEMA_V1
+    raise ValueError(f"schema_version {version} is not one this draftalign reads (1 or {DISTILL_SCHEMA_VERSION}): "
+                     "the file was written by a newer draftalign")

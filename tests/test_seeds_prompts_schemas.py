@@ -15,8 +15,8 @@ from draftalign.config import SamplingSetting, SeedFields, default_sampling_sett
 from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.schemas import (
     DISTILL_SCHEMA,
+    DISTILL_SCHEMA_VERSION,
     ERROR_SCHEMA,
-    SCHEMA_VERSION,
     SEED_SCHEMA,
     check_table,
     row_key,
@@ -212,6 +212,7 @@ def _distill_row(i: int = 0) -> dict:
         "response_text": "Hello.", "response_token_ids": [15043, 29889, 2], "finish_reason": "stop",
         "sampling": s.model_dump(), "num_input_tokens": 3, "num_generated_tokens": 3,
         "target_model": "tiny", "target_hash": "abc", "chat_template_hash": "0123456789abcdef",
+        "generator_model": "tiny", "generator_hash": "abc",
     }
 
 
@@ -227,7 +228,8 @@ def test_distill_round_trip_through_parquet_and_duckdb(tmp_path):
     assert types["sampling"].startswith("STRUCT(\"name\" VARCHAR, temperature FLOAT, top_p FLOAT, max_tokens INTEGER")
     assert types["schema_version"] == "INTEGER" and types["input"] == "VARCHAR"
     rows = duckdb.sql(f"select row_key, sampling.name, schema_version, input from '{path}' order by 1").fetchall()
-    assert rows == [("seed-0/t0.7", "t0.7", SCHEMA_VERSION, None), ("seed-1/t0.7", "t0.7", SCHEMA_VERSION, None)]
+    v = DISTILL_SCHEMA_VERSION
+    assert rows == [("seed-0/t0.7", "t0.7", v, None), ("seed-1/t0.7", "t0.7", v, None)]
 
 
 def test_error_and_seed_tables(tmp_path):
@@ -285,4 +287,22 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["x.parquet"]
     assert pq.read_table(path).num_rows == 1
-    assert pq.read_schema(path).metadata[b"draftalign.schema_version"] == b"1"
+    assert pq.read_schema(path).metadata[b"draftalign.schema_version"] == b"2"
+
+
+def test_a_version_1_distillation_set_still_reads_and_a_newer_one_is_named(tmp_path):
+    from draftalign.schemas import DISTILL_SCHEMA_V1, distill_schema_for
+
+    v1 = {k: v for k, v in _distill_row().items() if not k.startswith("generator")}
+    path = write_parquet_atomic(to_table([v1], DISTILL_SCHEMA_V1), tmp_path / "v1.parquet")
+    have = pq.read_schema(path)
+    assert pq.read_table(path).column("schema_version").to_pylist() == [1]  # as version 1 wrote it
+    assert distill_schema_for(have) is DISTILL_SCHEMA_V1
+    check_table(have, distill_schema_for(have))
+    with pytest.raises(ValueError, match=r"schema_version 2 \(file says schema_version 1\): missing column 'generator_model'"):
+        check_table(have, DISTILL_SCHEMA)  # held to version 2 it would fail: the reader picks by version
+    with pytest.raises(ValueError, match=r"row 0, column 'generator_hash'"):
+        to_table([{**_distill_row(), "generator_hash": None}], DISTILL_SCHEMA)
+    newer = have.with_metadata({b"draftalign.schema_version": b"3"})
+    with pytest.raises(ValueError, match="schema_version 3 is not one this draftalign reads"):
+        distill_schema_for(newer)

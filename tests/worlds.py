@@ -18,16 +18,18 @@ def tiny_llama(path: Path, seed: int, hidden: int) -> None:
                                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2)).save_pretrained(path)
 
 
-def distill_set(folder: Path, n_seeds: int, target: Path | None = None) -> None:
+def distill_set(folder: Path, n_seeds: int, target: Path | None = None, generator: Path | None = None,
+                seed: int = 0) -> None:
     """A distillation set of random token rows, one greedy row per seed, in `folder/data`, as if
-    `target` (whose hash distill checks) had generated it."""
+    `generator` (default: `target`, whose hash distill checks) had answered for `target`."""
     from draftalign.atomicio import write_parquet_atomic
     from draftalign.modelid import target_identity
-    from draftalign.schemas import DISTILL_SCHEMA, SCHEMA_VERSION, to_table
+    from draftalign.schemas import DISTILL_SCHEMA, DISTILL_SCHEMA_VERSION, to_table
 
     target_hash = target_identity(str(target))["target_hash"] if target else "h"
+    generator_hash = target_identity(str(generator))["target_hash"] if generator else target_hash
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
     rows = []
     for i in range(n_seeds):
         prompt = [1] + [rng.randrange(3, 32000) for _ in range(rng.randrange(4, 12))]
@@ -38,5 +40,6 @@ def distill_set(folder: Path, n_seeds: int, target: Path | None = None) -> None:
             "response_text": "", "response_token_ids": response, "finish_reason": "stop",
             "sampling": {"name": "greedy", "temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": None},
             "num_input_tokens": len(prompt), "num_generated_tokens": len(response), "target_model": "t",
-            "target_hash": target_hash, "chat_template_hash": "c", "schema_version": SCHEMA_VERSION})
+            "target_hash": target_hash, "chat_template_hash": "c", "generator_model": str(generator or "t"),
+            "generator_hash": generator_hash, "schema_version": DISTILL_SCHEMA_VERSION})
     write_parquet_atomic(to_table(rows, DISTILL_SCHEMA), folder / "data" / "part-0.parquet")

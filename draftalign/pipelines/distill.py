@@ -2,7 +2,9 @@
 target's next-token distributions streamed from a pool of target actors.
 
 Ray Data reads the set's Parquet, keeps some seeds aside, builds fixed-length sequences and
-shards them to Ray Train workers; each worker runs DeepSpeed around the draft and feeds a
+shards them to Ray Train workers; with distill.on_policy.fraction λ > 0 a share λ of the training
+rows comes from a drafter-generated set instead (draftalign/mixture.py), held-out rows staying
+the target's; each worker runs DeepSpeed around the draft and feeds a
 target pool beside it (workers/distill_loop.py). The export lands in
 `distill.output/<loss>/model`, reused when it exists for the same inputs and config.
 """
@@ -16,6 +18,7 @@ from typing import Any
 from draftalign.cluster.resources import distill_resources
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
 from draftalign.distillation import build_sequences, holdout_row
+from draftalign.mixture import ON_POLICY, TARGET, MixturePlan, plan_mixture
 from draftalign.modelid import absolute_model_path, check_target_folder, target_identity
 from draftalign.models import check_compatible, count_parameters, load_model_config
 from draftalign.pipelines.locks import locked_output
@@ -23,13 +26,13 @@ from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.setprint import SAME_NAME_HINT, set_target_hashes
 from draftalign.pipelines.training import fit, materialize_in_order
 from draftalign.runinfo import fingerprint, write_run_info
-from draftalign.schemas import DISTILL_SCHEMA, check_table
+from draftalign.schemas import check_table, distill_schema_for
 from draftalign.tracking import tracking_run
 
 _COLUMNS = ["id", "prompt_token_ids", "response_token_ids"]
 
 
-def data_files(path: str) -> list[Path]:
+def data_files(path: str, key: str = "distill.data") -> list[Path]:
     """The distillation set's Parquet files: a file, a folder of them, or a stage folder."""
     p = Path(path)
     if p.is_dir() and (p / "data").is_dir():
@@ -37,7 +40,7 @@ def data_files(path: str) -> list[Path]:
     files = sorted(p.glob("*.parquet")) if p.is_dir() else [p] if p.is_file() else []
     if not files:
         raise ConfigError(f"no distillation set at {path!r}: run `draftalign generate` first "
-                          "or set distill.data to a Parquet file or folder")
+                          f"or set {key} to a Parquet file or folder")
     return files
 
 
@@ -46,7 +49,8 @@ def _check_schema(files: list[Path]) -> None:
 
     for f in files:
         try:
-            check_table(pq.read_schema(f), DISTILL_SCHEMA)
+            have = pq.read_schema(f)
+            check_table(have, distill_schema_for(have))  # version 1 sets (no generator columns) still read
         except (OSError, ValueError) as exc:  # a truncated or corrupt file, or another schema
             raise ConfigError(f"{f} is not a distillation set of this version: {exc}") from None
 
@@ -64,15 +68,48 @@ def _check_set_target(files: list[Path], target: str, target_hash: str) -> None:
                           "(`draftalign generate`), or set models.target to the model that generated it")
 
 
+def _check_on_policy_set(files: list[Path], target_hash: str) -> set[str]:
+    """The generators of a set given as on-policy data; the target's own answers are refused
+    (they would be counted as the drafter's and the mixture would mean nothing)."""
+    generators = set_target_hashes(files)["generator_hash"]
+    if target_hash in generators:
+        raise ConfigError(f"distill.on_policy.data {str(files[0].parent)!r} holds the target's own answers "
+                          "(generator_hash = target_hash): generate it with generate.generator=draft")
+    return generators
+
+
 def describe_distill(cfg: Config) -> dict[str, Any]:
     d = cfg.distill
+    losses = [{**loss.model_dump(), "drafter": d.drafter_label(loss), "output": cfg.distilled_path(loss),
+               **({"rounds": cfg.round_paths(loss)} if d.on_policy.rounds else {})} for loss in d.losses]
     return {"data": cfg.distill_data_path(), "init_from": d.init_from or cfg.draft_path(),
-            "target": cfg.target_path(),
-            "losses": [{**loss.model_dump(), "output": cfg.distilled_path(loss)} for loss in d.losses],
-            "resources": distill_resources(d)}
+            "target": cfg.target_path(), "on_policy": d.on_policy.model_dump(mode="json"),
+            "losses": losses, "resources": distill_resources(d)}
 
 
-def _split(files: list[Path], d: DistillConfig, pad_id: int):
+def _train_keys(files: list[Path], frac: float) -> set[str]:
+    """The row keys of a set's training (not held-out) rows, read in the driver for the mixture."""
+    import pyarrow.parquet as pq
+
+    keys: set[str] = set()
+    for f in files:
+        t = pq.read_table(f, columns=["id", "row_key"]).to_pydict()
+        keys.update(k for i, k in zip(t["id"], t["row_key"], strict=True) if not holdout_row(i, frac))
+    return keys
+
+
+def _mixed(ds, on_policy_files: list[Path], plan: MixturePlan, frac: float):
+    """The target set's training rows `ds` cut and joined with the on-policy set's, as `plan` says.
+    The on-policy set's held-out seeds are dropped: those prompts stay unseen for evaluation."""
+    import ray.data
+
+    seed, target, on_policy = plan.seed, plan.target, plan.on_policy
+    on = ray.data.read_parquet([str(f) for f in on_policy_files], columns=[*_COLUMNS, "row_key"])
+    on = on.filter(lambda r: not holdout_row(r["id"], frac) and on_policy.keeps(seed, r["row_key"]))
+    return ds.filter(lambda r: target.keeps(seed, r["row_key"])).union(on)
+
+
+def _split(inputs: DistillInputs, d: DistillConfig, pad_id: int):
     """(train, holdout) Ray Datasets of {input_ids, attention_mask, loss_mask} int64 [seq_len]."""
     import ray.data
 
@@ -80,9 +117,12 @@ def _split(files: list[Path], d: DistillConfig, pad_id: int):
         return build_sequences(batch["prompt_token_ids"], batch["response_token_ids"], d.train.seq_len,
                                d.include_prompt, pad_id)
 
-    ds = ray.data.read_parquet([str(f) for f in files], columns=_COLUMNS)
+    columns = [*_COLUMNS, "row_key"] if inputs.mixture else _COLUMNS
+    ds = ray.data.read_parquet([str(f) for f in inputs.files], columns=columns)
     frac = d.holdout_fraction
     train = ds.filter(lambda r: not holdout_row(r["id"], frac))
+    if inputs.mixture:
+        train = _mixed(train, inputs.on_policy_files, inputs.mixture, frac)
     # One seeded shuffle, so rows of one seed are not back to back and a rerun sees one order.
     train = train.random_shuffle(seed=d.train.seed).map_batches(to_sequences, batch_format="numpy")
     holdout = ds.filter(lambda r: holdout_row(r["id"], frac)).map_batches(to_sequences, batch_format="numpy")
@@ -108,6 +148,8 @@ class DistillInputs:
     tokenizer: Any
     parameters: int  # the drafter's
     identity: tuple[str, str]  # target and starting-drafter hashes, for fingerprints
+    on_policy_files: tuple[Path, ...] = ()  # the drafter-generated set (distill.on_policy.data)
+    mixture: MixturePlan | None = None  # which rows of each set train, when on-policy
 
 
 def _inputs(cfg: Config) -> DistillInputs:
@@ -125,13 +167,38 @@ def _inputs(cfg: Config) -> DistillInputs:
     target_hash = target_identity(target)["target_hash"]
     _check_set_target(files, target, target_hash)
     tok = load_tokenizer(init_from)
+    on_files, plan = _on_policy_inputs(cfg, files, target, target_hash)
     return DistillInputs(target, init_from, files, tok.pad_token_id or 0, tok, count_parameters(draft_cfg),
-                         (target_hash, target_identity(init_from)["target_hash"]))
+                         (target_hash, target_identity(init_from)["target_hash"]), on_files, plan)
+
+
+def _on_policy_inputs(cfg: Config, files: list[Path], target: str, target_hash: str):
+    """(on-policy files, mixture plan), checked like the target's set; ((), None) when off."""
+    d = cfg.distill
+    if not d.on_policy.active:
+        return (), None
+    on_files = data_files(d.on_policy.data or "", "distill.on_policy.data")
+    _check_schema(on_files)
+    _check_set_target(on_files, target, target_hash)  # the target must be the one that scores them
+    generators = _check_on_policy_set(on_files, target_hash)
+    frac = d.holdout_fraction
+    plan = plan_mixture(_train_keys(files, frac), _train_keys(on_files, frac), d.on_policy.fraction, d.train.seed)
+    if plan.target.count + plan.on_policy.count == 0:
+        raise ConfigError(f"distill.on_policy.fraction={d.on_policy.fraction:g} leaves no training row: "
+                          f"{plan.on_policy.of} on-policy and {plan.target.of} target training rows")
+    print(f"[distill] on-policy mixture λ={d.on_policy.fraction:g}: {plan.on_policy.count} of "
+          f"{plan.on_policy.of} {ON_POLICY} rows (generator {', '.join(sorted(generators))}) + "
+          f"{plan.target.count} of {plan.target.of} {TARGET} rows", flush=True)
+    return tuple(on_files), plan
 
 
 @locked_output("distill", lambda cfg: cfg.distill.output)
 def run_distill(cfg: Config) -> list[Path]:
     """Distil (or reuse) one drafter per loss of `distill.losses`; returns their model folders."""
+    if cfg.distill.on_policy.rounds:
+        raise ConfigError(f"distill.on_policy.rounds={cfg.distill.on_policy.rounds}: each round generates with "
+                          "vLLM, so the rounds run in `draftalign run`; `draftalign distill` trains one drafter "
+                          "(set distill.on_policy.rounds=0 and distill.on_policy.data to a drafter-generated set)")
     inputs = _inputs(cfg)
     return [_distill_one(cfg, loss, inputs) for loss in cfg.distill.losses]
 
@@ -139,17 +206,24 @@ def run_distill(cfg: Config) -> list[Path]:
 def _fingerprint(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> str:
     # Chaos switches, the failure budget and the other losses do not change what this loss
     # trains: a rerun without them (or with another list) resumes or reuses the same run.
-    chaos = {"output": True, "overwrite": True, "losses": True,
-             "train": {"inject_failure_at_step", "max_failures"},
-             "target_pool": {"inject_actor_death_at_request", "cache"}}
+    chaos: dict[str, Any] = {"output": True, "overwrite": True, "losses": True,
+                             "train": {"inject_failure_at_step", "max_failures"},
+                             "target_pool": {"inject_actor_death_at_request", "cache", "cache_dir"}}
     # eta only where it means something: the other losses keep the fingerprints they had before it.
     loss_fields = loss.model_dump(mode="json", exclude=None if loss.name == "lk_hybrid" else {"eta"})
+    # Likewise on_policy: off, it is left out, so drafters distilled before it existed are reused.
+    on_policy: list[Any] = []
+    if cfg.distill.on_policy.active:
+        on_policy = [[(f.name, f.stat().st_size) for f in inputs.on_policy_files]]
+    else:
+        chaos["on_policy"] = True
     return fingerprint(cfg.distill.model_dump(mode="json", exclude=chaos), loss_fields,
-                       [(f.name, f.stat().st_size) for f in inputs.files], *inputs.identity)
+                       [(f.name, f.stat().st_size) for f in inputs.files], *inputs.identity, *on_policy)
 
 
 def _distill_one(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> Path:
-    tag = f"[distill {loss.label}]"
+    label = cfg.distill.drafter_label(loss)
+    tag = f"[distill {label}]"
     job_dir = Path(cfg.distilled_path(loss)).resolve().parent
     model_dir = job_dir / "model"
     fp = _fingerprint(cfg, loss, inputs)
@@ -157,13 +231,16 @@ def _distill_one(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> Path:
         print(f"{tag} reusing {model_dir} (same inputs and config)", flush=True)
         return model_dir
     claim_output(job_dir, fp, cfg.distill.overwrite, "distill.overwrite")
+    mixture = {"mixture": inputs.mixture.summary(), "on_policy_files": [str(f) for f in inputs.on_policy_files]} \
+        if inputs.mixture else {}
     write_run_info(job_dir, cfg, "distill", {"fingerprint": fp, "loss": loss.model_dump(),
-                                             "data_files": [str(f) for f in inputs.files]})
+                                             "data_files": [str(f) for f in inputs.files], **mixture})
     result = _fit(cfg, loss, inputs, job_dir)
     m = result.metrics
     publish_model(result.checkpoint, model_dir, inputs.tokenizer,
-                  {"fingerprint": fp, "role": "distilled", "drafter": loss.label, "loss": loss.model_dump(),
-                   "metrics": m, "initialised_from": inputs.init_from, "parameters": inputs.parameters})
+                  {"fingerprint": fp, "role": "distilled", "drafter": label, "loss": loss.model_dump(),
+                   "metrics": m, "initialised_from": inputs.init_from, "parameters": inputs.parameters,
+                   **mixture})
     g = cfg.distill.eval_gamma
     before = (m.get("initial_holdout_expected_acceptance"), m.get(f"initial_holdout_tau_gamma{g}"))
     after = (m.get("holdout_expected_acceptance"), m.get(f"export_holdout_tau_gamma{g}", m.get(f"holdout_tau_gamma{g}")))
@@ -181,19 +258,23 @@ def _fit(cfg: Config, loss: LossConfig, inputs: DistillInputs, job_dir: Path):
 
     d = cfg.distill
     init_ray(cfg.ray)
-    train_ds, holdout_ds = _split(inputs.files, d, inputs.pad_id)
+    train_ds, holdout_ds = _split(inputs, d, inputs.pad_id)
+    folder = d.drafter_label(loss).replace("+", "p")  # the round too: each round is its own job
     marker = job_dir / "chaos" / "target_actor_died" if d.target_pool.inject_actor_death_at_request else None
     if marker:
         marker.parent.mkdir(parents=True, exist_ok=True)
     loop_config = DistillLoopConfig(
-        name=f"distill {loss.label}", distill=d, loss=loss, target=inputs.target, init_from=inputs.init_from,
+        name=f"distill {d.drafter_label(loss)}", distill=d, loss=loss, target=inputs.target, init_from=inputs.init_from,
         cache_dir=_cache_dir(cfg, inputs) if d.target_pool.cache else None,
         death_marker=str(marker) if marker else None,
-        tracking=tracking_run(cfg.tracking, cfg.run, f"distill-{loss.folder}"))
-    return fit(distill_loop, loop_config, d.train, f"{cfg.run.name}-distill-{loss.folder}", job_dir,
+        tracking=tracking_run(cfg.tracking, cfg.run, f"distill-{folder}"))
+    return fit(distill_loop, loop_config, d.train, f"{cfg.run.name}-distill-{folder}", job_dir,
                {"train": train_ds, "holdout": holdout_ds})
 
 
 def _cache_dir(cfg: Config, inputs: DistillInputs) -> str:
-    """One cache per target under distill.output, shared by every loss (and rerun) of it."""
-    return str(Path(cfg.distill.output).resolve() / "target_cache" / inputs.identity[0][:16])
+    """One cache per target under distill.output (or target_pool.cache_dir), shared by every loss,
+    round and rerun of it: entries are keyed by the sequence, so sharing is always safe."""
+    root = cfg.distill.target_pool.cache_dir
+    base = Path(root).expanduser().resolve() if root else Path(cfg.distill.output).resolve() / "target_cache"
+    return str(base / inputs.identity[0][:16])

@@ -69,8 +69,16 @@ def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
 def _distilled_drafters(cfg: Config) -> dict[str, str]:
     """{drafter name: model folder}: the configured losses' exports, then any other export an
     earlier run left under distill.output (named as its draftalign_model.json says)."""
-    out = {loss.label: cfg.distilled_path(loss) for loss in cfg.distill.losses}
-    for meta in sorted(Path(cfg.distill.output).expanduser().glob(f"*/model/{MODEL_INFO}")):
+    out: dict[str, str] = {}
+    d = cfg.distill
+    for loss in d.losses:
+        # Every on-policy round's drafter, so one two-round run compares one round with two.
+        for r, path in enumerate(cfg.round_paths(loss), start=1):
+            out[d.drafter_label(loss) + f"-round{r}"] = path
+        if not d.on_policy.rounds:
+            out[d.drafter_label(loss)] = cfg.distilled_path(loss)
+    root = Path(d.output).expanduser()
+    for meta in sorted([*root.glob(f"*/model/{MODEL_INFO}"), *root.glob(f"rounds/round-*/*/model/{MODEL_INFO}")]):
         info = json.loads(meta.read_text())
         name = info.get("drafter") or info.get("loss", {}).get("name") or meta.parent.parent.name
         out.setdefault(name, str(meta.parent))

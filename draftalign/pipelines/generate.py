@@ -1,5 +1,9 @@
 """`draftalign generate`: the target answers seed instructions; the answers become the distillation set.
 
+`generate.generator` may put another model in the target's place (a drafter, for on-policy data):
+prompts are still rendered with the target's tokenizer and chat template, and the rows still name
+the target, which scores them in distillation; `generator_*` name the model that answered.
+
 The driver reads and validates the seeds, renders every (seed, sampling setting) request
 with the target's chat template, skips the row keys already in `data/` (resume), and hands
 the rest to Ray Data: vLLM engine replicas answer them and Ray tasks write the answers
@@ -61,7 +65,7 @@ def describe_generate(cfg: Config) -> dict[str, Any]:
     """The --plan view: what would be read and written, and what Ray would be asked for."""
     gen, eng = cfg.generate, cfg.generate.engine
     return {
-        "target": cfg.target_path(), "seeds": gen.seeds, "max_seeds": gen.max_seeds,
+        "target": cfg.target_path(), "generator": cfg.generator_path(), "seeds": gen.seeds, "max_seeds": gen.max_seeds,
         "output": gen.output, "sampling": [s.name for s in gen.sampling],
         "rows": f"{gen.max_seeds or 'all'} seeds x {len(gen.sampling)} sampling settings",
         "resources": {**generate_resources(eng), "engine_kwargs": engine_kwargs(eng)},
@@ -100,7 +104,7 @@ def _one_pass(cfg: Config, requests: list[dict], data_dir: Path, ident: dict[str
               template_hash: str, fail_keys: frozenset[str]) -> list[dict]:
     from draftalign.workers.generate_engine import run_pass
 
-    return run_pass(absolute_model_path(cfg.target_path()), cfg.generate.engine, cfg.generate.rows_per_file, requests, data_dir, ident, eos,
+    return run_pass(absolute_model_path(cfg.generator_path()), cfg.generate.engine, cfg.generate.rows_per_file, requests, data_dir, ident, eos,
                     template_hash, fail_keys)
 
 
@@ -175,7 +179,7 @@ def run_passes(cfg: Config, todo: list[dict], data_dir: Path, ident: dict, eos: 
         except Exception as exc:  # the rows stay pending; files written before the failure stay
             landed = _landed(data_dir, before)
             if _engine_died(exc) and not landed:
-                raise engine_error(exc, cfg.target_path(), engine_kwargs(cfg.generate.engine)) from exc
+                raise engine_error(exc, cfg.generator_path(), engine_kwargs(cfg.generate.engine)) from exc
             last_exc = exc
             summary = [{"row_key": k, "error": "", "num_generated_tokens": n} for k, n in landed.items()]
             reasons.update({r["row_key"]: f"engine pass failed: {type(exc).__name__}: {_root_cause(exc)}"
@@ -197,6 +201,35 @@ def run_passes(cfg: Config, todo: list[dict], data_dir: Path, ident: dict, eos: 
             "failed": [(r, reasons.get(r["row_key"], "unknown engine failure")) for r in remaining]}
 
 
+def generator_identity(cfg: Config, target_ident: dict[str, str]) -> dict[str, str]:
+    """{"generator_model", "generator_hash"} of generate.generator, checked before Ray starts:
+    a drafter must exist, load, share the target's vocabulary (the prompts are the target's
+    token ids) and hold the engine's context."""
+    gen, key = cfg.generator_path(), f"generate.generator={cfg.generate.generator}"
+    if gen == cfg.target_path():
+        return {"generator_model": target_ident["target_model"], "generator_hash": target_ident["target_hash"]}
+    folder = Path(gen).expanduser()
+    if looks_local(gen) and not folder.is_dir():
+        hint = " (models.draft, else the pretrain stage's drafter)" if cfg.generate.generator == "draft" else ""
+        raise ConfigError(f"{key}: the model {gen!r}{hint} does not exist: run the pretrain stage or "
+                          "set generate.generator to a model folder")
+    from draftalign.models import check_compatible, load_model_config
+
+    try:
+        if folder.is_dir():
+            check_target_folder(folder)  # the same safetensors-only load vLLM will do
+        gen_cfg = load_model_config(gen, cfg.models.trust_remote_code)
+        check_compatible(load_model_config(cfg.target_path(), cfg.models.trust_remote_code), gen_cfg)
+    except (OSError, ValueError) as exc:  # ConfigError and VocabMismatchError are ValueErrors
+        raise ConfigError(f"{key}: {gen!r} cannot answer for the target: {exc}") from None
+    context = getattr(gen_cfg, "max_position_embeddings", None)
+    if context is not None and context < cfg.generate.engine.max_model_len:
+        raise ConfigError(f"generate.engine.max_model_len={cfg.generate.engine.max_model_len} exceeds the "
+                          f"context of the generator {gen!r} ({context}): lower it")
+    ident = target_identity(gen)
+    return {"generator_model": ident["target_model"], "generator_hash": ident["target_hash"]}
+
+
 @locked_output("generate", lambda cfg: cfg.generate.output)
 def run_generate(cfg: Config) -> dict[str, Any]:
     """Generate (or complete) the distillation set under generate.output; returns the manifest."""
@@ -211,6 +244,7 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     prep = _prepare(cfg, target)
     if Path(target).expanduser().is_dir():
         check_target_folder(Path(target).expanduser())
+    ident.update(generator_identity(cfg, ident))
     current = row_determinants(cfg, ident, prep["template_hash"])
     check_set(out, current, gen.overwrite)  # rows made otherwise are never kept as "done"
     done = existing_row_keys(data_dir)  # a corrupt part is refused before anything is written
@@ -221,6 +255,9 @@ def run_generate(cfg: Config) -> dict[str, Any]:
         stale.unlink(missing_ok=True)
     todo = pending(prep["requests"], done)
     _write_errors(err_dir / "seeds.parquet", prep["errors"])
+    if ident["generator_hash"] != ident["target_hash"]:
+        print(f"[generate] generator: {ident['generator_model']} (generate.generator={gen.generator}), "
+              f"prompts and rows for the target {target}", flush=True)
     print(f"[generate] {len(prep['seeds'])} seeds, {len(prep['requests'])} requests, "
           f"{len(prep['requests']) - len(todo)} already written, {len(todo)} to generate", flush=True)
     result = run_passes(cfg, todo, data_dir, ident, prep["eos"], prep["template_hash"])

@@ -2,7 +2,9 @@
 
 Each stage reuses its output when it exists for the same inputs and config (pretrain and
 distill by fingerprint, generate by row key) and resumes when it was cut short, so
-rerunning `draftalign run` after a kill finishes the run instead of redoing it.
+rerunning `draftalign run` after a kill finishes the run instead of redoing it. With
+`distill.on_policy.rounds` the distill step is the on-policy rounds (pipelines/rounds.py), each
+round a generate and a distill of its own.
 `run.output/run_manifest.json` records each stage's output, status and time as it goes;
 `run.output/logs/run.log` keeps the driver's output (worker logs included).
 """
@@ -57,10 +59,13 @@ def _stages(cfg: Config) -> list[tuple[str, Callable[[Config], Any], str]]:
     from draftalign.pipelines.evaluate import run_evaluate
     from draftalign.pipelines.generate import run_generate
     from draftalign.pipelines.pretrain import run_pretrain
+    from draftalign.pipelines.rounds import run_rounds
 
     stages = [("pretrain", run_pretrain, cfg.pretrain.output)] if cfg.pretrain.jobs else []
+    # The target's set is generated either way: the rounds mix it in, and hold its seeds out.
+    distill = run_rounds if cfg.distill.on_policy.rounds else run_distill
     return stages + [("generate", run_generate, cfg.generate.output),
-                     ("distill", run_distill, cfg.distill.output),
+                     ("distill", distill, cfg.distill.output),
                      ("evaluate", run_evaluate, cfg.evaluate.output)]
 
 

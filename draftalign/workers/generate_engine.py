@@ -115,14 +115,18 @@ def chunk_file(data_dir: str | Path, first_key: str) -> Path:
 
 
 def write_chunk(batch: pa.Table, data_dir: str, eos_token_id: int | None, target_model: str,
-                target_hash: str, template_hash: str) -> pa.Table:
-    """Write the answered rows of a batch as one Parquet file; return one summary row per request."""
+                target_hash: str, template_hash: str, generator_model: str | None = None,
+                generator_hash: str | None = None) -> pa.Table:
+    """Write the answered rows of a batch as one Parquet file; return one summary row per request.
+
+    generator_*: the model the engine serves (generate.generator; default the target)."""
     rows = batch.to_pylist()
     for r in rows:
         r[ERROR_COLUMN] = r.get(ERROR_COLUMN) or ""
     good = [r for r in rows if not r[ERROR_COLUMN]]
     out = [distill_row(r, r["response_token_ids"], r["response_text"], eos_token_id=eos_token_id,
-                       target_model=target_model, target_hash=target_hash, template_hash=template_hash)
+                       target_model=target_model, target_hash=target_hash, template_hash=template_hash,
+                       generator_model=generator_model, generator_hash=generator_hash)
            for r in good]
     path = ""
     if out:

@@ -152,9 +152,13 @@ DISTILL_SEED_COLUMNS = ("id", "row_key", "source", "instruction", "input", "mess
 
 
 def distill_row(request: dict, response_ids: Sequence[int], response_text: str, *,
-                eos_token_id: int | None, target_model: str, target_hash: str,
-                template_hash: str) -> dict[str, Any]:
-    """A DISTILL_SCHEMA row from a request and the engine's answer."""
+                eos_token_id: int | None, target_model: str, target_hash: str, template_hash: str,
+                generator_model: str | None = None, generator_hash: str | None = None) -> dict[str, Any]:
+    """A DISTILL_SCHEMA row from a request and the engine's answer.
+
+    generator_*: the model that answered (default: the target). The target_* columns name the
+    target even for a drafter's answers: distillation scores every row with the target.
+    """
     row = {k: request[k] for k in DISTILL_SEED_COLUMNS}
     row["sampling"] = clean_sampling(row["sampling"])
     row["input"] = row["input"] if isinstance(row["input"], str) else None
@@ -164,5 +168,6 @@ def distill_row(request: dict, response_ids: Sequence[int], response_text: str, 
     row.update(response_text=response_text, response_token_ids=ids,
                finish_reason=finish_reason(ids, int(request["sampling"]["max_tokens"]), eos_token_id),
                num_input_tokens=len(row["prompt_token_ids"]), num_generated_tokens=len(ids),
-               target_model=target_model, target_hash=target_hash, chat_template_hash=template_hash)
+               target_model=target_model, target_hash=target_hash, chat_template_hash=template_hash,
+               generator_model=generator_model or target_model, generator_hash=generator_hash or target_hash)
     return row

@@ -1,0 +1,88 @@
+"""On-policy rounds (`distill.on_policy.rounds` N ≥ 1), the distill step of `draftalign run`:
+the current drafter answers the seeds (generate, with the drafter as generate.generator), the
+target scores those answers and a share λ of the training rows comes from them (distill), and
+the new drafter answers again, N times over.
+
+Each round is an ordinary generate and an ordinary distill run with a config derived from the
+run's, so each keeps its stage's rules: round R of a loss lives in
+`distill.output/rounds/round-R/<drafter folder>/` (`set/` the drafter's answers, `model/` the
+drafter distilled from them), a rerun reuses a finished round by its fingerprints and resumes a
+cut one, and a set or drafter made otherwise is refused unless generate.overwrite /
+distill.overwrite say so. Only pipelines/run.py calls this module; it calls the two stages.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from draftalign.atomicio import write_json_atomic
+from draftalign.config import Config, LossConfig, deep_merge
+from draftalign.modelid import absolute_model_path
+from draftalign.pipelines.locks import locked_output
+
+
+def round_config(cfg: Config, loss: LossConfig, r: int, drafter: str) -> Config:
+    """The config of round r for `loss`: `drafter` (the previous round's, or the starting one)
+    generates the round's set and is where its distillation starts."""
+    op = cfg.distill.on_policy
+    folder = cfg.round_dir(loss, r)
+    data = cfg.model_dump(mode="json")
+    patch: dict[str, Any] = {
+        "generate": {"output": str(folder / "set"), "generator": drafter,
+                     "sampling": [s.model_dump(mode="json") for s in (op.sampling or cfg.generate.sampling)]},
+        "distill": {
+            "output": str(folder.parent), "init_from": drafter, "losses": [loss.model_dump(mode="json")],
+            # The target's set stays the run's (its default follows generate.output, moved above).
+            "data": cfg.distill_data_path(),
+            "on_policy": {"fraction": op.fraction, "rounds": 0, "data": str(folder / "set"), "round": r,
+                          "sampling": None},
+            # One target cache for every round: the target's set is scored once.
+            "target_pool": {"cache_dir": cfg.distill.target_pool.cache_dir
+                            or str(Path(cfg.distill.output) / "target_cache")},
+        },
+    }
+    return Config.model_validate(deep_merge(data, patch))
+
+
+def _start(cfg: Config) -> str:
+    """The drafter round 1 generates with and starts from: distill.init_from, else the pretrained one."""
+    return absolute_model_path(cfg.distill.init_from or cfg.draft_path())
+
+
+@locked_output("distill", lambda cfg: cfg.distill.output)
+def run_rounds(cfg: Config) -> list[Path]:
+    """Every loss's N rounds, one after the other; returns each loss's last drafter.
+
+    `distill.output/rounds/rounds.json` records each round's set, drafter, status and time."""
+    from draftalign.pipelines.distill import run_distill
+    from draftalign.pipelines.generate import run_generate
+
+    record: dict[str, Any] = {"rounds": cfg.distill.on_policy.rounds, "fraction": cfg.distill.on_policy.fraction,
+                              "chains": []}
+    path = Path(cfg.distill.output) / "rounds" / "rounds.json"
+    finals = []
+    for loss in cfg.distill.losses:
+        drafter = _start(cfg)
+        chain: dict[str, Any] = {"drafter": cfg.distill.drafter_label(loss), "start": drafter, "rounds": []}
+        record["chains"].append(chain)
+        for r in range(1, cfg.distill.on_policy.rounds + 1):
+            rcfg = round_config(cfg, loss, r, drafter)
+            entry = {"round": r, "generator": drafter, "set": rcfg.generate.output, "status": "running"}
+            chain["rounds"].append(entry)
+            write_json_atomic(path, record)
+            print(f"==> [rounds] {rcfg.distill.drafter_label(loss)}: generate with {drafter}", flush=True)
+            t0 = time.time()
+            try:
+                run_generate(rcfg)
+                [model] = run_distill(rcfg)
+            except BaseException:
+                entry.update(status="failed", seconds=round(time.time() - t0, 1))
+                write_json_atomic(path, record)
+                raise
+            drafter = str(model)
+            entry.update(status="done", model=drafter, seconds=round(time.time() - t0, 1))
+            write_json_atomic(path, record)
+        finals.append(Path(drafter))
+    return finals
