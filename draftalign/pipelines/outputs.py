@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,9 @@ def publish_model(checkpoint, model_dir: Path, tokenizer, info: dict[str, Any]) 
     with checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / "hf", tmp)
         for name in CURVE_FILES:
-            if (Path(d) / name).is_file():
-                shutil.copyfile(Path(d) / name, model_dir.parent / name)
+            if (Path(d) / name).is_file():  # whole or not at all, like every file a stage writes
+                shutil.copyfile(Path(d) / name, model_dir.parent / f".{name}.tmp")
+                os.replace(model_dir.parent / f".{name}.tmp", model_dir.parent / name)
     tokenizer.save_pretrained(str(tmp))
     write_json_atomic(tmp / MODEL_INFO, info)
     # The old export is renamed aside, not deleted, until the new one is in place: a crash
