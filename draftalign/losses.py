@@ -118,13 +118,16 @@ def _masked(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, loss, torch.zeros_like(loss))
 
 
+def _kl_terms(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ_x p(x) (log p(x) − log q(x)) over the last axis; xlogy gives 0 · log 0 = 0 where the
+    target has no mass (p = 0 → log p = -inf)."""
+    return (torch.special.xlogy(p, p) - p * log_q).sum(-1)
+
+
 def forward_kl(draft_logits, target_logprobs, loss_mask) -> torch.Tensor:
     """KL(p ‖ q) = Σ_x p(x) (log p(x) − log q(x)), per token [B, T]; terms with p(x) = 0 are 0."""
     log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask)
-    p = log_p.exp()
-    # xlogy gives 0 · log 0 = 0 where the target has no mass (p = 0 → log p = -inf).
-    loss = (torch.special.xlogy(p, p) - p * log_q).sum(-1)
-    return _masked(loss, mask)
+    return _masked(_kl_terms(log_p.exp(), log_q), mask)
 
 
 def reverse_kl(draft_logits, target_logprobs, loss_mask) -> torch.Tensor:
@@ -227,8 +230,7 @@ def lk_hybrid(draft_logits, target_logprobs, loss_mask, *, eta: float = LK_ETA) 
     p, q = log_p.exp(), log_q.exp()
     alpha = torch.minimum(p, q).sum(-1)
     weight = torch.exp(-eta * alpha.detach())
-    kl = (torch.special.xlogy(p, p) - p * log_q).sum(-1)
-    return _masked(weight * kl + (1.0 - weight) * (1.0 - alpha), mask)
+    return _masked(weight * _kl_terms(p, log_q) + (1.0 - weight) * (1.0 - alpha), mask)
 
 
 LossFn = Callable[..., torch.Tensor]
