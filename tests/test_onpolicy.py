@@ -10,7 +10,7 @@ import pytest
 
 from draftalign.config import ConfigError, load_config
 from draftalign.mixture import ON_POLICY, TARGET, cut_for, mixture_counts, plan_mixture, row_rank
-from tests.worlds import distill_set, tiny_llama
+from tests.worlds import distill_set, stub_engine_passes, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny.yaml"
@@ -114,8 +114,7 @@ def generate(monkeypatch, tmp_path, models):
     """run_generate without Ray (the engine passes answer nothing); returns the set's fingerprint."""
     import draftalign.pipelines.generate as pg
 
-    monkeypatch.setattr(pg, "run_passes", lambda *a, **k: {"failed": [], "rows_written": 0, "tokens": 0,
-                                                           "seconds": 0.0, "passes": 0})
+    stub_engine_passes(monkeypatch)
 
     def run(*overrides: str) -> dict:
         pg.run_generate(load_config(TINY, [f"run.output={tmp_path}", f"models.target={models / 'target'}",

@@ -49,16 +49,14 @@ def test_plan_output_is_redacted(capsys):
 
 def test_generate_outputs_hold_no_secret(tmp_path, monkeypatch):
     """config.yaml, run_info.json (argv included) and manifest.json of a real generate run."""
-    import draftalign.pipelines.generate as pg
     from draftalign.pipelines.generate import run_generate
-    from tests.worlds import tiny_llama
+    from tests.worlds import stub_engine_passes, tiny_llama
 
     tiny_llama(tmp_path / "target", seed=0, hidden=32)
     argv = ["draftalign", "generate", str(TINY), f"run.output={tmp_path / 'run'}",
             f"models.target={tmp_path / 'target'}", "generate.max_seeds=2", *OVERRIDES]
     monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.setattr(pg, "run_passes", lambda *a, **k: {"failed": [], "rows_written": 0, "tokens": 0,
-                                                           "seconds": 0.0, "passes": 0})
+    stub_engine_passes(monkeypatch)
     cfg = load_config(TINY, argv[3:])
     assert cfg.generate.engine.env["HF_TOKEN"] == SECRET  # the engine actors still get it
     run_generate(cfg)

@@ -8,7 +8,7 @@ import pytest
 from draftalign.cli import main
 from draftalign.config import ConfigError, load_config
 from draftalign.pipelines.setprint import FINGERPRINT
-from tests.worlds import distill_set, tiny_llama
+from tests.worlds import distill_set, stub_engine_passes, tiny_llama
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 
@@ -24,11 +24,9 @@ def targets(tmp_path_factory):
 @pytest.fixture
 def generate(monkeypatch, tmp_path, targets):
     """run_generate without Ray: the engine passes answer nothing, everything else is real."""
-    import draftalign.pipelines.generate as pg
     from draftalign.pipelines.generate import run_generate
 
-    monkeypatch.setattr(pg, "run_passes", lambda *a, **k: {"failed": [], "rows_written": 0, "tokens": 0,
-                                                           "seconds": 0.0, "passes": 0})
+    stub_engine_passes(monkeypatch)
 
     def run(*overrides: str, target: str = "a"):
         return run_generate(load_config(TINY, [f"run.output={tmp_path}", f"models.target={targets / target}",

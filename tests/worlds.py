@@ -43,3 +43,11 @@ def distill_set(folder: Path, n_seeds: int, target: Path | None = None, generato
             "target_hash": target_hash, "chat_template_hash": "c", "generator_model": str(generator or "t"),
             "generator_hash": generator_hash, "schema_version": DISTILL_SCHEMA_VERSION})
     write_parquet_atomic(to_table(rows, DISTILL_SCHEMA), folder / "data" / "part-0.parquet")
+
+
+def stub_engine_passes(monkeypatch) -> None:
+    """run_generate without Ray or vLLM: the engine passes answer nothing, everything else is real."""
+    import draftalign.pipelines.generate as pg
+
+    monkeypatch.setattr(pg, "run_passes", lambda *a, **k: {"failed": [], "rows_written": 0, "tokens": 0,
+                                                           "seconds": 0.0, "passes": 0})
