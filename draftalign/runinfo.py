@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -69,3 +71,20 @@ def write_run_info(folder: str | Path, cfg: Config, stage: str, extra: dict[str,
     }
     write_json_atomic(folder / "run_info.json", info)
     return folder
+
+
+@contextmanager
+def recorded_step(path: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Mark `entry` (already inside `manifest`) running, then done or failed with its seconds,
+    rewriting `path` whole at each change; the caller may add to `entry` before the step ends."""
+    entry["status"] = "running"
+    write_json_atomic(path, manifest)
+    t0 = time.time()
+    try:
+        yield entry
+    except BaseException:
+        entry.update(status="failed", seconds=round(time.time() - t0, 1))
+        write_json_atomic(path, manifest)
+        raise
+    entry.update(status="done", seconds=round(time.time() - t0, 1))
+    write_json_atomic(path, manifest)

@@ -85,3 +85,28 @@ def test_a_full_disk_keeps_the_earlier_files_whole_and_leaves_no_temp_files(tmp_
     assert json.loads(manifest.read_text()) == {"rows": 1}
     assert pq.read_table(part).column("x").to_pylist() == [1]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "manifest.json", "part-0.parquet"]
+
+
+def test_a_recorded_step_is_running_then_done_or_failed_with_its_seconds(tmp_path):
+    import json
+
+    from draftalign.runinfo import recorded_step
+
+    path = tmp_path / "manifest.json"
+    manifest: dict = {"stages": []}
+    seen = []
+    for name in ("ok", "bad"):
+        entry = {"stage": name}
+        manifest["stages"].append(entry)
+        try:
+            with recorded_step(path, manifest, entry) as e:
+                seen.append(json.loads(path.read_text())["stages"][-1]["status"])  # on disk while it runs
+                e["model"] = "m"
+                if name == "bad":
+                    raise KeyboardInterrupt  # a kill counts as a failure too, and is not swallowed
+        except KeyboardInterrupt:
+            pass
+    stages = json.loads(path.read_text())["stages"]
+    assert seen == ["running", "running"]
+    assert [(s["stage"], s["status"], s["model"]) for s in stages] == [("ok", "done", "m"), ("bad", "failed", "m")]
+    assert all(s["seconds"] >= 0 for s in stages)

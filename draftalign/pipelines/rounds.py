@@ -13,14 +13,13 @@ distill.overwrite say so. Only pipelines/run.py calls this module; it calls the 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from draftalign.atomicio import write_json_atomic
 from draftalign.config import Config, LossConfig, deep_merge
 from draftalign.modelid import absolute_model_path
 from draftalign.pipelines.locks import locked_output
+from draftalign.runinfo import recorded_step
 
 
 def round_config(cfg: Config, loss: LossConfig, r: int, drafter: str) -> Config:
@@ -69,20 +68,12 @@ def run_rounds(cfg: Config) -> list[Path]:
         record["chains"].append(chain)
         for r in range(1, cfg.distill.on_policy.rounds + 1):
             rcfg = round_config(cfg, loss, r, drafter)
-            entry = {"round": r, "generator": drafter, "set": rcfg.generate.output, "status": "running"}
+            entry = {"round": r, "generator": drafter, "set": rcfg.generate.output}
             chain["rounds"].append(entry)
-            write_json_atomic(path, record)
             print(f"==> [rounds] {rcfg.distill.drafter_label(loss)}: generate with {drafter}", flush=True)
-            t0 = time.time()
-            try:
+            with recorded_step(path, record, entry):
                 run_generate(rcfg)
                 [model] = run_distill(rcfg)
-            except BaseException:
-                entry.update(status="failed", seconds=round(time.time() - t0, 1))
-                write_json_atomic(path, record)
-                raise
-            drafter = str(model)
-            entry.update(status="done", model=drafter, seconds=round(time.time() - t0, 1))
-            write_json_atomic(path, record)
+                drafter = entry["model"] = str(model)
         finals.append(Path(drafter))
     return finals

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from draftalign.atomicio import write_json_atomic
 from draftalign.config import Config
 from draftalign.pipelines.locks import locked_output
-from draftalign.runinfo import write_run_info
+from draftalign.runinfo import recorded_step, write_run_info
 
 
 class _Tee:
@@ -79,19 +79,11 @@ def run_all(cfg: Config) -> dict[str, Any]:
     start = time.time()
     with _logged(root / "logs" / "run.log"):
         for name, fn, output in _stages(cfg):
-            entry = {"stage": name, "output": output, "status": "running"}
+            entry = {"stage": name, "output": output}
             manifest["stages"].append(entry)
-            write_json_atomic(path, manifest)
             print(f"==> [run] {name} -> {output}", flush=True)
-            t0 = time.time()
-            try:
+            with recorded_step(path, manifest, entry):
                 fn(cfg)
-            except BaseException:
-                entry.update(status="failed", seconds=round(time.time() - t0, 1))
-                write_json_atomic(path, manifest)
-                raise
-            entry.update(status="done", seconds=round(time.time() - t0, 1))
-            write_json_atomic(path, manifest)
         manifest["seconds"] = round(time.time() - start, 1)
         manifest["report"] = str(Path(cfg.evaluate.output) / "report.md")
         write_json_atomic(path, manifest)
