@@ -38,9 +38,12 @@ demo: install
 demo-toy: install
 	$(BIN)/draftalign run examples/tiny.yaml
 
-# Every loss of the paper's table on the SmolLM2 world (reuses what `make demo` made).
+# Every loss of the paper's table, the LK losses and the on-policy rows on the SmolLM2 world
+# (reuses what `make demo` made); the last run's report holds every drafter.
 compare: install
 	$(BIN)/draftalign run examples/smollm2-compare.yaml
+	$(BIN)/draftalign run examples/smollm2-compare-mixture.yaml
+	$(BIN)/draftalign run examples/smollm2-compare-onpolicy.yaml
 
 test: install
 	$(BIN)/python -m pytest

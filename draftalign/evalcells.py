@@ -3,9 +3,10 @@
 A cell is one (engine, drafter, task, γ, temperature): its per-prompt rows go to
 `evaluate.output/cells/<name>.parquet` (EVAL_SCHEMA) the moment it is done; the target-alone
 baseline of a (task, temperature) goes beside it as JSON. A rerun reads the cells that exist
-and computes the rest. `cells/fingerprint.json` holds what determined them (the evaluate
-settings, the target, each drafter's export); when it differs, the old cells are dropped, so a
-changed config never mixes with an earlier one's rows.
+and computes the rest. `cells/fingerprint.json` holds what determined them all (the evaluate
+settings, the target, the prompts); when it differs, the old cells are dropped, so a changed
+config never mixes with an earlier one's rows. Each drafter's export is in its cells' names
+instead, so a comparison that gains a drafter computes that drafter's cells only.
 """
 
 from __future__ import annotations

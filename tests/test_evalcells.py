@@ -56,3 +56,35 @@ def test_cells_of_another_config_are_dropped_not_mixed(tmp_path):
     other = FakeEngine()
     reference_rows(other, DRAFTERS, PROMPTS, SWEEP, lambda m: None, CellStore(tmp_path, "another"))
     assert other.spec_calls == 8 * 2 and other.ar_calls == 2 * 2
+
+
+def test_a_drafter_added_to_the_comparison_computes_only_its_own_cells(tmp_path):
+    first = [{**DRAFTERS[0], "identity": "p1"}]
+    reference_rows(FakeEngine(), first, PROMPTS, SWEEP, lambda m: None, CellStore(tmp_path, "fp"))
+    both = [*first, {**DRAFTERS[1], "identity": "q1"}]
+    again = FakeEngine()
+    rows = reference_rows(again, both, PROMPTS, SWEEP, lambda m: None, CellStore(tmp_path, "fp"))
+    assert again.spec_calls == 4 * 2 and again.ar_calls == 0  # tvd++'s 4 cells; pretrained's were kept
+    assert rows == reference_rows(FakeEngine(), both, PROMPTS, SWEEP, log=lambda m: None)
+
+
+def test_a_drafter_exported_again_under_its_name_does_not_read_its_old_cells(tmp_path):
+    reference_rows(FakeEngine(), [{**DRAFTERS[1], "identity": "q1"}], PROMPTS, SWEEP, lambda m: None,
+                   CellStore(tmp_path, "fp"))
+    again = FakeEngine()
+    reference_rows(again, [{**DRAFTERS[1], "identity": "q2"}], PROMPTS, SWEEP, lambda m: None,
+                   CellStore(tmp_path, "fp"))
+    assert again.spec_calls == 4 * 2
+
+
+def test_a_drafters_identity_follows_its_weights_and_name(tmp_path):
+    from draftalign.pipelines.evaluate import _with_identities
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"one")
+    d = {"name": "tvd++", "path": str(tmp_path)}
+    [before] = _with_identities([d])
+    assert _with_identities([d])[0]["identity"] == before["identity"]
+    assert _with_identities([{**d, "name": "fkl"}])[0]["identity"] != before["identity"]
+    (tmp_path / "model.safetensors").write_bytes(b"two")
+    assert _with_identities([d])[0]["identity"] != before["identity"]

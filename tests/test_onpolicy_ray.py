@@ -137,8 +137,8 @@ def test_evaluate_lists_every_round_and_a_rerun_reuses_them(two_rounds):
     root, first = two_rounds
     summary = json.loads((root / "run" / "evaluate" / "summary.json").read_text())
     assert {s["drafter"] for s in summary} == {"pretrained", "tvd++-onpolicy0.5-round1", "tvd++-onpolicy0.5-round2"}
-    rounds = json.loads((root / "run" / "distill" / "rounds" / "rounds.json").read_text())
-    assert [e["status"] for e in rounds["chains"][0]["rounds"]] == ["done", "done"]
+    chain = json.loads((root / "run" / "distill" / "rounds" / "tvdpp-onpolicy0.5.json").read_text())
+    assert chain["drafter"] == "tvd++-onpolicy0.5" and [e["status"] for e in chain["rounds"]] == ["done", "done"]
     before = {r: (_round(root, r) / "model" / "draftalign_model.json").read_text() for r in (1, 2)}
     again = subprocess.run([sys.executable, "-m", "draftalign", *_args(root)], capture_output=True, text=True,
                            timeout=600, env=ENV)

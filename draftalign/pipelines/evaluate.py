@@ -271,16 +271,24 @@ def _checked_models(cfg: Config) -> tuple[str, list[dict]]:
     return target, drafters
 
 
-def _cells_fingerprint(cfg: Config, target: str, drafters: list[dict], prompts: dict[str, list[dict]]) -> str:
-    """What determines an evaluation cell: the settings, the target, each drafter's export, the prompts."""
+def _cells_fingerprint(cfg: Config, target: str, prompts: dict[str, list[dict]]) -> str:
+    """What determines every evaluation cell: the settings, the target, the prompts. Each
+    drafter's export is in its own cells' key (`_with_identities`), so adding a drafter to a
+    comparison leaves the other drafters' cells in place."""
     ev = cfg.evaluate.model_dump(mode="json", exclude={"output", "plots", "export_check", "drafters"})
-    exports = []
+    return fingerprint(ev, target_identity(target)["target_hash"],
+                       {task: [(p["id"], p["token_ids"]) for p in rows] for task, rows in prompts.items()})
+
+
+def _with_identities(drafters: list[dict]) -> list[dict]:
+    """Each drafter with `identity`: a digest of its name, folder, target and export record, so
+    a drafter retrained in place (or a name pointed elsewhere) never reads its old cells."""
+    out = []
     for d in drafters:
         info = Path(d["path"]).expanduser() / MODEL_INFO
-        exports.append((d["name"], d["path"], target_identity(d["path"])["target_hash"],
-                        info.read_text() if info.is_file() else None))
-    return fingerprint(ev, target_identity(target)["target_hash"], exports,
-                       {task: [(p["id"], p["token_ids"]) for p in rows] for task, rows in prompts.items()})
+        out.append({**d, "identity": fingerprint(d["name"], d["path"], target_identity(d["path"])["target_hash"],
+                                                 info.read_text() if info.is_file() else None)})
+    return out
 
 
 @locked_output("evaluate", lambda cfg: cfg.evaluate.output)
@@ -321,8 +329,8 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
                                top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, eos=tok.eos_token_id, seed=ev.seed,
                                measure_ar=ev.reference.measure_autoregressive,
                                warmup_tokens=ev.reference.warmup_tokens, target_model=target)
-        cells = CellStore(out, _cells_fingerprint(cfg, target, drafters, prompts))
-        rows += reference_rows(ref_engine, drafters, prompts, sweep, log, cells)
+        cells = CellStore(out, _cells_fingerprint(cfg, target, prompts))
+        rows += reference_rows(ref_engine, _with_identities(drafters), prompts, sweep, log, cells)
     del ref_engine
     if "vllm" in ev.engines:
         rows += _vllm_rows(cfg, target, drafters, prompts, log)

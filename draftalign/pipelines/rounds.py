@@ -54,24 +54,24 @@ def _start(cfg: Config) -> str:
 def run_rounds(cfg: Config) -> list[Path]:
     """Every loss's N rounds, one after the other; returns each loss's last drafter.
 
-    `distill.output/rounds/rounds.json` records each round's set, drafter, status and time."""
+    `distill.output/rounds/<drafter folder>.json` records each round's set, drafter, status and
+    time: one file per chain, so runs of other λ sharing distill.output keep theirs."""
     from draftalign.pipelines.distill import run_distill
     from draftalign.pipelines.generate import run_generate
 
-    record: dict[str, Any] = {"rounds": cfg.distill.on_policy.rounds, "fraction": cfg.distill.on_policy.fraction,
-                              "chains": []}
-    path = Path(cfg.distill.output) / "rounds" / "rounds.json"
+    op = cfg.distill.on_policy
     finals = []
     for loss in cfg.distill.losses:
         drafter = _start(cfg)
-        chain: dict[str, Any] = {"drafter": cfg.distill.drafter_label(loss), "start": drafter, "rounds": []}
-        record["chains"].append(chain)
-        for r in range(1, cfg.distill.on_policy.rounds + 1):
+        chain: dict[str, Any] = {"drafter": cfg.distill.drafter_label(loss), "fraction": op.fraction,
+                                 "start": drafter, "rounds": []}
+        path = cfg.round_dir(loss, 1).parent.parent / f"{cfg.distill.drafter_folder(loss)}.json"
+        for r in range(1, op.rounds + 1):
             rcfg = round_config(cfg, loss, r, drafter)
             entry = {"round": r, "generator": drafter, "set": rcfg.generate.output}
             chain["rounds"].append(entry)
             print(f"==> [rounds] {rcfg.distill.drafter_label(loss)}: generate with {drafter}", flush=True)
-            with recorded_step(path, record, entry):
+            with recorded_step(path, chain, entry):
                 run_generate(rcfg)
                 [model] = run_distill(rcfg)
                 drafter = entry["model"] = str(model)

@@ -99,8 +99,10 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
                    s: ReferenceSweep, log: Callable[[str], None] = print, cells: CellStore | None = None) -> list[dict]:
     """Per-prompt rows (EVAL_SCHEMA) for every drafter x task x γ x temperature.
 
-    drafters: [{"name", "path"}]; prompts: task name -> [{"id", "kind", "token_ids"}]. With
-    `cells`, each finished cell is written at once and a cell written earlier is read back.
+    drafters: [{"name", "path", "identity"?}]; prompts: task name -> [{"id", "kind", "token_ids"}].
+    With `cells`, each finished cell is written at once and a cell written earlier is read back;
+    a cell's key holds the drafter's `identity` (its export's digest), so another export of the
+    same name never reads it.
     """
     gen = lambda pid, temp: prompt_generator(s.seed, pid, temp, engine.device)  # noqa: E731
     first = next(iter(prompts.values()))[0]["token_ids"]
@@ -113,7 +115,7 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
         for task, rows in prompts.items():
             for gamma in s.gammas:
                 for temp in s.temperatures:
-                    key = ("reference", d["name"], task, gamma, temp)
+                    key = ("reference", d["name"], d.get("identity", ""), task, gamma, temp)
                     done = cells.rows(*key) if cells else None
                     if done is not None:
                         out.extend(done)
