@@ -454,15 +454,17 @@ class VllmEvalConfig(Strict):
     # Passed to vllm.LLM as they are. On CPU the generate stage's defaults apply (256 MiB KV
     # cache, enforce_eager, float32) unless set here.
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    # Extra speculative_config keys (e.g. draft_sample_method), over method/model/num_speculative_tokens.
+    # Extra speculative_config keys, over method/model/num_speculative_tokens and
+    # draft_sample_method: probabilistic (standard speculative sampling; "greedy" is vLLM's own default).
     speculative_config: dict[str, Any] = Field(default_factory=dict)
     measure_autoregressive: bool = True  # also run the target alone for the tokens/s baseline
     warmup_tokens: int = Field(8, ge=0)  # an untimed request first in each engine, as for the reference engine
     # Prompts per generate call. 1: batch 1, the paper's speed-up setting; more: the cell's
     # tokens/s (and speed-up) is a batch's, each prompt's counts still its own.
     batch_size: int = Field(1, ge=1)
-    # This engine's subset; None: evaluate.temperatures. [0.0] keeps vLLM to greedy, where it agrees
-    # with standard speculative sampling (at T > 0 it does not: vllm-project/vllm#40149).
+    # This engine's subset; None: evaluate.temperatures. At T > 0 vLLM does standard speculative
+    # sampling with draft_sample_method probabilistic (the default here); on CPU only with
+    # draftalign's vLLM plugin installed (workers/vllm_plugin.py, vllm-project/vllm#55005).
     temperatures: list[float] | None = None
 
 

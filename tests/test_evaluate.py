@@ -210,12 +210,15 @@ def test_weights_that_would_need_unpickling_are_refused(models, tmp_path):
         ReferenceEngine(str(models["target"]), "cpu").load_draft(str(pickled))
 
 
-@pytest.mark.parametrize(("engines", "temperatures", "noted"), [
-    ("[reference, vllm]", "[0, 1]", True), ("[reference, vllm]", "[0]", False), ("[reference]", "[0, 1]", False)])
-def test_the_report_says_when_vllm_rows_use_vllms_own_sampled_acceptance(engines, temperatures, noted):
+@pytest.mark.parametrize(("engines", "temperatures", "method", "noted"), [
+    ("[reference, vllm]", "[0, 1]", "greedy", True), ("[reference, vllm]", "[0]", "greedy", False),
+    ("[reference]", "[0, 1]", "greedy", False), ("[reference, vllm]", "[0, 1]", None, False),
+    ("[reference, vllm]", "[0, 1]", "probabilistic", False)])
+def test_the_report_says_when_vllm_rows_are_not_standard_speculative_sampling(engines, temperatures, method, noted):
     from draftalign.pipelines.evaluate import VLLM_SAMPLED_NOTE, _header
 
-    cfg = load_config(TINY, [f"evaluate.engines={engines}", f"evaluate.temperatures={temperatures}"])
+    spec = [f"evaluate.vllm.speculative_config={{draft_sample_method: {method}}}"] if method else []
+    cfg = load_config(TINY, [f"evaluate.engines={engines}", f"evaluate.temperatures={temperatures}", *spec])
     header = _header(cfg, "t", [{"name": "d", "path": "p"}], {"d": 10}, 1000)
     assert (VLLM_SAMPLED_NOTE in header) is noted
 

