@@ -28,10 +28,12 @@ DIR` benches a folder you have. The ratios are computed inside one run, on the s
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -120,17 +122,30 @@ def bench_transformers(model: str, requests: list[dict], batch_size: int) -> dic
 
 def plain_vllm(model: str, requests: list[dict], kwargs: dict[str, Any], env: dict[str, str],
                wave: int) -> dict[str, float]:
-    """vllm.LLM in this (spawned) process: start, all requests in one call, then in waves."""
-    import os
+    """vllm.LLM in a child process of its own (its engine ends with it): start, all requests in
+    one call, then in waves."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"model": model, "requests": requests, "kwargs": kwargs, "wave": wave}))
+        proc = subprocess.run([sys.executable, __file__, "--plain-vllm-job", str(job)], capture_output=True,
+                              text=True, env={**os.environ, **env})
+    result = next((line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode or result is None:
+        raise RuntimeError(f"plain vLLM failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(result)
 
-    os.environ.update(env)
+
+def plain_vllm_job(path: str) -> dict[str, float]:
+    """In the child: the job plain_vllm wrote."""
+    job = json.loads(Path(path).read_text())
+    model, requests, wave = job["model"], job["requests"], job["wave"]
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from draftalign.workers.generate_rows import vllm_sampling_params
 
     t0 = time.perf_counter()
-    llm = LLM(model=model, **kwargs)
+    llm = LLM(model=model, **job["kwargs"])
     out: dict[str, float] = {"start_s": time.perf_counter() - t0}
     prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"]) for r in requests]
     params = [SamplingParams(**vllm_sampling_params(r["sampling"], r["row_key"])) for r in requests]
@@ -203,9 +218,8 @@ def bench_model(model: str, args, engine) -> dict[str, Any]:
     res: dict[str, Any] = {"model": model, "params_m": count_parameters_of(model) / 1e6, "render_s": render_s}
     res["hf"] = bench_transformers(model, requests, args.hf_batch_size)
     print(f"transformers: {res['hf']}", flush=True)
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # its engine ends with the process
-        res["vllm"] = pool.submit(plain_vllm, model, requests, engine_kwargs(engine), dict(engine.env),
-                                  engine.batch_size * engine.max_concurrent_batches).result()
+    res["vllm"] = plain_vllm(model, requests, engine_kwargs(engine), dict(engine.env),
+                             engine.batch_size * engine.max_concurrent_batches)
     print(f"plain vLLM: {res['vllm']}", flush=True)
     res["ray"] = ray_engine_only(model, requests, engine)
     print(f"Ray Data + vLLM: {res['ray']}", flush=True)
@@ -252,7 +266,11 @@ def main() -> None:
                    help="vLLM's KV cache (default: the generate stage's CPU default, 256 MiB)")
     p.add_argument("--engine-env", action="append", default=["VLLM_CPU_NUM_OF_RESERVED_CPU=0"], metavar="KEY=VALUE",
                    help="engine environment, as generate.engine.env (default: the examples' setting)")
+    p.add_argument("--plain-vllm-job", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.plain_vllm_job:
+        print("RESULT " + json.dumps(plain_vllm_job(args.plain_vllm_job)), flush=True)
+        return
     import ray
 
     from draftalign.config import EngineConfig

@@ -242,6 +242,7 @@ def _training_lines(card: dict[str, Any], target: str | None, role: str, m: dict
                                                                     if isinstance(s, dict)))
         if ds.get("tokens_generated") is not None:
             lines.append(f"- Tokens the target generated: {ds['tokens_generated']:,}")
+    lines += _on_policy_lines(card)
     if card.get("steps") is not None:
         line = f"- Training steps: {card['steps']}"
         if card.get("token_slots"):
@@ -257,6 +258,20 @@ def _training_lines(card: dict[str, Any], target: str | None, role: str, m: dict
     if info.get("fingerprint"):
         lines.append(f"- draftalign config fingerprint: `{info['fingerprint']}`")
     return lines
+
+
+def _on_policy_lines(card: dict[str, Any]) -> list[str]:
+    """The on-policy mixture the drafter trained on (DistillSpec; GKD's λ), when it did."""
+    mix = card["info"].get("mixture")
+    if not isinstance(mix, dict):
+        return []
+    on_policy = _get(card["stage_config"], "distill", "on_policy") or {}
+    generator = _get(card["stage_config"], "generate", "generator")
+    where = f"round {on_policy['round']}, " if on_policy.get("round") else ""
+    where += f"answers of `{generator}`" if generator not in (None, "target") else "a drafter-generated set"
+    return [f"- On-policy data: λ = {mix.get('on_policy_fraction', 0):g}; {mix.get('on_policy_rows')} training "
+            f"rows of the drafter's own answers ({where}, scored by the target) and {mix.get('target_rows')} "
+            "of the target's"]
 
 
 def render(card: dict[str, Any]) -> str:

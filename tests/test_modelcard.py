@@ -90,6 +90,20 @@ def test_card_says_what_the_run_knows(run: Path) -> None:
     assert '"method": "draft_model"' in text and '"num_speculative_tokens": 3' in text
     assert str(run) in text
     assert "inherits that model's license" in text
+    assert "On-policy data" not in text  # the target's answers only
+
+
+def test_card_of_an_on_policy_round_says_its_mixture(run: Path) -> None:
+    info = json.loads((run / "draftalign_model.json").read_text())
+    info["mixture"] = {"on_policy_fraction": 0.5, "target_rows": 160, "on_policy_rows": 160}
+    (run / "draftalign_model.json").write_text(json.dumps(info))
+    cfg = yaml.safe_load((run.parent / "config.yaml").read_text())
+    cfg["generate"]["generator"] = "/abs/runs/demo/pretrain/draft/model"
+    cfg["distill"]["on_policy"] = {"fraction": 0.5, "rounds": 0, "round": 2}
+    (run.parent / "config.yaml").write_text(yaml.safe_dump(cfg))
+    text = write_card(run).read_text()
+    assert ("- On-policy data: λ = 0.5; 160 training rows of the drafter's own answers (round 2, answers of "
+            "`/abs/runs/demo/pretrain/draft/model`, scored by the target) and 160 of the target's") in text
 
 
 def test_card_with_explicit_summary_and_without_any(run: Path, tmp_path: Path) -> None:

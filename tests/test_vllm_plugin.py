@@ -10,7 +10,7 @@ from draftalign.workers.vllm_plugin import PLUGIN_NAME, expand_batch_to_tokens
 
 def _brute(x: list, cu: list[int], replace_from, replace_to) -> list:
     out, start = [], 0
-    for value, end in zip(x, cu):
+    for value, end in zip(x, cu, strict=True):
         out += [replace_to if value == replace_from else value] * (end - start)
         start = end
     return out
