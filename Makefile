@@ -59,6 +59,7 @@ bench: install
 	$(BIN)/python bench/generate_throughput.py
 	$(BIN)/python bench/distill_throughput.py  # needs the world `make demo-toy` builds
 	$(BIN)/python bench/topk_tail_error.py
+	$(BIN)/python bench/vllm_spec_sampling.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

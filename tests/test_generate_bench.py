@@ -1,0 +1,33 @@
+"""bench/generate_throughput.py: the model sizes it builds and its steady-state arithmetic."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "generate_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("generate_throughput", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_larger_size_is_above_100m_parameters_and_the_small_one_is_the_toy_target(bench):
+    from draftalign.models import build_config, count_parameters
+
+    counts = {name: count_parameters(build_config(s["preset"], s.get("overrides"), vocab_size=32000))
+              for name, s in bench.SIZES.items()}
+    assert counts["134m"] >= 100e6 and round(counts["134m"] / 1e6) == 134
+    assert round(counts["toy"] / 1e5) == 196  # the embedded toy target's 19.6M
+
+
+def test_steady_state_counts_only_what_came_after_the_first_block(bench, monkeypatch):
+    clock = iter([0.0, 10.0, 14.0])  # start, the first block, the end
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    got = bench._timed_blocks([100, 50, 50], count=lambda b: b)
+    # the first block (engine start and first wave) at 10 s; 100 more tokens in the 4 s after it
+    assert got == {"tokens": 200, "seconds": 14.0, "first_s": 10.0, "steady": 25.0}
