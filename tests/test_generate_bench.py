@@ -25,9 +25,14 @@ def test_the_larger_size_is_above_100m_parameters_and_the_small_one_is_the_toy_t
     assert round(counts["toy"] / 1e5) == 196  # the embedded toy target's 19.6M
 
 
-def test_steady_state_counts_only_what_came_after_the_first_block(bench, monkeypatch):
+def test_blocks_are_counted_as_they_arrive(bench, monkeypatch):
     clock = iter([0.0, 10.0, 14.0])  # start, the first block, the end
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
-    got = bench._timed_blocks([100, 50, 50], count=lambda b: b)
-    # the first block (engine start and first wave) at 10 s; 100 more tokens in the 4 s after it
-    assert got == {"tokens": 200, "seconds": 14.0, "first_s": 10.0, "steady": 25.0}
+    assert bench._timed_blocks([100, 50, 50], count=lambda b: b) == {"tokens": 200, "seconds": 14.0, "first_s": 10.0}
+
+
+def test_steady_state_takes_out_the_start_up_both_passes_pay(bench):
+    # 20 s of start-up in both; 300 tokens/s after it
+    whole, quarter = {"tokens": 12000, "seconds": 60.0}, {"tokens": 3000, "seconds": 30.0}
+    assert bench.steady_rate(whole, quarter) == 300.0
+    assert bench.steady_rate(quarter, quarter) != bench.steady_rate(quarter, quarter)  # NaN, not a division by 0
