@@ -116,9 +116,9 @@ def prompt_ids(model: str, n: int) -> list[dict]:
 
 def run_setting(args: argparse.Namespace) -> dict:
     """In the child: one engine for one setting; pooled counts as JSON."""
-    extra, temp, fix = SETTINGS[args.worker]
+    extra, temp, plugin = SETTINGS[args.worker]
     temperature = args.temperature if temp is None else temp
-    if not fix:  # every general plugin but draftalign's: vLLM as released
+    if not plugin:  # every general plugin but draftalign's: vLLM as released
         from importlib.metadata import entry_points
 
         from draftalign.workers.vllm_plugin import PLUGIN_NAME
