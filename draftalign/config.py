@@ -223,7 +223,7 @@ class GenerateConfig(Strict):
     inject_failure_row_keys: list[str] = Field(default_factory=list)
     # What vLLM serves: "target" (the distillation set of the paper), "draft" (the pretrained
     # drafter, models.draft: its own answers, the on-policy data of DistillSpec and GKD), or a model
-    # folder or hub name. The rows' target_* columns still name the target, which scores them.
+    # folder, hub name or GGUF source. The rows' target_* columns still name the target, which scores them.
     generator: str = Field("target", min_length=1)
 
     @model_validator(mode="after")

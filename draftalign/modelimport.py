@@ -101,21 +101,19 @@ def _convert(path: Path, dest: Path) -> None:
 
 
 def resolve_sources(cfg):
-    """`cfg` with every GGUF source (models.target, models.draft, tokenizer.source) replaced by
-    its imported folder. Run once before a stage, so that Ray workers only ever see folders."""
-    models, tokenizer = cfg.models, cfg.tokenizer
-    updates: dict[str, str] = {}
+    """`cfg` with every GGUF source (models.target, models.draft, tokenizer.source,
+    generate.generator) replaced by its imported folder. Run once before a stage, so that Ray
+    workers only ever see folders."""
+    updates: dict[str, dict[str, str]] = {}  # section -> {field: imported folder}
     folders: dict[str, str] = {}  # the target and its tokenizer are often the same file: import it once
-    for section, name, key in ((models, "target", "models.target"), (models, "draft", "models.draft"),
-                               (tokenizer, "source", "tokenizer.source")):
-        source = getattr(section, name)
+    for key in ("models.target", "models.draft", "tokenizer.source", "generate.generator"):
+        section, name = key.split(".")
+        source = getattr(getattr(cfg, section), name)
         if is_gguf_source(source):
             if source not in folders:
-                folders[source] = str(import_gguf(source, models.import_dir, key))
-            updates[key] = folders[source]
+                folders[source] = str(import_gguf(source, cfg.models.import_dir, key))
+            updates.setdefault(section, {})[name] = folders[source]
     if not updates:
         return cfg
-    new_models = models.model_copy(update={k.split(".")[1]: v for k, v in updates.items()
-                                           if k.startswith("models.")})
-    new_tok = tokenizer.model_copy(update={"source": updates.get("tokenizer.source", tokenizer.source)})
-    return cfg.model_copy(update={"models": new_models, "tokenizer": new_tok})
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=fields)
+                                  for section, fields in updates.items()})

@@ -178,6 +178,14 @@ def test_resolve_sources_replaces_only_gguf_sources(tiny, tmp_path):
     assert cfg.models.target == cfg.tokenizer.source == str(path)
 
 
+def test_a_gguf_generator_is_imported_like_the_target(tiny, tmp_path):
+    path, _, import_dir, folder = tiny
+    cfg = load_config(ROOT / "examples" / "tiny.yaml", [f"generate.generator={path}", f"models.import_dir={import_dir}"])
+    resolved = resolve_sources(cfg)
+    assert resolved.generate.generator == resolved.generator_path() == str(folder)
+    assert resolved.models == cfg.models and resolved.generate.seeds == cfg.generate.seeds
+
+
 def test_resolve_sources_without_gguf_sources_is_the_same_config(tmp_path):
     cfg = load_config(ROOT / "examples" / "tiny.yaml", [f"models.import_dir={tmp_path / 'imports'}"])
     assert resolve_sources(cfg) is cfg
