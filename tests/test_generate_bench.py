@@ -1,19 +1,13 @@
 """bench/generate_throughput.py: the model sizes it builds and its steady-state arithmetic."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "generate_throughput.py"
+from tests.benches import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("generate_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("generate_throughput")
 
 
 def test_the_larger_size_is_above_100m_parameters_and_the_small_one_is_the_toy_target(bench):

@@ -1,20 +1,14 @@
 """bench/topk_tail_error.py: its gradient comparison and its message for a missing world."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "topk_tail_error.py"
+from tests.benches import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("topk_tail_error", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("topk_tail_error")
 
 
 def test_a_missing_world_is_named_before_any_work(bench, tmp_path):
