@@ -219,9 +219,9 @@ def bench_model(model: str, args, engine) -> dict[str, Any]:
     from draftalign.workers.generate_engine import engine_kwargs
 
     requests, render_s = requests_for(model, args.prompts, args.max_tokens)
-    print(f"\n== {model}: {count_parameters_of(model) / 1e6:.1f}M parameters, {len(requests)} requests "
-          f"({args.prompts} prompts x greedy, T=1.0 top-p 0.95), max {args.max_tokens} new tokens", flush=True)
     res: dict[str, Any] = {"model": model, "params_m": count_parameters_of(model) / 1e6, "render_s": render_s}
+    print(f"\n== {model}: {res['params_m']:.1f}M parameters, {len(requests)} requests "
+          f"({args.prompts} prompts x greedy, T=1.0 top-p 0.95), max {args.max_tokens} new tokens", flush=True)
     res["hf"] = bench_transformers(model, requests, args.hf_batch_size)
     print(f"transformers: {res['hf']}", flush=True)
     res["vllm"] = plain_vllm(model, requests, engine_kwargs(engine), dict(engine.env),
