@@ -147,6 +147,22 @@ def run_setting(args: argparse.Namespace) -> dict:
     return out
 
 
+def run_in_child(name: str, model: str, args: argparse.Namespace) -> dict | str:
+    """One setting in a child process of its own: its pooled counts, or why it gave none."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--model", model,
+           "--gamma", str(args.gamma), "--temperature", str(args.temperature), "--prompts", str(args.prompts),
+           "--max-tokens", str(args.max_tokens), "--max-model-len", str(args.max_model_len), "--seed", str(args.seed)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {args.timeout:.0f} s"
+    result = next((line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode or result is None:
+        tail = "\n    ".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        return f"failed (exit {proc.returncode}):\n    {tail}"
+    return json.loads(result)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="target and drafter (default: %(default)s)")
@@ -181,23 +197,11 @@ def main() -> int:
           flush=True)
     failed = 0
     for name in settings:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--model", model,
-               "--gamma", str(args.gamma), "--temperature", str(args.temperature), "--prompts", str(args.prompts),
-               "--max-tokens", str(args.max_tokens), "--max-model-len", str(args.max_model_len),
-               "--seed", str(args.seed)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{name:<24} timed out after {args.timeout:.0f} s", flush=True)
+        r = run_in_child(name, model, args)
+        if isinstance(r, str):
+            print(f"{name:<24} {r}", flush=True)
             failed += 1
             continue
-        result = next((line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
-        if proc.returncode or result is None:
-            tail = "\n    ".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-            print(f"{name:<24} failed (exit {proc.returncode}):\n    {tail}", flush=True)
-            failed += 1
-            continue
-        r = json.loads(result)
         tau = block_efficiency(r["num_accepted"], r["num_drafts"], args.gamma)
         pos = acceptance_per_position(r["accepted_per_pos"], r["num_drafts"])
         rate = acceptance_rate(r["num_accepted"], r["num_draft_tokens"])
