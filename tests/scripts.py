@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 PATH = Path(__file__).resolve()
-sys.path.insert(0, str(PATH.parent.parent / "bench"))  # childproc: how a vLLM child reports
 
 
 def command(name: str, *args: str) -> list[str]:
@@ -47,6 +46,7 @@ def main_without_ray(*argv: str) -> None:
 
 def vllm_prompt_logprobs(model: str, ids: str) -> None:
     """Send [null, log p(ids[1] | ids[:1]), ...] as vLLM computes them (float32, CPU)."""
+    sys.path.insert(0, str(PATH.parent.parent / "bench"))  # childproc: how a vLLM child reports
     import childproc
     from vllm import LLM, SamplingParams
 
