@@ -223,7 +223,7 @@ def bench_model(model: str, args, engine) -> dict[str, Any]:
     requests, render_s = requests_for(model, args.prompts, args.max_tokens)
     res: dict[str, Any] = {"model": model, "params_m": count_parameters_of(model) / 1e6, "render_s": render_s}
     print(f"\n== {model}: {res['params_m']:.1f}M parameters, {len(requests)} requests "
-          f"({args.prompts} prompts x greedy, T=1.0 top-p 0.95), max {args.max_tokens} new tokens", flush=True)
+          f"({len(requests) // 2} prompts x greedy, T=1.0 top-p 0.95), max {args.max_tokens} new tokens", flush=True)
     res["hf"] = bench_transformers(model, requests, args.hf_batch_size)
     print(f"transformers: {res['hf']}", flush=True)
     res["vllm"] = plain_vllm(model, requests, engine_kwargs(engine), dict(engine.env),
@@ -266,7 +266,7 @@ def main() -> None:
     p.add_argument("--sizes", default="toy,134m", help=f"random-weight Llamas to build: {', '.join(SIZES)}")
     p.add_argument("--model", action="append", default=[], help="a model folder to bench as well")
     p.add_argument("--models-dir", default=str(ROOT / "runs/bench-models"))
-    p.add_argument("--prompts", type=int, default=128, help="seeds; each is answered greedy and sampled")
+    p.add_argument("--prompts", type=int, default=128, help="seeds, at most all of examples/data/seeds.jsonl; each is answered greedy and sampled")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
