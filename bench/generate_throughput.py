@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import childproc
 
@@ -138,7 +138,7 @@ def plain_vllm(model: str, requests: list[dict], kwargs: dict[str, Any], env: di
     return result
 
 
-def plain_vllm_job(path: str) -> None:
+def plain_vllm_job(path: str) -> NoReturn:
     """In the child: run the job plain_vllm wrote, send its timings and exit."""
     job = json.loads(Path(path).read_text())
     model, requests, wave = job["model"], job["requests"], job["wave"]
@@ -266,7 +266,8 @@ def main() -> None:
     p.add_argument("--sizes", default="toy,134m", help=f"random-weight Llamas to build: {', '.join(SIZES)}")
     p.add_argument("--model", action="append", default=[], help="a model folder to bench as well")
     p.add_argument("--models-dir", default=str(ROOT / "runs/bench-models"))
-    p.add_argument("--prompts", type=int, default=128, help="seeds, at most all of examples/data/seeds.jsonl; each is answered greedy and sampled")
+    p.add_argument("--prompts", type=int, default=128,
+                   help="seeds, at most all of examples/data/seeds.jsonl; each is answered greedy and sampled")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
