@@ -72,6 +72,19 @@ class ArchConfig(Strict):
     # "target": start the (drafter's) input embeddings from the target's, projected to the
     # drafter's width (models.project_embeddings); "random": the usual random initialisation.
     init_embeddings: Literal["random", "target"] = "random"
+    # A drafter cut from the target (models.draft_from_target): its embeddings, these decoder
+    # layers in this order, its final norm and its head. Replaces preset/overrides/init_from.
+    target_layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _target_layers_alone(self) -> ArchConfig:
+        if self.target_layers is not None:
+            clash = [k for k in ("preset", "init_from") if getattr(self, k) is not None]
+            clash += ["overrides"] * bool(self.overrides) + ["init_embeddings"] * (self.init_embeddings != "random")
+            if clash:
+                raise ValueError(f"arch.target_layers builds the drafter from the target's own weights; "
+                                 f"remove {', '.join(clash)}")
+        return self
 
 
 class CorpusConfig(Strict):
@@ -123,8 +136,16 @@ class TrainConfig(Strict):
 
 class PretrainJob(Strict):
     arch: ArchConfig
-    train: TrainConfig = TrainConfig()
+    # None: no corpus pretraining, the drafter is only built (arch.target_layers).
+    train: TrainConfig | None = TrainConfig()
     optim: OptimConfig = OptimConfig()
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> PretrainJob:
+        if self.train is None and self.arch.target_layers is None:
+            raise ValueError("train: null skips corpus pretraining, which only a drafter built from the "
+                             "target can do: set arch.target_layers or give train settings")
+        return self
 
 
 class PretrainConfig(Strict):
@@ -365,6 +386,13 @@ class DistillConfig(Strict):
     eval_gamma: int = Field(3, ge=1)  # the γ at which the implied block efficiency is reported
     overwrite: bool = False  # replace an output made from a different config
     on_policy: OnPolicyConfig = OnPolicyConfig()  # the drafter's own answers in the mix (off by default)
+    # A reduced draft vocabulary (draftalign/draftvocab.py): the drafter's head covers the V most
+    # frequent tokens of the training rows and q = 0 elsewhere (sampling stays exact). On a small
+    # drafter the output layer is most of the time per draft token. None: the full vocabulary.
+    draft_vocab: int | None = Field(None, ge=2)
+    # Weights kept as they start: "embeddings" (the input embeddings; with a tied, full head the
+    # head too) and "head" (the output layer). A drafter cut from the target keeps the target's.
+    freeze: list[Literal["embeddings", "head"]] = Field(default_factory=list)
 
     def drafter_label(self, loss: LossConfig) -> str:
         """The drafter's name in reports: the loss's label, plus λ and the round when on-policy
@@ -385,6 +413,13 @@ class DistillConfig(Strict):
         labels = [loss.label for loss in self.losses]
         if len(set(labels)) != len(labels):
             raise ValueError(f"distill.losses lists a loss twice: {labels}")
+        return self
+
+    @model_validator(mode="after")
+    def _draft_vocab_needs_full_target(self) -> DistillConfig:
+        if self.draft_vocab is not None and self.target_pool.top_k is not None:
+            raise ValueError(f"distill.draft_vocab={self.draft_vocab} needs the target's full distribution: "
+                             f"set distill.target_pool.top_k=null (it is {self.target_pool.top_k})")
         return self
 
     @model_validator(mode="after")
@@ -559,6 +594,12 @@ class Config(Strict):
 
     def draft_path(self) -> str:
         return self.models.draft or str(Path(self.pretrain.output) / "draft" / "model")
+
+    def start_name(self) -> str:
+        """The undistilled drafter's name in reports: "start" when it is cut from the target and
+        not pretrained on a corpus (pretrain.jobs.draft with train: null), else "pretrained"."""
+        job = None if self.models.draft else self.pretrain.jobs.get("draft")
+        return "start" if job is not None and job.train is None else "pretrained"
 
     def distill_data_path(self) -> str:
         return self.distill.data or str(Path(self.generate.output) / "data")

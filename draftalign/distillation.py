@@ -52,10 +52,12 @@ def masked_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     """A causal LM's logits [N, V] at the N positions where `mask` [B, T] is set (row-major).
 
     The output layer runs on those positions only: at a 49k vocabulary it is most of a small
-    drafter's cost, and the response positions are about half of each sequence.
+    drafter's cost, and the response positions are about half of each sequence. A drafter with a
+    reduced vocabulary (draftvocab.ReducedHead) gives [N, V'], its logits over its support only.
     """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.get_output_embeddings()(hidden[mask])
+    head = model.get_output_embeddings()
+    return getattr(head, "subset_logits", head)(hidden[mask])
 
 
 def holdout_row(seed_id: str, fraction: float) -> bool:
@@ -90,21 +92,30 @@ def chained_block_efficiency(alpha: torch.Tensor, mask: torch.Tensor, gamma: int
 
 
 def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor, mask: torch.Tensor,
-                 gamma: int) -> dict[str, float]:
+                 gamma: int, draft_vocab: torch.Tensor | None = None) -> dict[str, float]:
     """Sums over the masked positions, to add up across batches and workers.
 
     draft_logits, target_logprobs: [N, V] at the N positions where mask [B, T] is set, in
     row-major order (``x[mask]``). Keys: positions, tvd, acceptance (expected acceptance Σ min(p, q)),
-    forward_kl, blocks, tau (Σ of :func:`chained_block_efficiency` over whole blocks).
+    forward_kl, blocks, tau (Σ of :func:`chained_block_efficiency` over whole blocks). With a
+    reduced draft vocabulary (ids [V'], draft_logits [N, V']) the acceptance and TVD are exact
+    (q = 0 outside S), the forward KL is against p renormalised on S (as losses.forward_kl), and
+    `support_mass` sums p(S), the target's mass the draft can reach.
     """
     m = mask.bool()
     log_q = torch.log_softmax(draft_logits.float(), -1)
     log_p = torch.log_softmax(target_logprobs.float(), -1)
+    extra: dict[str, float] = {}
+    if draft_vocab is not None:
+        log_p = log_p.index_select(-1, draft_vocab.to(log_p.device))
+        extra["support_mass"] = float(log_p.exp().sum())
     p = log_p.exp()
     alpha = expected_acceptance(p, log_q.exp())
+    log_ps = log_p if draft_vocab is None else torch.log_softmax(log_p, -1)
+    ps = log_ps.exp()
     # 0 · log 0 = 0 where the target has no mass (log p = -inf), as in losses.forward_kl; the plain
     # product would give 0 · -inf = NaN there.
-    fkl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    fkl = torch.where(ps > 0, ps * (log_ps - log_q), 0.0).sum(-1)
     alpha_bt = torch.zeros(m.shape, dtype=alpha.dtype)
     alpha_bt[m] = alpha
     tau = chained_block_efficiency(alpha_bt, m, gamma)
@@ -116,6 +127,7 @@ def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor, mask
         "forward_kl": float(fkl.sum()),
         "blocks": float(blocks.sum()),
         "tau": float(tau[blocks].sum()),
+        **extra,
     }
 
 
@@ -124,7 +136,7 @@ def heldout_means(sums: dict[str, float], gamma: int) -> dict[str, float]:
     n, b = sums.get("positions", 0.0), sums.get("blocks", 0.0)
     if not n:
         return {}
-    out = {f"holdout_{k}": sums[k] / n for k in ("tvd", "forward_kl")}
+    out = {f"holdout_{k}": sums[k] / n for k in ("tvd", "forward_kl", "support_mass") if k in sums}
     # Σ min(p, q) is the expected acceptance, not evaluate's draft acceptance rate (accepted / drafted)
     out["holdout_expected_acceptance"] = sums["acceptance"] / n
     if b:

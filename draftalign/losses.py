@@ -3,8 +3,14 @@
 Notation (paper-spec §1.2, §5): at each position t, p = target next-token distribution and
 q = draft next-token distribution over the vocabulary V. Every loss in :data:`LOSSES` has the
 signature ``f(draft_logits [B,T,V], target_logprobs [B,T,V] | SparseTargetLogprobs,
-loss_mask [B,T], **options) -> Tensor[B,T]`` and returns a per-token loss that is exactly
-zero where ``loss_mask`` is zero; reduce it with :func:`masked_mean`.
+loss_mask [B,T], *, draft_vocab=None, **options) -> Tensor[B,T]`` and returns a per-token loss
+that is exactly zero where ``loss_mask`` is zero; reduce it with :func:`masked_mean`.
+
+A drafter with a reduced vocabulary (draftalign/draftvocab.py) passes ``draft_vocab``, the ids
+[V'] of its support S, and logits [B,T,V'] over them; q(x) = 0 outside S. Each loss is then its
+exact value for that q (TVD counts the target's mass outside S, which no draft can reach), except
+the forward KL, which would be infinite: it is taken against p restricted to S and renormalised,
+p_S(x) = p(x) / p(S), the best q the subset allows.
 
 All softmax work happens in float32 (float64 if both inputs are float64) whatever the input
 dtype, because bf16 has ~3 significant digits: log-probabilities near the tail would round to
@@ -95,12 +101,21 @@ def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tenso
     return total / mask.sum().clamp_min(1).to(per_token.dtype)
 
 
-def _prepare(draft_logits, target_logprobs, loss_mask):
-    """-> (log q [B,T,V] with grad, log p [B,T,V] constant, mask bool [B,T]) in the compute dtype."""
+def _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab=None):
+    """-> (log q [B,T,V'] with grad, log p [B,T,V'] constant, mask bool [B,T]) in the compute dtype.
+
+    V' = V without ``draft_vocab``; with it (ids [V']), log p holds the target's log-probs
+    gathered on those ids: it sums to p(S) <= 1 and is not renormalised.
+    """
     if isinstance(target_logprobs, SparseTargetLogprobs):
+        if draft_vocab is not None:
+            raise ValueError("a reduced draft vocabulary needs the target's full distribution, not its top-k")
         target_logprobs = densify_topk(target_logprobs, draft_logits.shape[-1])
-    if target_logprobs.shape != draft_logits.shape:
+    expected = draft_logits.shape[-1] if draft_vocab is None else target_logprobs.shape[-1]
+    if target_logprobs.shape[:-1] != draft_logits.shape[:-1] or target_logprobs.shape[-1] != expected:
         raise ValueError(f"target {tuple(target_logprobs.shape)} != draft {tuple(draft_logits.shape)}")
+    if draft_vocab is not None and len(draft_vocab) != draft_logits.shape[-1]:
+        raise ValueError(f"draft_vocab has {len(draft_vocab)} ids but the draft gives {draft_logits.shape[-1]} logits")
     mask = loss_mask.bool()
     if mask.shape != draft_logits.shape[:-1]:
         raise ValueError(f"loss_mask {tuple(mask.shape)} != draft [B, T] {tuple(draft_logits.shape[:-1])}")
@@ -111,7 +126,15 @@ def _prepare(draft_logits, target_logprobs, loss_mask):
     target = torch.where(mask[..., None], target_logprobs.detach().to(dtype), 0.0)
     # log_softmax is the identity on normalised log-probs; it repairs bf16 rounding (Σp ≠ 1).
     log_p = F.log_softmax(target, dim=-1)
+    if draft_vocab is not None:
+        log_p = log_p.index_select(-1, torch.as_tensor(draft_vocab, device=log_p.device))
     return log_q, log_p, mask
+
+
+def _on_support(log_p: torch.Tensor, draft_vocab) -> torch.Tensor:
+    """log p_S: the target restricted to the draft's support S and renormalised (log p itself
+    for a full-vocabulary draft). Used where a KL(p ‖ q) would be infinite on a subset."""
+    return log_p if draft_vocab is None else F.log_softmax(log_p, dim=-1)
 
 
 def _masked(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,29 +147,37 @@ def _kl_terms(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (torch.special.xlogy(p, p) - p * log_q).sum(-1)
 
 
-def forward_kl(draft_logits, target_logprobs, loss_mask) -> torch.Tensor:
-    """KL(p ‖ q) = Σ_x p(x) (log p(x) − log q(x)), per token [B, T]; terms with p(x) = 0 are 0."""
-    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask)
-    return _masked(_kl_terms(log_p.exp(), log_q), mask)
+def forward_kl(draft_logits, target_logprobs, loss_mask, *, draft_vocab=None) -> torch.Tensor:
+    """KL(p ‖ q) = Σ_x p(x) (log p(x) − log q(x)), per token [B, T]; terms with p(x) = 0 are 0.
+
+    With ``draft_vocab``: KL(p_S ‖ q) over the support S (p_S: p renormalised on S).
+    """
+    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab)
+    return _masked(_kl_terms(_on_support(log_p, draft_vocab).exp(), log_q), mask)
 
 
-def reverse_kl(draft_logits, target_logprobs, loss_mask) -> torch.Tensor:
+def reverse_kl(draft_logits, target_logprobs, loss_mask, *, draft_vocab=None) -> torch.Tensor:
     """KL(q ‖ p) = Σ_x q(x) (log q(x) − max(log p(x), LOG_P_FLOOR)), per token [B, T].
 
-    Gradient flows through q only; see LOG_P_FLOOR for why log p is floored.
+    Gradient flows through q only; see LOG_P_FLOOR for why log p is floored. With
+    ``draft_vocab`` the sum runs over S (exact: q is zero elsewhere).
     """
-    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask)
+    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab)
     loss = (log_q.exp() * (log_q - log_p.clamp_min(LOG_P_FLOOR))).sum(-1)
     return _masked(loss, mask)
 
 
-def tvd(draft_logits, target_logprobs, loss_mask) -> torch.Tensor:
+def tvd(draft_logits, target_logprobs, loss_mask, *, draft_vocab=None) -> torch.Tensor:
     """TVD(p, q) = ½ Σ_x |p(x) − q(x)| = 1 − acceptance probability, per token [B, T].
 
-    Gradient wrt draft logits z: ∂/∂z_j = −q_j (r_j − E_q[r]) with r = 1{p > q}.
+    Gradient wrt draft logits z: ∂/∂z_j = −q_j (r_j − E_q[r]) with r = 1{p > q}. With
+    ``draft_vocab``: ½ Σ_{x∈S} |p(x) − q(x)| + ½ (1 − p(S)), the exact TVD of the full distributions.
     """
-    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask)
-    loss = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab)
+    p = log_p.exp()
+    loss = 0.5 * (p - log_q.exp()).abs().sum(-1)
+    if draft_vocab is not None:
+        loss = loss + 0.5 * (1.0 - p.sum(-1)).clamp_min(0.0)
     return _masked(loss, mask)
 
 
@@ -164,6 +195,7 @@ def tvd_plus_plus(
     eps: float = 1e-5,
     num_samples: int = 8,
     generator: torch.Generator | None = None,
+    draft_vocab=None,
 ) -> torch.Tensor:
     """TVD++ surrogate (paper-spec §5.3), per token [B, T]; r(x) = 1{p(x) > q(x)}, computed detached.
 
@@ -175,8 +207,10 @@ def tvd_plus_plus(
         ``generator``), standardise r(x_k) over all samples of all valid positions in the
         batch, L = −mean_k r̂_k log q(x_k).
     The value is a surrogate, not a divergence (it can be negative); log :func:`tvd` to monitor.
+    With ``draft_vocab`` the vocabulary V is the draft's support S (|V| = V'): tokens outside it
+    cannot be drafted, so neither pushed.
     """
-    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask)
+    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab)
     q = log_q.detach().exp()
     reward = (log_p.exp() > q).to(log_q.dtype)
     if variant == "vocab":
@@ -205,32 +239,34 @@ LK_ALPHA_FLOOR = 1e-6
 LK_ETA = 3.0  # LK^λ's default η in λ = exp(−η α), as vllm-project/speculators ships it
 
 
-def lk_alpha(draft_logits, target_logprobs, loss_mask) -> torch.Tensor:
+def lk_alpha(draft_logits, target_logprobs, loss_mask, *, draft_vocab=None) -> torch.Tensor:
     """LK^α (Samarin et al. 2026, "LK losses"): −log α with α = Σ_x min(p(x), q(x)), per token [B, T].
 
     α is the acceptance probability of speculative sampling at the position, so this maximises
     the log of the acceptance directly. ∂L/∂z = (1/α) · ∂TVD/∂z = −(q/α)(r − E_q[r]) with
     r = 1{p > q}: TVD's direction, scaled up where the overlap is small (a cold start), which
-    TVD's own gradient is not. α is floored at LK_ALPHA_FLOOR.
+    TVD's own gradient is not. α is floored at LK_ALPHA_FLOOR. With ``draft_vocab``, α = Σ_{x∈S}
+    min(p, q), exact.
     """
-    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask)
+    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab)
     alpha = torch.minimum(log_p.exp(), log_q.exp()).sum(-1)
     return _masked(-alpha.clamp_min(LK_ALPHA_FLOOR).log(), mask)
 
 
-def lk_hybrid(draft_logits, target_logprobs, loss_mask, *, eta: float = LK_ETA) -> torch.Tensor:
+def lk_hybrid(draft_logits, target_logprobs, loss_mask, *, eta: float = LK_ETA, draft_vocab=None) -> torch.Tensor:
     """LK^λ (Samarin et al. 2026): λ KL(p ‖ q) + (1 − λ) TVD(p, q), per token [B, T], with
     λ = exp(−η · sg[α]) per position, α = Σ_x min(p(x), q(x)) and sg the stop-gradient.
 
     Where the draft is far off (α → 0, λ → 1) forward KL's strong gradient leads; as the overlap
     grows the weight moves to TVD = 1 − α, the acceptance itself. η (`distill.losses[].eta`)
-    sets how fast.
+    sets how fast. With ``draft_vocab`` the KL is forward_kl's KL(p_S ‖ q) and α is exact.
     """
-    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask)
+    log_q, log_p, mask = _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab)
     p, q = log_p.exp(), log_q.exp()
     alpha = torch.minimum(p, q).sum(-1)
     weight = torch.exp(-eta * alpha.detach())
-    return _masked(weight * _kl_terms(p, log_q) + (1.0 - weight) * (1.0 - alpha), mask)
+    kl = _kl_terms(_on_support(log_p, draft_vocab).exp(), log_q)
+    return _masked(weight * kl + (1.0 - weight) * (1.0 - alpha), mask)
 
 
 LossFn = Callable[..., torch.Tensor]

@@ -129,6 +129,29 @@ def parameter_count(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def step_weights(model: Any) -> int:
+    """The weights one decoding step reads: MBSU's cost model (c = draft's / target's).
+
+    Every parameter, except that of an input embedding table a step reads one row per token,
+    unless that table is also the output layer (tied), which reads all of it. The paper counts
+    all parameters; the two agree where embeddings are small beside the layers, but not for a
+    drafter that carries its target's 49k-token table and only a 2-layer trunk.
+    """
+    total = parameter_count(model)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return total if emb is head else total - emb.numel()
+
+
+def step_weights_of(path: str, trust_remote_code: bool = False) -> int:
+    """:func:`step_weights` of the model saved at `path` (its full-vocabulary head, as vLLM runs it)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_model_config(path, trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    return step_weights(model)
+
+
 def count_parameters(config: PretrainedConfig) -> int:
     """Parameters of the Llama model `config` describes, counted on the meta device (no memory)."""
     with torch.device("meta"):
@@ -169,3 +192,54 @@ def check_compatible(target: PretrainedConfig, draft: PretrainedConfig,
         problems.append(f"tokenizers differ: {diff} of {len(target_vocab)} target tokens map to other ids")
     if problems:
         raise VocabMismatchError("target and draft do not share a vocabulary: " + "; ".join(problems))
+
+
+def _layer_key(name: str) -> tuple[str, int, str] | None:
+    """("model.layers.", 7, "self_attn.q_proj.weight") for a decoder layer's weight, else None."""
+    import re
+
+    m = re.match(r"^(.*\blayers\.)(\d+)\.(.*)$", name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def target_layers_config(target: PretrainedConfig, layers: list[int]) -> PretrainedConfig:
+    """The target's own config with only `layers` (in that order) as its decoder layers."""
+    n = target.num_hidden_layers
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise ValueError(f"target_layers {layers}: the target has layers 0..{n - 1}" + ("" if layers else "; list one"))
+    config = target.__class__.from_dict(target.to_dict())
+    config.num_hidden_layers = len(layers)
+    per_layer = getattr(target, "layer_types", None)  # sliding/full attention per layer, where a model has it
+    if isinstance(per_layer, list) and len(per_layer) == n:
+        config.layer_types = [per_layer[i] for i in layers]
+    return config
+
+
+def draft_from_target(target: Any, layers: list[int]) -> Any:
+    """A drafter cut from `target` (a loaded causal LM): its embeddings, the decoder layers
+    `layers` (in that order), its final norm and its output layer, all copied.
+
+    With every layer listed it is the target itself. No corpus pretraining is needed: it starts
+    speaking the target's language and distillation teaches the few layers to stand for many.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = target_layers_config(target.config, layers)
+    draft = AutoModelForCausalLM.from_config(config, dtype=target.dtype)
+    position = {t: j for j, t in enumerate(layers)}
+    state = {}
+    for name, tensor in target.state_dict().items():
+        key = _layer_key(name)
+        if key is None:
+            state[name] = tensor.clone()
+        elif key[1] in position:
+            state[f"{key[0]}{position[key[1]]}.{key[2]}"] = tensor.clone()
+    missing, unexpected = draft.load_state_dict(state, strict=False)
+    # A tied head is not in the state dict twice; everything else must have been copied.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise ValueError(f"drafter from target layers {layers}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        draft.tie_weights()
+    return draft.eval()

@@ -38,6 +38,8 @@ def vllm_eval_engine(v: VllmEvalConfig) -> dict[str, float]:
 
 def train_resources(job: PretrainJob) -> dict[str, Any]:
     t = job.train
+    if t is None:
+        return {"ray_train_workers": 0, "note": "built from the target in the driver; no corpus pretraining"}
     per_worker = train_worker(t)
     return {
         "ray_train_workers": t.num_workers,

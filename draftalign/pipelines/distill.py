@@ -18,6 +18,7 @@ from typing import Any
 from draftalign.cluster.resources import distill_resources
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
 from draftalign.distillation import build_sequences, holdout_row
+from draftalign.draftvocab import coverage, read_draft_vocab, top_tokens, write_draft_vocab
 from draftalign.mixture import ON_POLICY, TARGET, MixturePlan, plan_mixture
 from draftalign.modelid import absolute_model_path, check_target_folder, target_identity
 from draftalign.models import check_compatible, count_parameters, load_model_config
@@ -150,6 +151,8 @@ class DistillInputs:
     identity: tuple[str, str]  # target and starting-drafter hashes, for fingerprints
     on_policy_files: tuple[Path, ...] = ()  # the drafter-generated set (distill.on_policy.data)
     mixture: MixturePlan | None = None  # which rows of each set train, when on-policy
+    draft_vocab: tuple[int, ...] | None = None  # the reduced head's ids (distill.draft_vocab)
+    draft_vocab_info: dict[str, Any] | None = None  # its size, source and held-out coverage
 
 
 def _inputs(cfg: Config) -> DistillInputs:
@@ -168,8 +171,42 @@ def _inputs(cfg: Config) -> DistillInputs:
     _check_set_target(files, target, target_hash)
     tok = load_tokenizer(init_from)
     on_files, plan = _on_policy_inputs(cfg, files, target, target_hash)
+    ids, info = _draft_vocab(cfg, files, init_from, draft_cfg.vocab_size, tok)
     return DistillInputs(target, init_from, files, tok.pad_token_id or 0, tok, count_parameters(draft_cfg),
-                         (target_hash, target_identity(init_from)["target_hash"]), on_files, plan)
+                         (target_hash, target_identity(init_from)["target_hash"]), on_files, plan, ids, info)
+
+
+def _draft_vocab(cfg: Config, files: list[Path], init_from: str, vocab_size: int, tok):
+    """(ids, info) of the reduced draft vocabulary, or (None, None) without distill.draft_vocab.
+
+    The start's own subset when it has one (a reduced drafter distilled again); else the most
+    frequent tokens of the training rows' responses (and prompts with include_prompt). Coverage:
+    the share of the held-out responses' tokens inside the subset.
+    """
+    import pyarrow.parquet as pq
+
+    d = cfg.distill
+    start = read_draft_vocab(init_from) if Path(init_from).is_dir() else None
+    if d.draft_vocab is None and start is None:
+        return None, None
+    columns = ["prompt_token_ids", "response_token_ids"] if d.include_prompt else ["response_token_ids"]
+    train, held = [], []
+    for f in files:
+        t = pq.read_table(f, columns=["id", *columns]).to_pydict()
+        for i, row_id in enumerate(t["id"]):
+            side = held if holdout_row(row_id, d.holdout_fraction) else train
+            side.extend(t[c][i] for c in columns)
+    if start is not None:
+        ids, source = start["ids"], f"the start's ({init_from})"
+    else:
+        specials = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
+        ids, source = top_tokens(train, d.draft_vocab, vocab_size, specials), "training rows"
+    info = {"size": len(ids), "vocab_size": vocab_size, "from": source,
+            "holdout_coverage": coverage(held, ids), "train_coverage": coverage(train, ids)}
+    shown = "n/a" if info["holdout_coverage"] is None else f"{info['holdout_coverage']:.3f}"
+    print(f"[distill] draft vocabulary: {len(ids):,} of {vocab_size:,} tokens ({source}); "
+          f"held-out coverage {shown}", flush=True)
+    return tuple(ids), info
 
 
 def _on_policy_inputs(cfg: Config, files: list[Path], target: str, target_hash: str):
@@ -217,6 +254,9 @@ def _fingerprint(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> str:
         on_policy = [[(f.name, f.stat().st_size) for f in inputs.on_policy_files]]
     else:
         chaos["on_policy"] = True
+    for key in ("draft_vocab", "freeze"):  # unset, as before they existed: earlier drafters are reused
+        if not getattr(cfg.distill, key):
+            chaos[key] = True
     return fingerprint(cfg.distill.model_dump(mode="json", exclude=chaos), loss_fields,
                        [(f.name, f.stat().st_size) for f in inputs.files], *inputs.identity, *on_policy)
 
@@ -240,7 +280,9 @@ def _distill_one(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> Path:
     publish_model(result.checkpoint, model_dir, inputs.tokenizer,
                   {"fingerprint": fp, "role": "distilled", "drafter": label, "loss": loss.model_dump(),
                    "metrics": m, "initialised_from": inputs.init_from, "parameters": inputs.parameters,
-                   **mixture})
+                   **({"draft_vocab": inputs.draft_vocab_info} if inputs.draft_vocab_info else {}), **mixture})
+    if inputs.draft_vocab is not None:  # the subset's coverage beside its ids, for the report and card
+        write_draft_vocab(model_dir, list(inputs.draft_vocab), inputs.draft_vocab_info)
     g = cfg.distill.eval_gamma
     before = (m.get("initial_holdout_expected_acceptance"), m.get(f"initial_holdout_tau_gamma{g}"))
     after = (m.get("holdout_expected_acceptance"), m.get(f"export_holdout_tau_gamma{g}", m.get(f"holdout_tau_gamma{g}")))
@@ -267,7 +309,7 @@ def _fit(cfg: Config, loss: LossConfig, inputs: DistillInputs, job_dir: Path):
         name=f"distill {d.drafter_label(loss)}", distill=d, loss=loss, target=inputs.target, init_from=inputs.init_from,
         cache_dir=_cache_dir(cfg, inputs) if d.target_pool.cache else None,
         death_marker=str(marker) if marker else None,
-        tracking=tracking_run(cfg.tracking, cfg.run, f"distill-{folder}"))
+        tracking=tracking_run(cfg.tracking, cfg.run, f"distill-{folder}"), draft_vocab=inputs.draft_vocab)
     return fit(distill_loop, loop_config, d.train, f"{cfg.run.name}-distill-{folder}", job_dir,
                {"train": train_ds, "holdout": holdout_ds})
 

@@ -40,7 +40,8 @@ def _exists(path: str) -> bool:
 
 
 def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
-    """[{"name", "path", "exists"}]. Default: "pretrained" plus each distilled export that exists.
+    """[{"name", "path", "exists"}]. Default: the undistilled drafter (Config.start_name: "start" or
+    "pretrained") plus each distilled export that exists.
 
     strict: raise ConfigError for a listed drafter that does not exist, or when none is left;
     without it (a plan) the configured distillation's drafter is listed even before it exists.
@@ -52,7 +53,7 @@ def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
         if strict and missing:
             raise ConfigError(f"evaluate.drafters lists drafters that do not exist: {', '.join(missing)}")
         return out
-    out = [{"name": "pretrained", "path": cfg.draft_path(), "exists": _exists(cfg.draft_path())}]
+    out = [{"name": cfg.start_name(), "path": cfg.draft_path(), "exists": _exists(cfg.draft_path())}]
     for name, path in _distilled_drafters(cfg).items():
         made = Path(path).expanduser().is_dir()
         # A plan shows the drafters the configured distillation will export, made or not yet.
@@ -61,7 +62,7 @@ def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
     if strict and not out[0]["exists"]:
         out = out[1:]
         if not out:
-            raise ConfigError(f"no drafter to evaluate: the pretrained drafter {cfg.draft_path()!r} does not "
+            raise ConfigError(f"no drafter to evaluate: the undistilled drafter {cfg.draft_path()!r} does not "
                               "exist (run `draftalign pretrain` or set models.draft) and no distilled one does")
     return out
 
@@ -209,34 +210,50 @@ def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: i
 
 def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: list[int], check: bool,
                      log) -> tuple[int, dict[str, int]]:
-    """Parameter counts from the loaded models, after the assistant_model check when asked."""
+    """Weights read per decoding step (models.step_weights, MBSU's c) of the loaded models,
+    after the assistant_model check when asked."""
     from draftalign.exportcheck import check_transformers
-    from draftalign.models import parameter_count
+    from draftalign.models import step_weights
 
     params = {}
     for d in drafters:
         draft = engine.load_draft(d["path"])
-        params[d["name"]] = parameter_count(draft)
+        params[d["name"]] = step_weights(draft)
         if check:
             check_transformers(engine.target, draft, target, d["path"], prompt[:16])
             log(f"[evaluate] export check: {d['name']} ({d['path']}) runs as transformers' assistant_model")
         del draft
-    return parameter_count(engine.target), params
+    return step_weights(engine.target), params
+
+
+def _vocab_note(path: str) -> str:
+    """The reduced draft vocabulary of a drafter folder, as the header states it ("" for none)."""
+    from draftalign.draftvocab import read_draft_vocab
+
+    vocab = read_draft_vocab(path) if Path(path).is_dir() else None
+    if vocab is None:
+        return ""
+    cov = vocab.get("holdout_coverage")
+    shown = f", held-out coverage {cov:.3f}" if isinstance(cov, float) else ""
+    return (f"; draft vocabulary {vocab['size']:,} tokens{shown} (the reference engine drafts over it; "
+            "vLLM loads the full-vocabulary head)")
 
 
 def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, int], target_params: int) -> str:
     ev = cfg.evaluate
     lines = ["# draftalign evaluate", "",
              f"Command: `{shlex.join(['draftalign', *redact_argv(sys.argv[1:])])}`", "",
-             f"Target: `{target}` ({target_params / 1e6:.1f}M parameters). "
+             f"Target: `{target}` ({target_params / 1e6:.1f}M weights read per step). "
              f"Tasks: {', '.join(t.name for t in ev.tasks)}. γ: {ev.gammas}; temperatures: {ev.temperatures}; "
              f"top-p {ev.top_p}; at most {ev.max_new_tokens} new tokens per prompt, batch 1.", ""]
     for d in drafters:
         c = params[d["name"]] / target_params
-        lines.append(f"- drafter `{d['name']}`: `{d['path']}` ({params[d['name']] / 1e6:.1f}M parameters, c = {c:.4f})")
+        lines.append(f"- drafter `{d['name']}`: `{d['path']}` ({params[d['name']] / 1e6:.1f}M weights read per step, "
+                     f"c = {c:.4f}){_vocab_note(d['path'])}")
     lines += ["", "τ: tokens per target call, pooled over prompts; draft acceptance: accepted / drafted tokens "
               "(vLLM's acceptance rate; not the distill stage's expected acceptance Σ min(p, q)); "
-              "MBSU = τ / (1 + γc); speed-up: tokens/s speculative over tokens/s of the target alone.", ""]
+              "MBSU = τ / (1 + γc), c the ratio of weights read per step (all parameters but an untied input "
+              "embedding table, of which a step reads one row); speed-up: tokens/s speculative over tokens/s of the target alone.", ""]
     if _vllm_sampled(ev):
         lines += [VLLM_SAMPLED_NOTE, ""]
     return "\n".join(lines)
@@ -319,10 +336,10 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
                                      ev.reference.threads)
         target_params, params = _check_and_count(ref_engine, target, drafters, first, ev.export_check, log)
     else:  # a vLLM-only run on a big target: count on the meta device instead of loading it here
-        from draftalign.models import count_parameters_of
+        from draftalign.models import step_weights_of
 
-        target_params = count_parameters_of(target, cfg.models.trust_remote_code)
-        params = {d["name"]: count_parameters_of(d["path"], cfg.models.trust_remote_code) for d in drafters}
+        target_params = step_weights_of(target, cfg.models.trust_remote_code)
+        params = {d["name"]: step_weights_of(d["path"], cfg.models.trust_remote_code) for d in drafters}
     rows: list[dict] = []
     if "reference" in ev.engines:
         sweep = ReferenceSweep(gammas=tuple(ev.gammas), temperatures=tuple(ev.engine_temperatures("reference")),

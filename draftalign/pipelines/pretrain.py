@@ -20,8 +20,10 @@ from draftalign.models import (
     build_config,
     check_compatible,
     count_parameters,
+    draft_from_target,
     drafter_config,
     load_model_config,
+    target_layers_config,
 )
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
@@ -55,6 +57,11 @@ def model_config_for(cfg: Config, name: str, job: PretrainJob, tok) -> Any:
         return build_config(job.arch.preset, job.arch.overrides, vocab_size=len(tok),
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     target = _target_config(cfg, tok)
+    if job.arch.target_layers is not None:
+        try:
+            return target_layers_config(target, job.arch.target_layers)
+        except ValueError as exc:
+            raise ConfigError(f"pretrain.jobs.{name}.arch.{exc}") from None
     draft = drafter_config(target, job.arch.preset, job.arch.overrides)
     check_compatible(target, draft)
     return draft
@@ -196,6 +203,8 @@ def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, t
         return model_dir
     claim_output(job_dir, fp, cfg.pretrain.overwrite, "pretrain.overwrite")
     write_run_info(job_dir, cfg, f"pretrain.{name}", {"fingerprint": fp, "parameters": count_parameters(mc)})
+    if job.train is None:
+        return _build_from_target(cfg, job, mc, model_dir, tok, fp)
     result = _fit(cfg, name, job, mc, job_dir, str(tok_dir))
     publish_model(result.checkpoint, model_dir, tok,
                   {"fingerprint": fp, "role": name, "metrics": result.metrics,
@@ -208,6 +217,28 @@ def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, t
     return model_dir
 
 
+def _build_from_target(cfg: Config, job: PretrainJob, mc: Any, model_dir: Path, tok, fp: str) -> Path:
+    """The drafter cut from the target's weights (arch.target_layers), exported without training."""
+    import torch
+    from ray.train import Checkpoint
+    from transformers import AutoModelForCausalLM
+
+    layers = job.arch.target_layers
+    target = AutoModelForCausalLM.from_pretrained(absolute_model_path(cfg.target_path()), dtype=torch.float32,
+                                                  trust_remote_code=cfg.models.trust_remote_code,
+                                                  use_safetensors=True)
+    draft = draft_from_target(target, layers)
+    with tempfile.TemporaryDirectory() as d:
+        draft.save_pretrained(str(Path(d) / "hf"), safe_serialization=True)
+        publish_model(Checkpoint.from_directory(d), model_dir, tok,
+                      {"fingerprint": fp, "role": "draft", "drafter": cfg.start_name(), "metrics": {}, "target_layers": layers,
+                       "parameters": count_parameters(mc), "vocab": vocab_fingerprint(tok)})
+    print(f"[pretrain draft] built {model_dir} from the target's layers {layers} (of "
+          f"{target.config.num_hidden_layers}), its embeddings, norm and head: "
+          f"{count_parameters(mc):,} parameters, no corpus pretraining", flush=True)
+    return model_dir
+
+
 def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_dir: str):
     from draftalign.cluster.session import init_ray
     from draftalign.workers.pretrain_loop import PretrainLoopConfig, pretrain_loop
@@ -215,7 +246,8 @@ def _fit(cfg: Config, name: str, job: PretrainJob, mc: Any, job_dir: Path, tok_d
     init_ray(cfg.ray)
     train = job.train
     train_ds, holdout_ds = corpus_datasets(cfg.pretrain.corpus, tok_dir, train.seq_len, train.seed)
-    target = absolute_model_path(cfg.target_path()) if job.arch.init_embeddings == "target" else None
+    needs_target = job.arch.init_embeddings == "target" or job.arch.target_layers is not None
+    target = absolute_model_path(cfg.target_path()) if needs_target else None
     loop_config = PretrainLoopConfig(name=f"pretrain {name}", job=job, model_config=mc.to_dict(), target=target,
                                      tracking=tracking_run(cfg.tracking, cfg.run, f"pretrain-{name}"))
     return fit(pretrain_loop, loop_config, train, f"{cfg.run.name}-pretrain-{name}", job_dir,

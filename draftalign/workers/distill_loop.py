@@ -15,6 +15,7 @@ import torch
 
 from draftalign.cluster.metrics import record
 from draftalign.config import DistillConfig, LossConfig
+from draftalign.draftvocab import draft_vocab_ids, install_reduced_head, load_draft_model
 from draftalign.distillation import heldout_means, heldout_sums, masked_logits, trim_padding
 from draftalign.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
 from draftalign.tracking import TrackingRun
@@ -33,6 +34,8 @@ class DistillLoopConfig:
     cache_dir: str | None = None  # target_pool.cache: where the pool memoises log-probs
     death_marker: str | None = None  # chaos testing: a target actor dies once per run
     tracking: TrackingRun | None = None  # experiment tracking, on rank 0
+    # The reduced draft vocabulary's ids (distill.draft_vocab, chosen by the driver), or None.
+    draft_vocab: tuple[int, ...] | None = None
 
 
 def _target_tensor(reply: dict[str, Any], device) -> torch.Tensor | SparseTargetLogprobs:
@@ -52,6 +55,7 @@ class DistillTask:
         self.train_shard, self.holdout_shard, self.vocab = train_shard, holdout_shard, vocab
         self.loss_fn = get_loss(cfg.loss.name)
         self.options = loss_options(cfg.loss)
+        self.draft_vocab: torch.Tensor | None = None  # set by distill_loop for a reduced head
         # The paper picks its checkpoint by validation block efficiency; this is its held-out proxy.
         self.select_metric = f"holdout_tau_gamma{self.d.eval_gamma}"
         self.recorded = {"wait_s": 0.0, "positions": 0}
@@ -80,7 +84,8 @@ class DistillTask:
 
     def _loss(self, draft_sel, target_sel) -> torch.Tensor:
         ones = torch.ones(draft_sel.shape[:2], dtype=torch.bool, device=draft_sel.device)
-        return masked_mean(self.loss_fn(draft_sel, target_sel, ones, **self.options), ones)
+        vocab = {} if self.draft_vocab is None else {"draft_vocab": self.draft_vocab}
+        return masked_mean(self.loss_fn(draft_sel, target_sel, ones, **self.options, **vocab), ones)
 
     def loss(self, engine, item) -> tuple[torch.Tensor, int]:
         batch, reply = item
@@ -100,7 +105,8 @@ class DistillTask:
                 n += 1
                 dense = densify_topk(target_sel, self.vocab) if isinstance(target_sel, SparseTargetLogprobs) \
                     else target_sel
-                for k, v in heldout_sums(draft_sel[0], dense[0], mask.cpu(), self.d.eval_gamma).items():
+                sums_here = heldout_sums(draft_sel[0], dense[0], mask.cpu(), self.d.eval_gamma, self.draft_vocab)
+                for k, v in sums_here.items():
                     sums[k] = sums.get(k, 0.0) + v
         out = heldout_means(sums, self.d.eval_gamma)
         if n:
@@ -121,21 +127,35 @@ class DistillTask:
         self.recorded.update(wait_s=stats.wait_s, positions=stats.positions)
 
 
+def start_model(cfg: DistillLoopConfig):
+    """The drafter to train: the start's weights, its reduced head (distill.draft_vocab) and the
+    parts distill.freeze keeps as they are."""
+    model = load_draft_model(cfg.init_from)
+    if cfg.draft_vocab is not None and draft_vocab_ids(model) is None:
+        install_reduced_head(model, list(cfg.draft_vocab))
+    frozen = set(cfg.distill.freeze)
+    if "embeddings" in frozen:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    if "head" in frozen:
+        model.get_output_embeddings().weight.requires_grad_(False)
+    return model
+
+
 def distill_loop(cfg: DistillLoopConfig) -> None:
     import ray.train
-    from transformers import AutoModelForCausalLM
 
     from draftalign.workers.target_pool import LocalTarget, TargetPool
 
     d = cfg.distill
     torch.manual_seed(d.train.seed)
-    model = AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, use_safetensors=True)
+    model = start_model(cfg)
     if d.target_pool.in_process:
         target = LocalTarget(cfg.target, d.target_pool, cfg.cache_dir)
     else:
         target = TargetPool(cfg.target, d.target_pool, cfg.death_marker, cfg.cache_dir)
     task = DistillTask(cfg, target, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("holdout"),
                        model.config.vocab_size)
+    task.draft_vocab = draft_vocab_ids(model)
     try:
         params = {"distill": d.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
                   "target": cfg.target, "init_from": cfg.init_from}

@@ -18,6 +18,7 @@ import torch
 
 from draftalign.evalcells import CellStore
 from draftalign.evaltasks import prompt_seed
+from draftalign.draftvocab import load_draft_model
 from draftalign.specdecode import autoregressive_generate, speculative_generate
 
 __all__ = ["ReferenceEngine", "ReferenceSweep", "progress_line", "prompt_generator", "reference_rows"]
@@ -68,11 +69,8 @@ class ReferenceEngine:
             use_safetensors=True).to(self.device).eval()
 
     def load_draft(self, path: str) -> Any:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=self.trust_remote_code,
-            use_safetensors=True).to(self.device).eval()
+        # With its reduced head where the folder has a draft_vocab.json (q = 0 outside it)
+        return load_draft_model(path, torch.float32, self.trust_remote_code).to(self.device).eval()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from draftalign.config import OptimConfig, TrainConfig
+from draftalign.draftvocab import draft_vocab_ids, export_state_dict, write_draft_vocab
 from draftalign.tracking import TrackingRun, open_tracker
 from draftalign.trainplots import curve_point, write_curves
 
@@ -323,9 +324,12 @@ class Trainer:
 
     def export(self, dest: Path) -> None:
         """A HF folder (safetensors) of the full weights, written on rank 0."""
-        state_dict = self.full_state_dict()
+        state_dict = export_state_dict(self.engine.module, self.full_state_dict())
         if self.session.rank == 0:
             self.engine.module.save_pretrained(str(dest), state_dict=state_dict, safe_serialization=True)
+            ids = draft_vocab_ids(self.engine.module)
+            if ids is not None:  # a full-vocabulary folder for vLLM, plus the subset for draftalign
+                write_draft_vocab(dest, ids.tolist())
 
 
 def evaluate_lm(engine, shard, t: TrainConfig) -> dict[str, float]:
