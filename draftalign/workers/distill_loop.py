@@ -15,8 +15,8 @@ import torch
 
 from draftalign.cluster.metrics import record
 from draftalign.config import DistillConfig, LossConfig
-from draftalign.draftvocab import draft_vocab_ids, install_reduced_head, load_draft_model
 from draftalign.distillation import heldout_means, heldout_sums, masked_logits, trim_padding
+from draftalign.draftvocab import draft_vocab_ids, install_reduced_head, load_draft_model
 from draftalign.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
 from draftalign.tracking import TrackingRun
 from draftalign.workers.trainer import Trainer, mean_across_workers

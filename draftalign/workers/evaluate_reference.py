@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from draftalign.draftvocab import load_draft_model
 from draftalign.evalcells import CellStore
 from draftalign.evaltasks import prompt_seed
-from draftalign.draftvocab import load_draft_model
 from draftalign.specdecode import autoregressive_generate, speculative_generate
 
 __all__ = ["ReferenceEngine", "ReferenceSweep", "progress_line", "prompt_generator", "reference_rows"]
