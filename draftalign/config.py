@@ -55,7 +55,7 @@ class TokenizerConfig(Strict):
 
 class ModelsConfig(Strict):
     # A Hugging Face folder or hub name, a .gguf file, or `pkg:DIST/PATH` (a GGUF file inside an
-    # installed package); GGUF models are imported once into import_dir (draftalign/modelimport.py).
+    # installed package); GGUF models are imported once into import_dir (draftalign/models/gguf.py).
     # None means "the model the pretrain stage exports".
     target: str | None = None
     draft: str | None = None
@@ -432,7 +432,7 @@ class DrafterRef(Strict):
 
 
 class ReferenceEvalConfig(Strict):
-    """The exact batch-1 PyTorch decoder of draftalign.specdecode, run in the driver."""
+    """The exact batch-1 PyTorch decoder of draftalign.evaluation.specdecode, run in the driver."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch CPU threads for the driver (None: torch's default). Batch-1 decoding of small models
@@ -514,7 +514,7 @@ class EvaluateConfig(Strict):
 
 class TrackingConfig(Strict):
     """Experiment tracking: the training stages' step and held-out metrics (rank 0, through Ray
-    Train's integrations where Ray has one) and evaluate's summary (draftalign/tracking.py)."""
+    Train's integrations where Ray has one) and evaluate's summary (draftalign/training/tracking.py)."""
 
     backend: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
     # mlflow: the tracking URI (default: a local SQLite store, <run.output>/mlflow.db); tensorboard: the
@@ -666,6 +666,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML, secrets redacted: what config.yaml and --plan show."""
-    from draftalign.redact import redact
+    from draftalign.util.redact import redact
 
     return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from draftalign.atomicio import write_json_atomic
 from draftalign.errors import ConfigError
-from draftalign.trainplots import CURVE_FILES
+from draftalign.training.plots import CURVE_FILES
+from draftalign.util.atomicio import write_json_atomic
 
 MODEL_INFO = "draftalign_model.json"  # written next to every exported model
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from draftalign.config import PretrainJob
-from draftalign.tracking import TrackingRun
+from draftalign.training.tracking import TrackingRun
 from draftalign.workers.trainer import Trainer, evaluate_lm
 
 
@@ -59,7 +59,7 @@ def build_model(cfg: PretrainLoopConfig):
         return LlamaForCausalLM.from_pretrained(arch.init_from, dtype=torch.float32, use_safetensors=True)
     model = LlamaForCausalLM(LlamaConfig(**cfg.model_config))
     if arch.init_embeddings == "target":
-        from draftalign.models import init_embeddings_from
+        from draftalign.models.arch import init_embeddings_from
 
         init_embeddings_from(model, cfg.target)
     return model

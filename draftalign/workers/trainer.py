@@ -23,8 +23,8 @@ from typing import Any, Protocol
 import torch
 
 from draftalign.config import OptimConfig, TrainConfig
-from draftalign.tracking import TrackingRun, open_tracker
-from draftalign.trainplots import curve_point, write_curves
+from draftalign.training.plots import curve_point, write_curves
+from draftalign.training.tracking import TrackingRun, open_tracker
 
 # Ray Train v2 hands each report to its controller, which polls every couple of seconds; a
 # report made sooner than that blocks the step. Progress is printed at every log step anyway.
