@@ -1,6 +1,7 @@
 from pathlib import Path
 
-from draftalign.data.corpus import is_holdout, stdlib_files, stdlib_root
+from draftalign.data.corpus import stdlib_files, stdlib_root
+from draftalign.data.split import is_holdout
 from draftalign.data.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from draftalign.cluster.resources import train_resources
 from draftalign.config import Config, ConfigError, CorpusConfig, PretrainJob
-from draftalign.data.corpus import is_holdout, list_files, stdlib_files, stdlib_root
+from draftalign.data.corpus import list_files, stdlib_files, stdlib_root
+from draftalign.data.split import is_holdout
 from draftalign.data.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
 from draftalign.models.arch import (
     build_config,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from draftalign.data.corpus import is_holdout
+from draftalign.data.split import is_holdout
 from draftalign.training.losses import expected_acceptance
 
 SEQUENCE_COLUMNS = ("input_ids", "attention_mask", "loss_mask")
