@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import yaml
 
-from draftalign.config import Config, dump_config, load_config
+from draftalign.config import Config, load_config
 from draftalign.errors import DraftalignError
-from draftalign.util.redact import redact, secret_overrides_from_env
+from draftalign.util.redact import dump_config, redact, secret_overrides_from_env
 
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
 

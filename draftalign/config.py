@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from draftalign.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "dump_config"]
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides"]
 
 
 class Strict(BaseModel):
@@ -662,10 +662,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
-
-
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML, secrets redacted: what config.yaml and --plan show."""
-    from draftalign.util.redact import redact
-
-    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
