@@ -56,8 +56,8 @@ def build_random_llama(size: str, folder: Path) -> Path:
     import torch
     from transformers import LlamaForCausalLM
 
-    from draftalign.models import build_config
-    from draftalign.tokenization import load_tokenizer, materialize_tokenizer
+    from draftalign.data.tokenization import load_tokenizer, materialize_tokenizer
+    from draftalign.models.arch import build_config
 
     if (folder / "config.json").is_file():
         return folder
@@ -73,9 +73,9 @@ def build_random_llama(size: str, folder: Path) -> Path:
 def requests_for(model: str, n: int, max_tokens: int) -> tuple[list[dict], float]:
     """(requests, seconds to render and tokenize them), as `draftalign generate` builds them."""
     from draftalign.config import SamplingSetting, SeedFields
-    from draftalign.prompts import encode_prompt, render_prompt
-    from draftalign.seeds import prepare_seeds, read_seed_file
-    from draftalign.tokenization import LLAMA2_CHAT_TEMPLATE, load_tokenizer
+    from draftalign.data.prompts import encode_prompt, render_prompt
+    from draftalign.data.seeds import prepare_seeds, read_seed_file
+    from draftalign.data.tokenization import LLAMA2_CHAT_TEMPLATE, load_tokenizer
     from draftalign.workers.generate_rows import expand_requests
 
     start = time.perf_counter()
@@ -217,7 +217,7 @@ def ray_with_writer(model: str, requests: list[dict], engine, rows_per_file: int
 
 
 def bench_model(model: str, args, engine) -> dict[str, Any]:
-    from draftalign.models import count_parameters_of
+    from draftalign.models.arch import count_parameters_of
     from draftalign.workers.generate_engine import engine_kwargs
 
     requests, render_s = requests_for(model, args.prompts, args.max_tokens)

@@ -44,7 +44,7 @@ def gradient_cosines(draft_logits, full_logprobs, approx_logprobs) -> dict[str, 
     """
     import torch
 
-    from draftalign.losses import LOSSES, masked_mean
+    from draftalign.training.losses import LOSSES, masked_mean
 
     mask = torch.ones(1, draft_logits.shape[0], dtype=torch.bool)
 
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from draftalign.distillation import build_sequences
-    from draftalign.losses import LOSSES, densify_topk, masked_mean, sparsify_topk, topk_tail_error
+    from draftalign.training.distillation import build_sequences
+    from draftalign.training.losses import LOSSES, densify_topk, masked_mean, sparsify_topk, topk_tail_error
 
     table = pads.dataset(run / "generate/data", format="parquet").head(
         args.rows, columns=["prompt_token_ids", "response_token_ids"])

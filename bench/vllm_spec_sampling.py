@@ -4,7 +4,7 @@ With the drafter equal to the target (p == q), standard speculative sampling acc
 the block efficiency is exactly γ + 1 at any temperature. This runs the evaluate stage's own vLLM
 engine (`draftalign.workers.evaluate_vllm.VllmEngine`: the same engine kwargs, `speculative_config`
 and per-request counters) once per setting and prints τ = 1 + accepted / drafts
-(`draftalign.specmetrics.block_efficiency`, vLLM's mean acceptance length) and the per-position
+(`draftalign.evaluation.metrics.block_efficiency`, vLLM's mean acceptance length) and the per-position
 acceptance next to that answer.
 
 Settings (`--settings`, comma-separated; default: all). `stock` settings turn draftalign's vLLM
@@ -73,7 +73,7 @@ PROMPTS = [
 
 def resolve_model(source: str) -> str:
     """A folder vLLM can load: GGUF sources go through the pipeline's import (a lookup once done)."""
-    from draftalign.modelimport import import_gguf, is_gguf_source
+    from draftalign.models.gguf import import_gguf, is_gguf_source
 
     if is_gguf_source(source):
         return str(import_gguf(source, ROOT / ".cache/draftalign/models"))
@@ -187,7 +187,7 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     model = resolve_model(args.model)
-    from draftalign.specmetrics import acceptance_per_position, acceptance_rate, block_efficiency
+    from draftalign.evaluation.metrics import acceptance_per_position, acceptance_rate, block_efficiency
 
     print(f"model {model}\nγ = {args.gamma}, {args.prompts} prompts × {args.max_tokens} new tokens, drafter = target: "
           f"exact τ = γ + 1 = {args.gamma + 1:.2f} at any temperature (vLLM's final block, cut by the budget, "

@@ -53,11 +53,11 @@ def load_config(config: str | Path | None, overrides: list[str] | None = None, *
     (`False` keeps the sources as written, e.g. to inspect a config offline).
     """
     from draftalign.config import load_config as _load
-    from draftalign.redact import secret_overrides_from_env
+    from draftalign.util.redact import secret_overrides_from_env
 
     cfg = _load(config, [*(overrides or []), *secret_overrides_from_env()])
     if resolve_models:
-        from draftalign.modelimport import resolve_sources
+        from draftalign.models.gguf import resolve_sources
 
         cfg = resolve_sources(cfg)
     return cfg
@@ -66,7 +66,7 @@ def load_config(config: str | Path | None, overrides: list[str] | None = None, *
 def plan_stage(stage: str, config: str | Path | Config, overrides: list[str] | None = None) -> dict[str, Any]:
     """What `draftalign STAGE CONFIG --plan` prints, as a dict (actors, CPUs, GPUs; no Ray)."""
     from draftalign.cli import _plan
-    from draftalign.redact import redact
+    from draftalign.util.redact import redact
 
     return redact(_plan(_config(config, overrides), _check_stage(stage)))
 

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import yaml
 
-from draftalign.config import Config, dump_config, load_config
+from draftalign.config import Config, load_config
 from draftalign.errors import DraftalignError
-from draftalign.redact import redact, secret_overrides_from_env
+from draftalign.util.redact import dump_config, redact, secret_overrides_from_env
 
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
 
@@ -64,7 +64,7 @@ def _run_stage(cfg: Config, stage: str) -> int:
 
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
-        from draftalign.modelimport import resolve_sources
+        from draftalign.models.gguf import resolve_sources
 
         # GGUF models become folders here, once, before Ray starts (a bad file fails now).
         cfg = resolve_sources(load_config(args.config, [*args.overrides, *secret_overrides_from_env()]))
@@ -79,7 +79,7 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from draftalign.datasetinfo import inspect_main
+    from draftalign.data.datasetinfo import inspect_main
 
     return inspect_main(args.path, args.rows, args.plot, out=sys.stdout)
 
@@ -98,14 +98,14 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _card(args: argparse.Namespace) -> int:
-    from draftalign.modelcard import write_card
+    from draftalign.models.card import write_card
 
     print(f"model card: {write_card(args.model_dir, args.summary)}")
     return 0
 
 
 def _push(args: argparse.Namespace) -> int:
-    from draftalign.hubpush import push
+    from draftalign.models.hub import push
 
     push(args.model_dir, args.repo_id, private=args.private, dry_run=args.dry_run)
     return 0

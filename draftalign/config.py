@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from draftalign.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "dump_config"]
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides"]
 
 
 class Strict(BaseModel):
@@ -55,7 +55,7 @@ class TokenizerConfig(Strict):
 
 class ModelsConfig(Strict):
     # A Hugging Face folder or hub name, a .gguf file, or `pkg:DIST/PATH` (a GGUF file inside an
-    # installed package); GGUF models are imported once into import_dir (draftalign/modelimport.py).
+    # installed package); GGUF models are imported once into import_dir (draftalign/models/gguf.py).
     # None means "the model the pretrain stage exports".
     target: str | None = None
     draft: str | None = None
@@ -467,7 +467,7 @@ class DrafterRef(Strict):
 
 
 class ReferenceEvalConfig(Strict):
-    """The exact batch-1 PyTorch decoder of draftalign.specdecode, run in the driver."""
+    """The exact batch-1 PyTorch decoder of draftalign.evaluation.specdecode, run in the driver."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch CPU threads for the driver (None: torch's default). Batch-1 decoding of small models
@@ -549,7 +549,7 @@ class EvaluateConfig(Strict):
 
 class TrackingConfig(Strict):
     """Experiment tracking: the training stages' step and held-out metrics (rank 0, through Ray
-    Train's integrations where Ray has one) and evaluate's summary (draftalign/tracking.py)."""
+    Train's integrations where Ray has one) and evaluate's summary (draftalign/training/tracking.py)."""
 
     backend: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
     # mlflow: the tracking URI (default: a local SQLite store, <run.output>/mlflow.db); tensorboard: the
@@ -703,10 +703,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
-
-
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML, secrets redacted: what config.yaml and --plan show."""
-    from draftalign.redact import redact
-
-    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)

@@ -30,7 +30,7 @@ def hold_lock(folder: str) -> None:
 
 def open_hub_set() -> None:
     """Open a hub data set that does not exist (the offline switches come from the environment)."""
-    from draftalign.seeds import open_rows
+    from draftalign.data.seeds import open_rows
 
     open_rows("nobody-here/no-such-set", None, "train", "generate.seeds")
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from draftalign.distillation import (
+from draftalign.evaluation.metrics import implied_block_efficiency
+from draftalign.training.distillation import (
     build_sequences,
     chained_block_efficiency,
     heldout_means,
     heldout_sums,
     holdout_row,
 )
-from draftalign.losses import SparseTargetLogprobs, densify_topk
-from draftalign.specmetrics import implied_block_efficiency
+from draftalign.training.losses import SparseTargetLogprobs, densify_topk
 
 
 def test_sequences_mark_the_positions_that_predict_response_tokens():
@@ -88,7 +88,7 @@ def test_heldout_sums_of_a_perfect_draft():
 
 def test_heldout_forward_kl_is_finite_where_the_target_has_no_mass():
     """A top-k target (or a masked vocabulary) gives log p = -inf: 0 · log 0 counts 0, as in losses.forward_kl."""
-    from draftalign.losses import forward_kl
+    from draftalign.training.losses import forward_kl
 
     g = torch.Generator().manual_seed(2)
     draft = torch.randn(4, 10, generator=g)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from draftalign import losses as L
-from draftalign.distillation import heldout_sums, masked_logits
-from draftalign.draftvocab import (
+from draftalign.evaluation.specdecode import speculative_generate
+from draftalign.models.arch import draft_from_target, step_weights
+from draftalign.models.draftvocab import (
     DRAFT_VOCAB_FILE,
     ReducedHead,
     coverage,
@@ -24,8 +24,8 @@ from draftalign.draftvocab import (
     top_tokens,
     write_draft_vocab,
 )
-from draftalign.models import draft_from_target, step_weights
-from draftalign.specdecode import speculative_generate
+from draftalign.training import losses as L
+from draftalign.training.distillation import heldout_sums, masked_logits
 from tests.test_specdecode import chi2_critical, chi2_stat, next_probs, tiny_llama
 
 SUBSET = [0, 2, 3, 5, 8, 9]  # of V = 11
@@ -191,7 +191,7 @@ def test_greedy_with_a_reduced_drafter_equals_the_target():
     target = tiny_llama(0, vocab=64, lm_scale=8.0)
     draft = tiny_llama(1, vocab=64, hidden=32, layers=1, heads=2, lm_scale=4.0)
     install_reduced_head(draft, list(range(0, 64, 2)))
-    from draftalign.specdecode import autoregressive_generate
+    from draftalign.evaluation.specdecode import autoregressive_generate
 
     for prompt in ([7], [3, 14, 15, 9]):
         want = autoregressive_generate(target, prompt, 20)

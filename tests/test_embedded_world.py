@@ -1,7 +1,8 @@
 from pathlib import Path
 
-from draftalign.corpus import is_holdout, stdlib_files, stdlib_root
-from draftalign.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
+from draftalign.data.corpus import stdlib_files, stdlib_root
+from draftalign.data.split import is_holdout
+from draftalign.data.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
 
 
 def test_embedded_tokenizer_roundtrips_and_has_chat_template(tmp_path):

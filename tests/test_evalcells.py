@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from draftalign.evalcells import CellStore
+from draftalign.evaluation.cells import CellStore
 from draftalign.workers.evaluate_reference import ReferenceSweep, reference_rows
 
 SWEEP = ReferenceSweep(gammas=(1, 3), temperatures=(0.0, 1.0), top_p=1.0, max_new_tokens=3, eos=2, seed=0,

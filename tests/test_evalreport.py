@@ -1,4 +1,4 @@
-"""The pooled evaluation summary (draftalign/evalreport.py) on simulated per-prompt rows."""
+"""The pooled evaluation summary (draftalign/evaluation/report.py) on simulated per-prompt rows."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from draftalign.evalreport import summarize_rows
-from draftalign.specmetrics import SpecStats
+from draftalign.evaluation.metrics import SpecStats
+from draftalign.evaluation.report import summarize_rows
 from draftalign.workers.evaluate_reference import progress_line
 
 
@@ -60,7 +60,7 @@ def test_reference_tau_is_emitted_tokens_per_target_call():
 
 
 def test_draft_acceptance_rate_is_labelled_apart_from_expected_acceptance(tmp_path):
-    from draftalign.evalreport import CONTRACT_KEYS, markdown_table, write_report
+    from draftalign.evaluation.report import CONTRACT_KEYS, markdown_table, write_report
 
     # vLLM's acceptance rate (accepted / drafted) is not the distill stage's Σ min(p, q)
     stats = SpecStats.from_iterations(3, [(3, 3, 4), (3, 1, 2)])
@@ -77,7 +77,7 @@ def test_draft_acceptance_rate_is_labelled_apart_from_expected_acceptance(tmp_pa
 
 
 def test_the_comparison_table_has_a_column_per_drafter_and_marks_the_best(tmp_path):
-    from draftalign.evalreport import comparison_table, write_report
+    from draftalign.evaluation.report import comparison_table, write_report
 
     def rec(drafter, task, tau, gamma=3, t=0.0):
         return {"drafter": drafter, "task": task, "engine": "reference", "gamma": gamma, "temperature": t,

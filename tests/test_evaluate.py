@@ -11,7 +11,7 @@ import pytest
 
 from draftalign.config import EvalTaskConfig, load_config
 from draftalign.errors import ConfigError, VocabMismatchError
-from draftalign.evaltasks import EvalDataError, build_prompts, load_task_prompts
+from draftalign.evaluation.tasks import EvalDataError, build_prompts, load_task_prompts
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 
@@ -20,7 +20,7 @@ def _llama(folder: Path, seed: int, vocab_size: int = 32000, layers: int = 1, to
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from draftalign.tokenization import materialize_tokenizer
+    from draftalign.data.tokenization import materialize_tokenizer
 
     if tokenizer:
         materialize_tokenizer("embedded", folder)
@@ -91,7 +91,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
 def test_export_check_refuses_a_mismatched_vocabulary_naming_both(models):
     from transformers import AutoModelForCausalLM
 
-    from draftalign.exportcheck import check_transformers, check_vocab
+    from draftalign.models.exportcheck import check_transformers, check_vocab
 
     check_vocab(str(models["target"]), str(models["draft"]))  # same tokenizer and size: fine
     with pytest.raises(VocabMismatchError) as err:
@@ -176,7 +176,7 @@ def test_report_files_are_written_and_readable(report):
 def test_rows_parquet_matches_its_schema(report):
     import pyarrow.parquet as pq
 
-    from draftalign.schemas import EVAL_SCHEMA, check_table
+    from draftalign.data.schemas import EVAL_SCHEMA, check_table
 
     table = pq.read_table(report["out"] / "rows.parquet")
     check_table(table, EVAL_SCHEMA)
@@ -229,7 +229,7 @@ def test_both_engines_seed_a_prompt_the_same_way():
 
     import torch
 
-    from draftalign.evaltasks import prompt_seed
+    from draftalign.evaluation.tasks import prompt_seed
     from draftalign.workers.evaluate_reference import prompt_generator
 
     assert prompt_seed(3, "p-1", 1.0) == int(hashlib.sha256(b"3/p-1/1.0").hexdigest()[:15], 16)
@@ -240,7 +240,7 @@ def test_both_engines_seed_a_prompt_the_same_way():
 def test_vllm_per_request_metrics_become_the_reference_engines_counts():
     from types import SimpleNamespace
 
-    from draftalign.specmetrics import block_efficiency
+    from draftalign.evaluation.metrics import block_efficiency
     from draftalign.workers.evaluate_vllm import request_counts
 
     # 5 verify steps at γ = 3: two accepted nothing, one accepted 1 draft, two accepted all 3.

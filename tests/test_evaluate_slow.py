@@ -25,7 +25,7 @@ def world(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from draftalign.tokenization import materialize_tokenizer
+    from draftalign.data.tokenization import materialize_tokenizer
 
     root = tmp_path_factory.mktemp("evaluate_cli")
     for name in ("target", "draft"):

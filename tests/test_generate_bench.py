@@ -11,7 +11,7 @@ def bench():
 
 
 def test_the_larger_size_is_above_100m_parameters_and_the_small_one_is_the_toy_target(bench):
-    from draftalign.models import build_config, count_parameters
+    from draftalign.models.arch import build_config, count_parameters
 
     counts = {name: count_parameters(build_config(s["preset"], s.get("overrides"), vocab_size=32000))
               for name, s in bench.SIZES.items()}

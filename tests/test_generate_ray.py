@@ -55,7 +55,7 @@ def world(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from draftalign.tokenization import materialize_tokenizer
+    from draftalign.data.tokenization import materialize_tokenizer
 
     root = tmp_path_factory.mktemp("generate")
     model_dir = root / "target"

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.resources import replica_bundles
 from draftalign.config import ConfigError, SamplingSetting, load_config
-from draftalign.modelid import target_identity
+from draftalign.data.schemas import DISTILL_SCHEMA, ERROR_SCHEMA, to_table
+from draftalign.models.identity import target_identity
 from draftalign.pipelines.generate import describe_generate, existing_row_keys, reason_kind
-from draftalign.schemas import DISTILL_SCHEMA, ERROR_SCHEMA, to_table
+from draftalign.util.atomicio import write_parquet_atomic
 from draftalign.workers.generate_engine import chunk_file, engine_kwargs, engine_metrics
 from draftalign.workers.generate_rows import (
     context_error,

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 
 from draftalign.config import EvalFields, EvalTaskConfig, GenerateConfig, SeedFields
-from draftalign.evaltasks import load_task_prompts
+from draftalign.data.seeds import prepare_seeds, seed_id
+from draftalign.evaluation.tasks import load_task_prompts
 from draftalign.pipelines.generate import seed_rows
-from draftalign.seeds import prepare_seeds, seed_id
 from tests import scripts
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}

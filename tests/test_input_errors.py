@@ -72,8 +72,8 @@ def target(tmp_path_factory):
 
 
 def _truncated_parquet(path: Path) -> Path:
-    from draftalign.atomicio import write_parquet_atomic
-    from draftalign.schemas import DISTILL_SCHEMA, to_table
+    from draftalign.data.schemas import DISTILL_SCHEMA, to_table
+    from draftalign.util.atomicio import write_parquet_atomic
 
     whole = path.with_name("whole.parquet")
     write_parquet_atomic(to_table([], DISTILL_SCHEMA), whole)
@@ -101,7 +101,7 @@ def test_corrupt_part_in_generates_own_data_is_named_with_how_to_recover(capsys,
 
 def test_corrupt_parquet_evaluation_data_names_task_file(tmp_path):
     from draftalign.config import EvalTaskConfig
-    from draftalign.evaltasks import load_task_prompts
+    from draftalign.evaluation.tasks import load_task_prompts
 
     data = _truncated_parquet(tmp_path / "eval.parquet")
     task = EvalTaskConfig(name="qa", kind="open_ended", data=str(data))
@@ -120,7 +120,7 @@ def test_seed_file_with_unsupported_suffix(capsys, tmp_path, target):
 
 def test_a_bom_on_the_first_jsonl_line_is_accepted(tmp_path):
     from draftalign.config import SeedFields
-    from draftalign.seeds import prepare_seeds, read_seed_file
+    from draftalign.data.seeds import prepare_seeds, read_seed_file
 
     f = tmp_path / "s.jsonl"
     f.write_bytes(b'\xef\xbb\xbf{"instruction": "first"}\n{"instruction": "second"}\n')
@@ -129,7 +129,7 @@ def test_a_bom_on_the_first_jsonl_line_is_accepted(tmp_path):
 
 
 def test_a_huge_seed_field_is_an_error_row_naming_the_row(tmp_path, monkeypatch):
-    import draftalign.seeds as seeds
+    import draftalign.data.seeds as seeds
     from draftalign.config import SeedFields
 
     monkeypatch.setattr(seeds, "MAX_FIELD_CHARS", 1000)
@@ -146,7 +146,7 @@ def test_a_huge_seed_field_is_an_error_row_naming_the_row(tmp_path, monkeypatch)
 
 def test_duplicate_ids_in_an_evaluation_set_are_refused_with_task_file_and_id(tmp_path):
     from draftalign.config import EvalTaskConfig
-    from draftalign.evaltasks import EvalDataError, load_task_prompts
+    from draftalign.evaluation.tasks import EvalDataError, load_task_prompts
 
     data = tmp_path / "qa.jsonl"
     data.write_text('{"id": "q1", "instruction": "a?"}\n{"id": "q2", "instruction": "b?"}\n'

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from draftalign.datasetinfo import CLIP, inspect_main, render, summarize
+from draftalign.data.datasetinfo import CLIP, inspect_main, render, summarize
 
 SAMPLING = pa.struct([("name", pa.string()), ("temperature", pa.float64()), ("top_p", pa.float64()),
                       ("max_tokens", pa.int32()), ("seed", pa.int64())])

@@ -1,4 +1,4 @@
-"""Tests for draftalign.losses: brute-force formulas, gradient identities, dtypes, sparse targets."""
+"""Tests for draftalign.training.losses: brute-force formulas, gradient identities, dtypes, sparse targets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from draftalign import losses as L
+from draftalign.training import losses as L
 
 EPS = 1e-5
 ALL_LOSSES = [
@@ -400,7 +400,7 @@ def test_topk_tail_error():
 def test_the_config_accepts_exactly_the_registered_losses():
     # config.LOSS_NAMES stays torch-free for config validation; it must name what LOSSES registers
     from draftalign.config import LOSS_NAMES
-    from draftalign.losses import LOSSES
+    from draftalign.training.losses import LOSSES
 
     assert sorted(LOSS_NAMES) == sorted(LOSSES)
     from draftalign.config import LK_ETA

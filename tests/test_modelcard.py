@@ -10,8 +10,8 @@ import yaml
 
 from draftalign.cli import main
 from draftalign.errors import ConfigError
-from draftalign.hubpush import model_files, push
-from draftalign.modelcard import gather, parse_card_table, table_rows, write_card
+from draftalign.models.card import gather, parse_card_table, table_rows, write_card
+from draftalign.models.hub import model_files, push
 
 MODEL_FILES = ["README.md", "chat_template.jinja", "config.json", "draftalign_model.json",
                "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]

@@ -1,4 +1,4 @@
-"""GGUF models imported into safetensors folders (draftalign/modelimport.py); no Ray."""
+"""GGUF models imported into safetensors folders (draftalign/models/gguf.py); no Ray."""
 
 import json
 from importlib import metadata
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from draftalign import modelimport
 from draftalign.config import load_config
 from draftalign.errors import ConfigError
-from draftalign.modelimport import MARKER, file_sha256, import_gguf, is_gguf_source, resolve_sources
+from draftalign.models import gguf as modelimport
+from draftalign.models.gguf import MARKER, file_sha256, import_gguf, is_gguf_source, resolve_sources
 from tests.gguf_models import CHAT_TEMPLATE, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]

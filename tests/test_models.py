@@ -1,14 +1,14 @@
 import pytest
 from transformers import LlamaConfig
 
-from draftalign.models import (
+from draftalign.data.packing import pack_documents
+from draftalign.models.arch import (
     VocabMismatchError,
     build_config,
     check_compatible,
     count_parameters,
     drafter_config,
 )
-from draftalign.packing import pack_documents
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                         num_attention_heads=32, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from draftalign.config import ConfigError, load_config
-from draftalign.mixture import ON_POLICY, TARGET, cut_for, mixture_counts, plan_mixture, row_rank
+from draftalign.training.mixture import ON_POLICY, TARGET, cut_for, mixture_counts, plan_mixture, row_rank
 from tests.worlds import distill_set, stub_engine_passes, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +125,7 @@ def generate(monkeypatch, tmp_path, models):
 
 
 def test_the_generator_is_in_the_fingerprint_and_a_set_never_mixes_two(generate, models):
-    from draftalign.modelid import target_identity
+    from draftalign.models.identity import target_identity
 
     made = generate()
     assert made["generator_hash"] == made["target_hash"] == target_identity(str(models / "target"))["target_hash"]
@@ -216,7 +216,7 @@ def test_distill_mixes_a_drafter_set_and_fingerprints_it(distill_until_ray, tmp_
     prints = {_fingerprint(c, loss, i) for c, i in ((cfg, off), (half_cfg, half), (all_cfg, everything))}
     assert len(prints) == 3
     # Off, the fingerprint is what it was before on-policy data existed: finished drafters are reused.
-    from draftalign.runinfo import fingerprint
+    from draftalign.util.runinfo import fingerprint
 
     before = cfg.distill.model_dump(mode="json", exclude={
         "output": True, "overwrite": True, "losses": True, "on_policy": True,

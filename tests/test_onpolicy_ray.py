@@ -23,7 +23,7 @@ HOLDOUT = 0.2
 def _seed_ids() -> tuple[list[str], list[str]]:
     """(train ids, held-out ids): 8 seeds that train and 2 that distill holds out, so that four steps
     of four rows are exactly one pass over the mixture (8 target + 8 on-policy rows at λ = 0.5)."""
-    from draftalign.distillation import holdout_row
+    from draftalign.training.distillation import holdout_row
 
     ids = [f"s{i}" for i in range(200)]
     return [i for i in ids if not holdout_row(i, HOLDOUT)][:8], [i for i in ids if holdout_row(i, HOLDOUT)][:2]
@@ -76,7 +76,7 @@ def test_each_round_distils_from_its_drafters_own_answers(two_rounds):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from draftalign.modelid import target_identity
+    from draftalign.models.identity import target_identity
 
     root, _ = two_rounds
     target_rows = _rows(root / "run" / "generate")
@@ -114,9 +114,9 @@ def test_the_target_scored_the_drafters_sequences_of_training_seeds_only(two_rou
     import numpy as np
 
     from draftalign.config import TargetPoolConfig
-    from draftalign.distillation import build_sequences
-    from draftalign.modelid import target_identity
-    from draftalign.tokenization import load_tokenizer
+    from draftalign.data.tokenization import load_tokenizer
+    from draftalign.models.identity import target_identity
+    from draftalign.training.distillation import build_sequences
     from draftalign.workers.target_pool import LogprobCache
 
     root, _ = two_rounds

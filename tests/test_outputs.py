@@ -70,7 +70,7 @@ def test_a_full_disk_keeps_the_earlier_files_whole_and_leaves_no_temp_files(tmp_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from draftalign import atomicio
+    from draftalign.util import atomicio
 
     manifest, part = tmp_path / "manifest.json", tmp_path / "data" / "part-0.parquet"
     atomicio.write_json_atomic(manifest, {"rows": 1})
@@ -90,7 +90,7 @@ def test_a_full_disk_keeps_the_earlier_files_whole_and_leaves_no_temp_files(tmp_
 def test_a_recorded_step_is_running_then_done_or_failed_with_its_seconds(tmp_path):
     import json
 
-    from draftalign.runinfo import recorded_step
+    from draftalign.util.runinfo import recorded_step
 
     path = tmp_path / "manifest.json"
     manifest: dict = {"stages": []}

@@ -8,7 +8,7 @@ import pytest
 
 from draftalign.cli import main
 from draftalign.config import load_config
-from draftalign.redact import REDACTED, SECRET_OVERRIDES_ENV, redact, redact_argv
+from draftalign.util.redact import REDACTED, SECRET_OVERRIDES_ENV, redact, redact_argv
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 PAPER = TINY.with_name("paper.yaml")

@@ -10,10 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from draftalign.atomicio import write_parquet_atomic
 from draftalign.config import SamplingSetting, SeedFields, default_sampling_settings
-from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
-from draftalign.schemas import (
+from draftalign.data.prompts import chat_template_hash, encode_prompt, render_prompt
+from draftalign.data.schemas import (
     DISTILL_SCHEMA,
     DISTILL_SCHEMA_VERSION,
     ERROR_SCHEMA,
@@ -22,7 +21,8 @@ from draftalign.schemas import (
     row_key,
     to_table,
 )
-from draftalign.seeds import normalize_text, prepare_seeds, read_seed_file, seed_id
+from draftalign.data.seeds import normalize_text, prepare_seeds, read_seed_file, seed_id
+from draftalign.util.atomicio import write_parquet_atomic
 
 SEEDS = Path(__file__).resolve().parents[1] / "examples" / "data" / "seeds.jsonl"
 DOLLY = SeedFields(instruction="instruction", input="context", source="category")
@@ -169,7 +169,7 @@ def test_max_seeds_and_stable_ids():
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from draftalign.tokenization import load_tokenizer, materialize_tokenizer
+    from draftalign.data.tokenization import load_tokenizer, materialize_tokenizer
 
     return load_tokenizer(materialize_tokenizer("embedded", tmp_path_factory.mktemp("t") / "tok"))
 
@@ -291,7 +291,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_a_version_1_distillation_set_still_reads_and_a_newer_one_is_named(tmp_path):
-    from draftalign.schemas import DISTILL_SCHEMA_V1, distill_schema_for
+    from draftalign.data.schemas import DISTILL_SCHEMA_V1, distill_schema_for
 
     v1 = {k: v for k, v in _distill_row().items() if not k.startswith("generator")}
     path = write_parquet_atomic(to_table([v1], DISTILL_SCHEMA_V1), tmp_path / "v1.parquet")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from draftalign.specdecode import adjust_probs, autoregressive_generate, speculative_generate
-from draftalign.specmetrics import SpecStats
+from draftalign.evaluation.metrics import SpecStats
+from draftalign.evaluation.specdecode import adjust_probs, autoregressive_generate, speculative_generate
 
 V = 64  # vocabulary of the greedy tests
 V_SMALL = 12  # vocabulary of the sampled tests

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from draftalign.specmetrics import (
+from draftalign.evaluation.metrics import (
     SpecStats,
     acceptance_of_tested,
     acceptance_per_position,
@@ -58,7 +58,7 @@ def test_tested_acceptance_counts_one_rejection_per_block_stopped_before_gamma()
 def test_expected_acceptance_is_one_minus_tvd():
     import torch
 
-    from draftalign.losses import expected_acceptance
+    from draftalign.training.losses import expected_acceptance
 
     rng = np.random.default_rng(0)
     p, q = rng.dirichlet(np.ones(20)), rng.dirichlet(np.ones(20))

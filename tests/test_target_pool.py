@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from draftalign.config import TargetPoolConfig
-from draftalign.distillation import trim_padding
+from draftalign.training.distillation import trim_padding
 from draftalign.workers.target_pool import LogprobCache
 
 V = 5

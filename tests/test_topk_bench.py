@@ -17,7 +17,7 @@ def test_a_missing_world_is_named_before_any_work(bench, tmp_path):
 
 
 def test_gradient_cosines_are_one_for_the_full_target_and_flag_tvdpp_under_topk(bench):
-    from draftalign.losses import densify_topk, sparsify_topk
+    from draftalign.training.losses import densify_topk, sparsify_topk
 
     g = torch.Generator().manual_seed(0)
     vocab = 500

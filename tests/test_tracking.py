@@ -1,4 +1,4 @@
-"""Experiment tracking (draftalign/tracking.py): where each job logs, what it logs, and the
+"""Experiment tracking (draftalign/training/tracking.py): where each job logs, what it logs, and the
 evaluate summary read back from a real TensorBoard event file and MLflow store."""
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from draftalign.config import ConfigError, RunConfig, TrackingConfig
-from draftalign.tracking import (
+from draftalign.training.tracking import (
     BACKEND_PACKAGES,
     TrackingRun,
     flat_params,

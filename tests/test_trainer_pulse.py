@@ -206,8 +206,8 @@ class KeepingSession(FakeSession):
 def test_a_tracked_run_logs_every_log_step_and_draws_its_curves(tmp_path, backend):
     import json
 
-    from draftalign.tracking import TrackingRun
-    from draftalign.trainplots import CURVES_FILE, HISTORY_FILE
+    from draftalign.training.plots import CURVES_FILE, HISTORY_FILE
+    from draftalign.training.tracking import TrackingRun
     from draftalign.workers.trainer import Trainer
     from tests.trackread import mlflow_runs, tensorboard_scalars
 

@@ -9,7 +9,7 @@ def tiny_llama(path: Path, seed: int, hidden: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from draftalign.tokenization import materialize_tokenizer
+    from draftalign.data.tokenization import materialize_tokenizer
 
     materialize_tokenizer("embedded", path)
     torch.manual_seed(seed)
@@ -22,9 +22,9 @@ def distill_set(folder: Path, n_seeds: int, target: Path | None = None, generato
                 seed: int = 0) -> None:
     """A distillation set of random token rows, one greedy row per seed, in `folder/data`, as if
     `generator` (default: `target`, whose hash distill checks) had answered for `target`."""
-    from draftalign.atomicio import write_parquet_atomic
-    from draftalign.modelid import target_identity
-    from draftalign.schemas import DISTILL_SCHEMA, DISTILL_SCHEMA_VERSION, to_table
+    from draftalign.data.schemas import DISTILL_SCHEMA, DISTILL_SCHEMA_VERSION, to_table
+    from draftalign.models.identity import target_identity
+    from draftalign.util.atomicio import write_parquet_atomic
 
     target_hash = target_identity(str(target))["target_hash"] if target else "h"
     generator_hash = target_identity(str(generator))["target_hash"] if generator else target_hash

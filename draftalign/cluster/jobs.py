@@ -20,7 +20,7 @@ import yaml
 from draftalign.cluster.upload import stage_upload
 from draftalign.config import Config
 from draftalign.errors import ConfigError
-from draftalign.redact import SECRET_OVERRIDES_ENV, split_secret_overrides
+from draftalign.util.redact import SECRET_OVERRIDES_ENV, split_secret_overrides
 
 DEFAULT_RUNTIME_ENV = Path(__file__).resolve().parents[2] / "cluster" / "runtime_env.yaml"
 AGENT_WAIT_S = 120  # how long to wait for a freshly started head's job agent

@@ -3,7 +3,7 @@ target's next-token distributions streamed from a pool of target actors.
 
 Ray Data reads the set's Parquet, keeps some seeds aside, builds fixed-length sequences and
 shards them to Ray Train workers; with distill.on_policy.fraction λ > 0 a share λ of the training
-rows comes from a drafter-generated set instead (draftalign/mixture.py), held-out rows staying
+rows comes from a drafter-generated set instead (draftalign/training/mixture.py), held-out rows staying
 the target's; each worker runs DeepSpeed around the draft and feeds a
 target pool beside it (workers/distill_loop.py). The export lands in
 `distill.output/<loss>/model`, reused when it exists for the same inputs and config.
@@ -17,18 +17,18 @@ from typing import Any
 
 from draftalign.cluster.resources import distill_resources
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
-from draftalign.distillation import build_sequences, holdout_row
-from draftalign.draftvocab import coverage, read_draft_vocab, top_tokens, write_draft_vocab
-from draftalign.mixture import ON_POLICY, TARGET, MixturePlan, plan_mixture
-from draftalign.modelid import absolute_model_path, check_target_folder, target_identity
-from draftalign.models import check_compatible, count_parameters, load_model_config
+from draftalign.data.schemas import check_table, distill_schema_for
+from draftalign.models.arch import check_compatible, count_parameters, load_model_config
+from draftalign.models.draftvocab import coverage, read_draft_vocab, top_tokens, write_draft_vocab
+from draftalign.models.identity import absolute_model_path, check_target_folder, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.setprint import SAME_NAME_HINT, set_target_hashes
 from draftalign.pipelines.training import fit, materialize_in_order
-from draftalign.runinfo import fingerprint, write_run_info
-from draftalign.schemas import check_table, distill_schema_for
-from draftalign.tracking import tracking_run
+from draftalign.training.distillation import build_sequences, holdout_row
+from draftalign.training.mixture import ON_POLICY, TARGET, MixturePlan, plan_mixture
+from draftalign.training.tracking import tracking_run
+from draftalign.util.runinfo import fingerprint, write_run_info
 
 _COLUMNS = ["id", "prompt_token_ids", "response_token_ids"]
 
@@ -156,7 +156,7 @@ class DistillInputs:
 
 
 def _inputs(cfg: Config) -> DistillInputs:
-    from draftalign.tokenization import load_tokenizer
+    from draftalign.data.tokenization import load_tokenizer
 
     d = cfg.distill
     target, init_from = (absolute_model_path(p) for p in (cfg.target_path(), d.init_from or cfg.draft_path()))

@@ -3,7 +3,7 @@
 The driver resolves the drafters, refuses any that cannot draft for the target (vocabulary,
 then a few tokens as transformers' assistant_model), renders every task's prompts with the
 target's chat template, and runs the sweep drafter x task x γ x temperature on each engine:
-`reference` (draftalign.specdecode, exact, batch 1, in this process) and `vllm` (one engine
+`reference` (draftalign.evaluation.specdecode, exact, batch 1, in this process) and `vllm` (one engine
 per (drafter, γ) in a Ray actor). Per-prompt rows go to Parquet; the pooled summary to
 summary.json/.csv, report.md and PNG plots.
 """
@@ -17,21 +17,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import vllm_eval_engine
 from draftalign.config import Config, ConfigError
-from draftalign.evalcells import CellStore
-from draftalign.evalreport import comparison_table, markdown_table, summarize_rows, write_report
-from draftalign.evaltasks import bundled_path, load_task_prompts
-from draftalign.modelid import absolute_model_path, check_target_folder, looks_local, target_identity
+from draftalign.data.schemas import EVAL_SCHEMA, to_table
+from draftalign.evaluation.cells import CellStore
+from draftalign.evaluation.metrics import acceptance_rate, block_efficiency
+from draftalign.evaluation.report import comparison_table, markdown_table, summarize_rows, write_report
+from draftalign.evaluation.tasks import bundled_path, load_task_prompts
+from draftalign.models.identity import absolute_model_path, check_target_folder, looks_local, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import MODEL_INFO
-from draftalign.redact import redact_argv
-from draftalign.runinfo import fingerprint, write_run_info
-from draftalign.schemas import EVAL_SCHEMA, to_table
-from draftalign.specmetrics import acceptance_rate, block_efficiency
-from draftalign.tracking import TrackingRun, open_tracker, summary_metrics, tracking_run
+from draftalign.training.tracking import TrackingRun, open_tracker, summary_metrics, tracking_run
+from draftalign.util.atomicio import write_parquet_atomic
+from draftalign.util.redact import redact_argv
+from draftalign.util.runinfo import fingerprint, write_run_info
 from draftalign.workers.generate_engine import engine_kwargs
 
 
@@ -110,7 +110,7 @@ def describe_evaluate(cfg: Config) -> dict[str, Any]:
 
 
 def _prompts(cfg: Config, tok: Any, context: int, log) -> dict[str, list[dict]]:
-    from draftalign.prompts import encode_prompt, render_prompt
+    from draftalign.data.prompts import encode_prompt, render_prompt
 
     ev = cfg.evaluate
     out: dict[str, list[dict]] = {}
@@ -210,10 +210,10 @@ def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: i
 
 def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: list[int], check: bool,
                      log) -> tuple[int, dict[str, int]]:
-    """Weights read per decoding step (models.step_weights, MBSU's c) of the loaded models,
+    """Weights read per decoding step (models.arch.step_weights, MBSU's c) of the loaded models,
     after the assistant_model check when asked."""
-    from draftalign.exportcheck import check_transformers
-    from draftalign.models import step_weights
+    from draftalign.models.arch import step_weights
+    from draftalign.models.exportcheck import check_transformers
 
     params = {}
     for d in drafters:
@@ -228,7 +228,7 @@ def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: lis
 
 def _vocab_note(path: str) -> str:
     """The reduced draft vocabulary of a drafter folder, as the header states it ("" for none)."""
-    from draftalign.draftvocab import read_draft_vocab
+    from draftalign.models.draftvocab import read_draft_vocab
 
     vocab = read_draft_vocab(path) if Path(path).is_dir() else None
     if vocab is None:
@@ -275,7 +275,7 @@ VLLM_SAMPLED_NOTE = (
 
 def _checked_models(cfg: Config) -> tuple[str, list[dict]]:
     """(target, drafters), each refused here if it is missing, unloadable or of another vocabulary."""
-    from draftalign.exportcheck import check_vocab
+    from draftalign.models.exportcheck import check_vocab
 
     target = cfg.target_path()
     if looks_local(target) and not Path(target).expanduser().is_dir():
@@ -311,7 +311,7 @@ def _with_identities(drafters: list[dict]) -> list[dict]:
 @locked_output("evaluate", lambda cfg: cfg.evaluate.output)
 def run_evaluate(cfg: Config, log=None) -> list[dict]:
     """Run the sweep and write the report under evaluate.output; returns the summary records."""
-    from draftalign.tokenization import ensure_chat_template, load_tokenizer
+    from draftalign.data.tokenization import ensure_chat_template, load_tokenizer
     from draftalign.workers.evaluate_reference import ReferenceEngine, ReferenceSweep, reference_rows
 
     log = log or (lambda msg: print(msg, flush=True))
@@ -320,7 +320,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     target, drafters = _checked_models(cfg)
     out = Path(ev.output)
     tok = ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
-    from draftalign.models import load_model_config
+    from draftalign.models.arch import load_model_config
 
     context = load_model_config(target, cfg.models.trust_remote_code).get_text_config().max_position_embeddings
     if "vllm" in ev.engines:
@@ -336,7 +336,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
                                      ev.reference.threads)
         target_params, params = _check_and_count(ref_engine, target, drafters, first, ev.export_check, log)
     else:  # a vLLM-only run on a big target: count on the meta device instead of loading it here
-        from draftalign.models import step_weights_of
+        from draftalign.models.arch import step_weights_of
 
         target_params = step_weights_of(target, cfg.models.trust_remote_code)
         params = {d["name"]: step_weights_of(d["path"], cfg.models.trust_remote_code) for d in drafters}
@@ -379,7 +379,7 @@ def _track(tracking: TrackingRun, cfg: Config, records: list[dict]) -> None:
 
 def _write_cards(drafters: list[dict], records: list[dict], log) -> None:
     """A model card (README.md) in every evaluated drafter folder draftalign exported."""
-    from draftalign.modelcard import write_card
+    from draftalign.models.card import write_card
 
     for d in drafters:
         folder = Path(d["path"]).expanduser()

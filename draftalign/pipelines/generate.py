@@ -19,26 +19,26 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from draftalign.atomicio import write_json_atomic, write_parquet_atomic
 from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import generate_resources
 from draftalign.config import Config, ConfigError, GenerateConfig
+from draftalign.data.prompts import chat_template_hash, encode_prompt, render_prompt
+from draftalign.data.schemas import ERROR_SCHEMA, to_table
+from draftalign.data.seeds import open_rows, prepare_seeds
 from draftalign.errors import DraftalignError
-from draftalign.modelid import absolute_model_path, check_target_folder, looks_local, target_identity
+from draftalign.models.identity import absolute_model_path, check_target_folder, looks_local, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.setprint import check_set, row_determinants, write_fingerprint
-from draftalign.prompts import chat_template_hash, encode_prompt, render_prompt
-from draftalign.redact import redact
-from draftalign.runinfo import write_run_info
-from draftalign.schemas import ERROR_SCHEMA, to_table
-from draftalign.seeds import open_rows, prepare_seeds
+from draftalign.util.atomicio import write_json_atomic, write_parquet_atomic
+from draftalign.util.redact import redact
+from draftalign.util.runinfo import write_run_info
 from draftalign.workers.generate_engine import ENGINE_MAX_RESTARTS, engine_kwargs
 from draftalign.workers.generate_rows import error_row, expand_requests, pending, read_parts, row_key_counts
 
 
 def target_tokenizer(cfg: Config, target: str):
     """The target's own tokenizer; Llama 2's chat template when it has none or config asks."""
-    from draftalign.tokenization import ensure_chat_template, load_tokenizer
+    from draftalign.data.tokenization import ensure_chat_template, load_tokenizer
 
     return ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
 
@@ -213,7 +213,7 @@ def generator_identity(cfg: Config, target_ident: dict[str, str]) -> dict[str, s
         hint = " (models.draft, else the pretrain stage's drafter)" if cfg.generate.generator == "draft" else ""
         raise ConfigError(f"{key}: the model {gen!r}{hint} does not exist: run the pretrain stage or "
                           "set generate.generator to a model folder")
-    from draftalign.models import check_compatible, load_model_config
+    from draftalign.models.arch import check_compatible, load_model_config
 
     try:
         if folder.is_dir():

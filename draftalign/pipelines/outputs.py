@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from draftalign.atomicio import write_json_atomic
 from draftalign.errors import ConfigError
-from draftalign.trainplots import CURVE_FILES
+from draftalign.training.plots import CURVE_FILES
+from draftalign.util.atomicio import write_json_atomic
 
 MODEL_INFO = "draftalign_model.json"  # written next to every exported model
 
@@ -40,7 +40,7 @@ def reusable(model_dir: Path, fp: str) -> bool:
 
 def publish_model(checkpoint, model_dir: Path, tokenizer, info: dict[str, Any]) -> Path:
     """Copy the final checkpoint's `hf/` export with the tokenizer and info, then swap it in;
-    its training curves (trainplots.CURVE_FILES) go beside the model folder.
+    its training curves (draftalign.training.plots.CURVE_FILES) go beside the model folder.
 
     The folder appears whole or not at all: readers never see a half-written model.
     """

@@ -14,9 +14,10 @@ from typing import Any
 
 from draftalign.cluster.resources import train_resources
 from draftalign.config import Config, ConfigError, CorpusConfig, PretrainJob
-from draftalign.corpus import is_holdout, list_files, stdlib_files, stdlib_root
-from draftalign.modelid import absolute_model_path
-from draftalign.models import (
+from draftalign.data.corpus import list_files, stdlib_files, stdlib_root
+from draftalign.data.split import is_holdout
+from draftalign.data.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
+from draftalign.models.arch import (
     build_config,
     check_compatible,
     count_parameters,
@@ -25,12 +26,12 @@ from draftalign.models import (
     load_model_config,
     target_layers_config,
 )
+from draftalign.models.identity import absolute_model_path
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.training import fit, materialize_in_order
-from draftalign.runinfo import fingerprint, write_run_info
-from draftalign.tokenization import load_tokenizer, materialize_tokenizer, vocab_fingerprint
-from draftalign.tracking import tracking_run
+from draftalign.training.tracking import tracking_run
+from draftalign.util.runinfo import fingerprint, write_run_info
 
 _DOC_SUFFIXES = (".txt", ".py", ".md", ".rst")
 _ROW_SUFFIXES = (".jsonl", ".json", ".parquet")

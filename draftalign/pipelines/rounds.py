@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from draftalign.config import Config, LossConfig, deep_merge
-from draftalign.modelid import absolute_model_path
+from draftalign.models.identity import absolute_model_path
 from draftalign.pipelines.locks import locked_output
-from draftalign.runinfo import recorded_step
+from draftalign.util.runinfo import recorded_step
 
 
 def round_config(cfg: Config, loss: LossConfig, r: int, drafter: str) -> Config:

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from draftalign.atomicio import write_json_atomic
 from draftalign.config import Config
 from draftalign.pipelines.locks import locked_output
-from draftalign.runinfo import recorded_step, write_run_info
+from draftalign.util.atomicio import write_json_atomic
+from draftalign.util.runinfo import recorded_step, write_run_info
 
 
 class _Tee:

@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from draftalign.atomicio import write_json_atomic
 from draftalign.config import Config
+from draftalign.data.seeds import unreadable_parquet
 from draftalign.errors import ConfigError
-from draftalign.seeds import unreadable_parquet
+from draftalign.util.atomicio import write_json_atomic
 from draftalign.workers.generate_rows import PART_RECOVERY
 
 __all__ = ["FINGERPRINT", "row_determinants", "changes", "check_set", "write_fingerprint", "set_target_hashes",

@@ -7,13 +7,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from draftalign.packing import pack_documents
+from draftalign.data.packing import pack_documents
 
 
 @lru_cache(maxsize=4)
 def _tokenizer(path: str):
     # Loaded once per Ray worker process; workers are reused across tasks.
-    from draftalign.tokenization import load_tokenizer
+    from draftalign.data.tokenization import load_tokenizer
 
     return load_tokenizer(path)
 

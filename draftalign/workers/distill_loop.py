@@ -15,10 +15,10 @@ import torch
 
 from draftalign.cluster.metrics import record
 from draftalign.config import DistillConfig, LossConfig
-from draftalign.distillation import heldout_means, heldout_sums, masked_logits, trim_padding
-from draftalign.draftvocab import draft_vocab_ids, install_reduced_head, load_draft_model
-from draftalign.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
-from draftalign.tracking import TrackingRun
+from draftalign.models.draftvocab import draft_vocab_ids, install_reduced_head, load_draft_model
+from draftalign.training.distillation import heldout_means, heldout_sums, masked_logits, trim_padding
+from draftalign.training.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
+from draftalign.training.tracking import TrackingRun
 from draftalign.workers.trainer import Trainer, mean_across_workers
 
 

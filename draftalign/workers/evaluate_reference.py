@@ -1,4 +1,4 @@
-"""The `reference` evaluation engine: draftalign.specdecode at batch 1, timed against plain decoding.
+"""The `reference` evaluation engine: draftalign.evaluation.specdecode at batch 1, timed against plain decoding.
 
 The target is loaded once; each drafter in turn. Plain autoregressive decoding of the target
 is timed once per (task, temperature, prompt) and shared by every drafter and γ, since it
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from draftalign.draftvocab import load_draft_model
-from draftalign.evalcells import CellStore
-from draftalign.evaltasks import prompt_seed
-from draftalign.specdecode import autoregressive_generate, speculative_generate
+from draftalign.evaluation.cells import CellStore
+from draftalign.evaluation.specdecode import autoregressive_generate, speculative_generate
+from draftalign.evaluation.tasks import prompt_seed
+from draftalign.models.draftvocab import load_draft_model
 
 __all__ = ["ReferenceEngine", "ReferenceSweep", "progress_line", "prompt_generator", "reference_rows"]
 
@@ -175,8 +175,8 @@ def _row(d: dict, task: str, p: dict, gamma: int, temp: float, s: ReferenceSweep
 def progress_line(engine_name: str, drafter: str, task: str, gamma: int, temperature: float, rows: list[dict],
                   secs: float) -> str:
     """One log line per sweep cell: τ and draft acceptance pooled over its rows, as the report pools them."""
-    from draftalign.evalreport import pooled_block_efficiency
-    from draftalign.specmetrics import acceptance_rate
+    from draftalign.evaluation.metrics import acceptance_rate
+    from draftalign.evaluation.report import pooled_block_efficiency
 
     tau = pooled_block_efficiency(rows)
     alpha = acceptance_rate(sum(r["num_accepted"] for r in rows), sum(r["num_draft_tokens"] for r in rows))

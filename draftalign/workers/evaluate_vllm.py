@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from draftalign.config import VllmEvalConfig
-from draftalign.evaltasks import prompt_seed
+from draftalign.evaluation.tasks import prompt_seed
 
 __all__ = ["VllmEngine", "request_counts", "share_seconds", "stop_engine"]
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import replica_bundles
 from draftalign.config import EngineConfig, VllmEvalConfig
-from draftalign.schemas import DISTILL_SCHEMA, to_table
+from draftalign.data.schemas import DISTILL_SCHEMA, to_table
+from draftalign.util.atomicio import write_parquet_atomic
 from draftalign.workers.generate_rows import distill_row, vllm_sampling_params
 
 # ray.data.llm marks a failed request with this column and hands the row back as the engine

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from draftalign.config import SamplingSetting
-from draftalign.schemas import row_key
-from draftalign.seeds import RAW_LIMIT
+from draftalign.data.schemas import row_key
+from draftalign.data.seeds import RAW_LIMIT
 
 # (messages) -> (prompt_text, prompt_token_ids): the target's chat template and tokenizer.
 Render = Callable[[list[dict[str, str]]], tuple[str, list[int]]]
@@ -117,8 +117,8 @@ def read_parts(data_dir: Path, columns: list[str]) -> Iterator[dict[str, list]]:
     """`columns` of each part file in `data/`, file by file; an unreadable file is a ConfigError."""
     import pyarrow.parquet as pq
 
+    from draftalign.data.seeds import unreadable_parquet
     from draftalign.errors import ConfigError
-    from draftalign.seeds import unreadable_parquet
 
     for f in sorted(Path(data_dir).glob("*.parquet")):  # hidden .tmp files of a killed writer do not match
         try:

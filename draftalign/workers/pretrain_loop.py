@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from draftalign.config import PretrainJob
-from draftalign.tracking import TrackingRun
+from draftalign.training.tracking import TrackingRun
 from draftalign.workers.trainer import Trainer, evaluate_lm
 
 
@@ -60,13 +60,13 @@ def build_model(cfg: PretrainLoopConfig):
     if arch.target_layers is not None:  # cut from the target, then pretrained further on the corpus
         from transformers import AutoModelForCausalLM
 
-        from draftalign.models import draft_from_target
+        from draftalign.models.arch import draft_from_target
 
         target = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=torch.float32, use_safetensors=True)
         return draft_from_target(target, arch.target_layers).train()
     model = LlamaForCausalLM(LlamaConfig(**cfg.model_config))
     if arch.init_embeddings == "target":
-        from draftalign.models import init_embeddings_from
+        from draftalign.models.arch import init_embeddings_from
 
         init_embeddings_from(model, cfg.target)
     return model

@@ -26,8 +26,8 @@ import torch
 
 from draftalign.cluster.resources import target_actor
 from draftalign.config import TargetPoolConfig
-from draftalign.distillation import masked_logits, trim_padding
 from draftalign.errors import DraftalignError
+from draftalign.training.distillation import masked_logits, trim_padding
 
 _WIRE = {"float16": torch.float16, "float32": torch.float32}
 

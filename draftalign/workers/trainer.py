@@ -23,9 +23,9 @@ from typing import Any, Protocol
 import torch
 
 from draftalign.config import OptimConfig, TrainConfig
-from draftalign.draftvocab import draft_vocab_ids, export_state_dict, write_draft_vocab
-from draftalign.tracking import TrackingRun, open_tracker
-from draftalign.trainplots import curve_point, write_curves
+from draftalign.models.draftvocab import draft_vocab_ids, export_state_dict, write_draft_vocab
+from draftalign.training.plots import curve_point, write_curves
+from draftalign.training.tracking import TrackingRun, open_tracker
 
 # Ray Train v2 hands each report to its controller, which polls every couple of seconds; a
 # report made sooner than that blocks the step. Progress is printed at every log step anyway.

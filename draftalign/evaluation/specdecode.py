@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from draftalign.specmetrics import SpecStats
+from draftalign.evaluation.metrics import SpecStats
 
 __all__ = ["IterationRecord", "SpecResult", "adjust_probs", "autoregressive_generate", "speculative_generate"]
 

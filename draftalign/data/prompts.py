@@ -2,7 +2,7 @@
 
 The distillation set must hold exactly the token sequences the target sees at serving
 time, so prompts are rendered by the tokenizer's own chat template (Llama 2's when the
-tokenizer has none; see `draftalign.tokenization.materialize_tokenizer`) and the
+tokenizer has none; see `draftalign.data.tokenization.materialize_tokenizer`) and the
 template's hash is stored next to every row.
 """
 
@@ -30,7 +30,7 @@ def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], system_pro
     holds the BOS token, so tokenize it with `encode_prompt`, not the tokenizer's defaults.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; materialize it with draftalign.tokenization")
+        raise ValueError("the tokenizer has no chat template; materialize it with draftalign.data.tokenization")
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
     if system_prompt and not (turns and turns[0]["role"] == "system"):
         turns.insert(0, {"role": "system", "content": system_prompt})

@@ -1,4 +1,4 @@
-"""Pretraining corpora: which documents, and which of them are held out.
+"""Pretraining corpora: which documents there are (the hold-out split is data/split.py).
 
 The embedded default reads the Python standard library's own `.py` files, found from the
 running interpreter, so it needs neither a download nor a copy in the repository.
@@ -6,7 +6,6 @@ running interpreter, so it needs neither a download nor a copy in the repository
 
 from __future__ import annotations
 
-import hashlib
 import sysconfig
 from pathlib import Path
 
@@ -26,14 +25,6 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     if not files:
         raise RuntimeError(f"no .py files found under the standard library at {root}")
     return sorted(files)
-
-
-def is_holdout(key: str, fraction: float) -> bool:
-    """Stable split by a hash of the document's key (path or text), independent of order."""
-    if fraction <= 0:
-        return False
-    bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8", "replace")).digest()[:8], "big")
-    return bucket / 2**64 < fraction
 
 
 def list_files(paths: list[str], suffixes: tuple[str, ...]) -> list[Path]:

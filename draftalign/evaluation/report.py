@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from draftalign.specmetrics import (
+from draftalign.evaluation.metrics import (
     acceptance_of_tested,
     acceptance_per_position,
     acceptance_rate,
@@ -157,7 +157,7 @@ def _comparison_plot(out: Path, records: Sequence[dict], plt) -> list[str]:
 
 
 def _write_csv(path: Path, records: Sequence[dict]) -> None:
-    from draftalign.atomicio import write_text_atomic
+    from draftalign.util.atomicio import write_text_atomic
 
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=list(records[0]))
@@ -218,7 +218,7 @@ def _plots(out: Path, records: Sequence[dict]) -> list[str]:
 
 def write_report(out: str | Path, records: Sequence[dict], header: str = "", plots: bool = True) -> dict[str, str]:
     """summary.json, summary.csv, report.md and (optionally) the PNG plots; returns their paths."""
-    from draftalign.atomicio import write_json_atomic, write_text_atomic
+    from draftalign.util.atomicio import write_json_atomic, write_text_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

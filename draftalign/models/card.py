@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from draftalign.atomicio import write_text_atomic
 from draftalign.errors import ConfigError
+from draftalign.util.atomicio import write_text_atomic
 
 MODEL_INFO = "draftalign_model.json"  # the name pipelines.outputs writes
 CARD = "README.md"

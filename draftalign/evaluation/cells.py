@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from draftalign.atomicio import write_json_atomic, write_parquet_atomic
+from draftalign.util.atomicio import write_json_atomic, write_parquet_atomic
 
 FINGERPRINT = "fingerprint.json"
 
@@ -48,7 +48,7 @@ class CellStore:
         return [{k: v for k, v in r.items() if k != "schema_version"} for r in pq.read_table(path).to_pylist()]
 
     def put_rows(self, rows: list[dict], *key: Any) -> None:
-        from draftalign.schemas import EVAL_SCHEMA, to_table
+        from draftalign.data.schemas import EVAL_SCHEMA, to_table
 
         write_parquet_atomic(to_table(rows, EVAL_SCHEMA), self._path(".parquet", *key))
 

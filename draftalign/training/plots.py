@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from draftalign.atomicio import write_json_atomic
+from draftalign.util.atomicio import write_json_atomic
 
 HISTORY_FILE = "training_history.json"
 CURVES_FILE = "training_curves.png"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from draftalign.errors import VocabMismatchError
-from draftalign.models import check_compatible
+from draftalign.models.arch import check_compatible
 
 __all__ = ["check_vocab", "check_transformers"]
 
@@ -24,14 +24,14 @@ def _vocab(path: str) -> dict[str, int] | None:
     folder = Path(path).expanduser()
     if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         return None
-    from draftalign.tokenization import load_tokenizer
+    from draftalign.data.tokenization import load_tokenizer
 
     return load_tokenizer(path).get_vocab()
 
 
 def check_vocab(target: str, draft: str, trust_remote_code: bool = False) -> None:
     """Raise VocabMismatchError, naming both models, unless `draft` can draft for `target`."""
-    from draftalign.models import load_model_config
+    from draftalign.models.arch import load_model_config
 
     t_cfg = load_model_config(target, trust_remote_code).get_text_config()
     d_cfg = load_model_config(draft, trust_remote_code).get_text_config()

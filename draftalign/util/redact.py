@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-__all__ = ["REDACTED", "looks_secret", "redact", "redact_argv", "split_secret_overrides", "SECRET_OVERRIDES_ENV",
+if TYPE_CHECKING:
+    from draftalign.config import Config
+
+__all__ = ["REDACTED", "looks_secret", "redact", "dump_config", "redact_argv", "split_secret_overrides", "SECRET_OVERRIDES_ENV",
            "secret_overrides_from_env"]
 
 REDACTED = "<redacted>"
@@ -49,6 +52,11 @@ def redact(data: Any, path: tuple[str, ...] = ()) -> Any:
     if isinstance(data, (list, tuple)):
         return [redact(v, path) for v in data]
     return data
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, secrets redacted: what config.yaml and --plan show."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
 
 
 def _secret_override(item: str) -> tuple[str, Any] | None:

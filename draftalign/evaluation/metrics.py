@@ -19,7 +19,7 @@ Implied τ         (1 − α^{γ+1}) / (1 − α)                  (i.i.d. accep
 
 The implied τ takes the *tested* acceptance α, not α̂: drafts after the first rejection of a block are
 never tested, so α̂ is well below the per-token acceptance (i.i.d. α = 0.8 at γ = 5 gives α̂ ≈ 0.54,
-whose implied τ 2.13 is far from the measured 3.69).  Neither is Σ min(p, q) (``draftalign.losses.expected_acceptance``,
+whose implied τ 2.13 is far from the measured 3.69).  Neither is Σ min(p, q) (``draftalign.training.losses.expected_acceptance``,
 the distill stage's held-out "expected acceptance"), which is a per-position probability.
 
 Each draft emits its accepted tokens plus one correction or bonus token, so 1 ≤ τ ≤ γ + 1.

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from draftalign.corpus import is_holdout
-from draftalign.losses import expected_acceptance
+from draftalign.data.split import is_holdout
+from draftalign.training.losses import expected_acceptance
 
 SEQUENCE_COLUMNS = ("input_ids", "attention_mask", "loss_mask")
 

@@ -142,7 +142,7 @@ ERROR_SCHEMA = _schema(
 # - `drafter` (string), `drafter_path` (string): the drafter's report name and its folder or hub name.
 # - `task` (string), `task_kind` (string): the task name and its kind (open_ended, summarize, translate).
 # - `prompt_id` (string): the evaluation row's id.
-# - `engine` (string): "reference" (draftalign.specdecode) or "vllm".
+# - `engine` (string): "reference" (draftalign.evaluation.specdecode) or "vllm".
 # - `gamma` (int32), `temperature` (float32), `top_p` (float32): the decoding setting.
 # - `num_input_tokens` (int32), `num_generated_tokens` (int32): prompt and answer lengths.
 # - `num_drafts` (int32): speculative iterations (target calls that verified drafts).

