@@ -242,7 +242,7 @@ def render() -> str:
             if bounds:
                 text = (text + " " if text else "") + f"({bounds})"
             links = []
-            for step, sub in subs:
+            for _step, sub in subs:
                 target = paths[sub][0] or "Config"
                 links.append(f"[`{target}`](#{_anchor(target)})")
             if links:
