@@ -376,7 +376,7 @@ class DistillConfig(Strict):
     data: str | None = None  # a distillation set folder or file; default: generate.output
     init_from: str | None = None  # the drafter to start from; default: the pretrained drafter
     holdout_fraction: float = Field(0.05, ge=0.0, lt=0.5)  # seeds kept aside for evaluation
-    include_prompt: bool = False  # also train on prompt positions (default: response only)
+    include_prompt: bool = False  # also train on prompt positions (held-out numbers stay on responses)
     # One drafter per loss, each from the same starting drafter on the same set, one after the
     # other; with target_pool.cache they share the target's log-probs (computed once).
     losses: list[LossConfig] = Field(default_factory=lambda: [LossConfig()], min_length=1)

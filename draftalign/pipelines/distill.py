@@ -114,9 +114,9 @@ def _split(inputs: DistillInputs, d: DistillConfig, pad_id: int):
     """(train, holdout) Ray Datasets of {input_ids, attention_mask, loss_mask} int64 [seq_len]."""
     import ray.data
 
-    def to_sequences(batch: dict[str, Any]) -> dict[str, Any]:
+    def to_sequences(batch: dict[str, Any], include_prompt: bool = d.include_prompt) -> dict[str, Any]:
         return build_sequences(batch["prompt_token_ids"], batch["response_token_ids"], d.train.seq_len,
-                               d.include_prompt, pad_id)
+                               include_prompt, pad_id)
 
     columns = [*_COLUMNS, "row_key"] if inputs.mixture else _COLUMNS
     ds = ray.data.read_parquet([str(f) for f in inputs.files], columns=columns)
@@ -126,7 +126,10 @@ def _split(inputs: DistillInputs, d: DistillConfig, pad_id: int):
         train = _mixed(train, inputs.on_policy_files, inputs.mixture, frac)
     # One seeded shuffle, so rows of one seed are not back to back and a rerun sees one order.
     train = train.random_shuffle(seed=d.train.seed).map_batches(to_sequences, batch_format="numpy")
-    holdout = ds.filter(lambda r: holdout_row(r["id"], frac)).map_batches(to_sequences, batch_format="numpy")
+    # Held-out numbers are read on response positions only, with or without include_prompt: they
+    # stand for the drafter's acceptance while the target answers, which is what decoding sees.
+    holdout = ds.filter(lambda r: holdout_row(r["id"], frac)).map_batches(
+        to_sequences, fn_kwargs={"include_prompt": False}, batch_format="numpy")
     return train, materialize_in_order(holdout)
 
 
