@@ -323,7 +323,6 @@ def self_instruct(cfg: Config, out: Path, ident: dict[str, str], prep: dict[str,
     rate = f", {stats['instructions_per_min']} instructions/min" if stats["instructions_per_min"] else ""
     print(f"[generate] self-instruct: {stats['asked']} asked, {stats['kept']} kept ({stats['kept_share']:.0%}), "
           f"dropped {stats['dropped_by_reason']}{rate}", flush=True)
-    record("draftalign_self_instruct_kept_share", stats["kept_share"], stage="generate")
     return {"seeds": as_seeds(records), "summary": stats}
 
 
