@@ -35,7 +35,9 @@ SAMPLING_NAME = "self-instruct"  # the `sampling.name` of the raw request rows i
 INSTRUCTION_SCHEMA = pa.schema(
     [pa.field("index", pa.int32(), False), pa.field("id", pa.string(), True), pa.field("source", pa.string(), False),
      pa.field("instruction", pa.string(), False), pa.field("raw_text", pa.string(), False),
-     pa.field("ended", pa.bool_(), False), pa.field("kept", pa.bool_(), False), pa.field("reason", pa.string(), True),
+     pa.field("ended", pa.bool_(), False), pa.field("kept", pa.bool_(), False),
+     # reason: one of REASONS (counted by `draftalign inspect`); detail: the whole reason.
+     pa.field("reason", pa.string(), True), pa.field("detail", pa.string(), True),
      pa.field("schema_version", pa.int32(), False)],
     metadata={"draftalign.schema": "instructions", "draftalign.schema_version": "1"})
 
@@ -147,7 +149,8 @@ def select(raw: Iterable[dict], end: str, min_chars: int, max_chars: int, source
 
     raw: {"index": int, "text": str, "ended": bool}. taken: normalised texts already in the
     set (the seeds), whose repeats are duplicates too. The first of equal requests is kept.
-    Record: {"index", "id", "source", "instruction", "raw_text", "ended", "kept", "reason"}.
+    Record: {"index", "id", "source", "instruction", "raw_text", "ended", "kept", "reason", "detail"}
+    (reason: the kind, one of REASONS; detail: the whole reason).
     """
     seen: dict[str, str] = {t: "a seed" for t in taken}
     out = []
@@ -161,7 +164,7 @@ def select(raw: Iterable[dict], end: str, min_chars: int, max_chars: int, source
             seen[key] = f"request {r['index']}"
         out.append({"index": int(r["index"]), "id": instruction_id(text) if text else None, "source": source,
                     "instruction": text, "raw_text": r["text"], "ended": bool(r["ended"]),
-                    "kept": reason is None, "reason": reason})
+                    "kept": reason is None, "reason": reason and reason_kind(reason), "detail": reason})
     return out
 
 

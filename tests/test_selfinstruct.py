@@ -77,8 +77,8 @@ def test_select_dedupes_by_normalised_text_and_against_the_seeds():
     records = select(raw, "", 16, 1000, "self-instruct", taken=["sort a list in python please"])
     assert [r["index"] for r in records] == [0, 1, 2, 3, 4, 5]
     assert [r["kept"] for r in records] == [True, True, False, False, False, False]
-    assert records[3]["reason"] == "duplicate: same normalised text as request 0"
-    assert records[5]["reason"] == "duplicate: same normalised text as a seed"
+    assert records[3]["detail"] == "duplicate: same normalised text as request 0"
+    assert records[5]["detail"] == "duplicate: same normalised text as a seed" and records[5]["reason"] == "duplicate"
     assert records[0]["id"] == instruction_id("what is the capital of france?") and records[0]["id"].startswith("si-")
     seeds = as_seeds(records)
     assert seeds == [{"id": records[0]["id"], "source": "self-instruct", "instruction": "What is the capital of France?",

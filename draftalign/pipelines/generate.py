@@ -316,7 +316,8 @@ def self_instruct(cfg: Config, out: Path, ident: dict[str, str], prep: dict[str,
     records = select(raw, turn.end, si.min_chars, si.max_chars, si.source, taken)
     for r, reason in (result or {}).get("failed", []):
         records.append({"index": index_of(r["id"]), "id": None, "source": si.source, "instruction": "",
-                        "raw_text": "", "ended": False, "kept": False, "reason": f"engine error: {reason}"})
+                        "raw_text": "", "ended": False, "kept": False, "reason": "engine error",
+                        "detail": f"engine error: {reason}"})
     write_parquet_atomic(to_table(sorted(records, key=lambda r: r["index"]), INSTRUCTION_SCHEMA),
                          folder / "instructions.parquet")
     stats = summary(records, len(todo), result["seconds"] if result else None)
