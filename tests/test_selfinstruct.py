@@ -8,8 +8,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from draftalign.config import ConfigError, load_config
-from draftalign.selfinstruct import (SENTINEL, as_seeds, clean_request, drop_reason, instruction_id, request_seed,
-                                     requests, select, summary, user_turn)
+from draftalign.selfinstruct import (
+    SENTINEL,
+    as_seeds,
+    clean_request,
+    drop_reason,
+    instruction_id,
+    request_seed,
+    requests,
+    select,
+    summary,
+    user_turn,
+)
 from draftalign.tokenization import LLAMA2_CHAT_TEMPLATE
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"

@@ -37,8 +37,14 @@ from draftalign.seeds import normalize_text, open_rows, prepare_seeds
 from draftalign.selfinstruct import INSTRUCTION_SCHEMA, as_seeds, index_of, select, summary, user_turn
 from draftalign.selfinstruct import requests as instruction_requests
 from draftalign.workers.generate_engine import ENGINE_MAX_RESTARTS, engine_kwargs
-from draftalign.workers.generate_rows import (context_error, error_row, expand_requests, pending, read_parts,
-                                              row_key_counts)
+from draftalign.workers.generate_rows import (
+    context_error,
+    error_row,
+    expand_requests,
+    pending,
+    read_parts,
+    row_key_counts,
+)
 
 
 def target_tokenizer(cfg: Config, target: str):
