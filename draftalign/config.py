@@ -222,11 +222,33 @@ def default_sampling_settings(max_tokens: int = 1024, seed: int | None = None) -
     ]
 
 
+class SelfInstructConfig(Strict):
+    """Instructions the target writes itself (Magpie): it gets only its chat template's user-turn
+    prefix, writes a user request, and the kept requests are answered like seeds."""
+
+    count: int = Field(ge=1)  # requests asked for; the filters keep fewer
+    temperature: float = Field(1.0, ge=0.0)  # Magpie samples at T = 1: greedy would repeat one request
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(128, ge=1)  # a request still open after this is dropped (not ending the turn)
+    min_chars: int = Field(16, ge=1)  # shorter requests are mostly fragments ("Hi", "?")
+    max_chars: int = Field(1000, ge=1)
+    seed: int | None = None  # None: each request's seed comes from its index, still reproducible
+    source: str = Field("self-instruct", min_length=1)  # the rows' `source`
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SelfInstructConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars {self.min_chars} > max_chars {self.max_chars}: nothing could be kept")
+        return self
+
+
 class GenerateConfig(Strict):
     output: str  # filled from run.output when absent
     # A .jsonl/.parquet file, or a Hugging Face data set: a local folder (a cloned hub repo or
     # `save_to_disk` output) or a hub name (hf_config, hf_split apply).
-    seeds: str | None = None
+    seeds: str | None = None  # may be None when self_instruct makes the instructions
+    # Instructions the target writes itself, added to the seeds (or instead of them).
+    self_instruct: SelfInstructConfig | None = None
     hf_config: str | None = None
     hf_split: str = "train"
     fields: SeedFields = SeedFields()

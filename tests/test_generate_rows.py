@@ -215,4 +215,4 @@ def test_a_missing_target_or_seed_file_stops_before_ray(tmp_path, capsys):
     model = tmp_path / "m"
     model.mkdir()
     assert main([*base, f"models.target={model}", "generate.seeds=null"]) == 2
-    assert "generate.seeds is not set" in capsys.readouterr().err
+    assert "neither generate.seeds nor generate.self_instruct is set" in capsys.readouterr().err

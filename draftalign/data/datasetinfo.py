@@ -29,7 +29,7 @@ TOP_VALUES = 10  # values listed per count column; the rest are summed up
 MANIFEST_KEYS = 15  # manifest keys shown; it is a reminder of the run, not the point
 # Label columns whose value counts are worth a glance; `source`/`stage` help read error sets.
 COUNT_COLUMNS = ("schema_version", "finish_reason", "sampling_name", "reason", "stage", "source",
-                 "task", "drafter", "engine")
+                 "task", "drafter", "engine", "kept")  # kept: self-instructed requests (instructions/)
 _NUM_TOKENS = re.compile(r"^num_(\w+_)?tokens$")
 
 

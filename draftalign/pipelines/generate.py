@@ -13,7 +13,9 @@ still fails, and every rejected seed, lands in `errors/`.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +26,9 @@ from draftalign.cluster.resources import generate_resources
 from draftalign.config import Config, ConfigError, GenerateConfig
 from draftalign.data.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.data.schemas import ERROR_SCHEMA, to_table
-from draftalign.data.seeds import open_rows, prepare_seeds
+from draftalign.data.seeds import normalize_text, open_rows, prepare_seeds
+from draftalign.data.selfinstruct import INSTRUCTION_SCHEMA, as_seeds, index_of, select, summary, user_turn
+from draftalign.data.selfinstruct import requests as instruction_requests
 from draftalign.errors import DraftalignError
 from draftalign.models.identity import absolute_model_path, check_target_folder, looks_local, target_identity
 from draftalign.pipelines.locks import locked_output
@@ -33,7 +37,14 @@ from draftalign.util.atomicio import write_json_atomic, write_parquet_atomic
 from draftalign.util.redact import redact
 from draftalign.util.runinfo import write_run_info
 from draftalign.workers.generate_engine import ENGINE_MAX_RESTARTS, engine_kwargs
-from draftalign.workers.generate_rows import error_row, expand_requests, pending, read_parts, row_key_counts
+from draftalign.workers.generate_rows import (
+    context_error,
+    error_row,
+    expand_requests,
+    pending,
+    read_parts,
+    row_key_counts,
+)
 
 
 def target_tokenizer(cfg: Config, target: str):
@@ -43,10 +54,20 @@ def target_tokenizer(cfg: Config, target: str):
     return ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
 
 
+NO_INSTRUCTIONS = ("neither generate.seeds nor generate.self_instruct is set: give generate.seeds (a .jsonl/.parquet "
+                   "file or a Hugging Face data set), or let the target write its own instructions with "
+                   "generate.self_instruct.count=N, or both")
+
+
+def check_instruction_source(gen: GenerateConfig) -> None:
+    if gen.seeds is None and gen.self_instruct is None:
+        raise ConfigError(NO_INSTRUCTIONS)
+
+
 def seed_rows(gen: GenerateConfig) -> tuple[Any, str]:
     """(row iterator, source name) for a seed file or a Hugging Face data set."""
     if gen.seeds is None:
-        raise ConfigError("generate.seeds is not set: give a .jsonl/.parquet file or a Hugging Face data set")
+        raise ConfigError(NO_INSTRUCTIONS)
     local = Path(gen.seeds).expanduser()
     name = local.name if local.exists() else gen.seeds  # a hub name stays whole: org/set
     return open_rows(gen.seeds, gen.hf_config, gen.hf_split, "generate.seeds"), gen.source or name
@@ -64,10 +85,15 @@ def reason_kind(reason: str) -> str:
 def describe_generate(cfg: Config) -> dict[str, Any]:
     """The --plan view: what would be read and written, and what Ray would be asked for."""
     gen, eng = cfg.generate, cfg.generate.engine
+    check_instruction_source(gen)
+    si = gen.self_instruct
+    seeds = f"{gen.max_seeds or 'all'} seeds" if gen.seeds is not None else "no seed file"
+    seeds += f" + up to {si.count} self-instructed" if si else ""
     return {
         "target": cfg.target_path(), "generator": cfg.generator_path(), "seeds": gen.seeds, "max_seeds": gen.max_seeds,
+        "self_instruct": si.model_dump(mode="json") if si else None,
         "output": gen.output, "sampling": [s.name for s in gen.sampling],
-        "rows": f"{gen.max_seeds or 'all'} seeds x {len(gen.sampling)} sampling settings",
+        "rows": f"{seeds} x {len(gen.sampling)} sampling settings",
         "resources": {**generate_resources(eng), "engine_kwargs": engine_kwargs(eng)},
     }
 
@@ -75,10 +101,15 @@ def describe_generate(cfg: Config) -> dict[str, Any]:
 def _prepare(cfg: Config, target: str) -> dict[str, Any]:
     """Seeds -> requests and seed errors, all in the driver and before Ray starts."""
     gen = cfg.generate
-    rows, source = seed_rows(gen)
+    check_instruction_source(gen)
     tok = target_tokenizer(cfg, target)
-    seeds, bad = prepare_seeds(rows, gen.fields, source, gen.max_seeds)
-    errors = [error_row("seeds", e["reason"], id=e["id"], source=e["source"], raw=e["raw"]) for e in bad]
+    seeds, errors, source = [], [], None
+    if gen.seeds is not None:
+        rows, source = seed_rows(gen)
+        seeds, bad = prepare_seeds(rows, gen.fields, source, gen.max_seeds)
+        errors = [error_row("seeds", e["reason"], id=e["id"], source=e["source"], raw=e["raw"]) for e in bad]
+    if gen.self_instruct is not None:
+        user_turn(tok, target, gen.system_prompt)  # a template without a user turn fails here, before Ray
 
     def render(messages):
         text = render_prompt(tok, messages, gen.system_prompt)
@@ -86,7 +117,7 @@ def _prepare(cfg: Config, target: str) -> dict[str, Any]:
 
     requests, too_long = expand_requests(seeds, gen.sampling, render, gen.engine.max_model_len)
     return {"seeds": seeds, "requests": requests, "errors": errors + too_long, "source": source,
-            "eos": tok.eos_token_id, "template_hash": chat_template_hash(tok)}
+            "eos": tok.eos_token_id, "template_hash": chat_template_hash(tok), "tokenizer": tok, "render": render}
 
 
 def _write_errors(path: Path, rows: list[dict]) -> None:
@@ -230,6 +261,78 @@ def generator_identity(cfg: Config, target_ident: dict[str, str]) -> dict[str, s
     return {"generator_model": ident["target_model"], "generator_hash": ident["target_hash"]}
 
 
+def _end_token_ids(tok, end: str) -> list[int]:
+    """The end marker's id when it is one token of its own (ChatML `<|im_end|>`): vLLM does not see
+    special tokens in the text it matches stop strings against."""
+    ids = tok.convert_tokens_to_ids([end]) if end else []
+    return [ids[0]] if ids and ids[0] is not None and ids[0] != tok.unk_token_id else []
+
+
+def _instruction_fingerprint(cfg: Config, ident: dict[str, str], template_hash: str, prefix: str) -> dict[str, Any]:
+    """What makes the raw requests in instructions/data/: not count (more only adds requests) nor the filters."""
+    si = cfg.generate.self_instruct
+    return {"generator_hash": ident["generator_hash"], "chat_template_hash": template_hash, "prefix": prefix,
+            **si.model_dump(mode="json", include={"temperature", "top_p", "max_tokens", "seed"})}
+
+
+def _check_instructions(folder: Path, current: dict[str, Any], overwrite: bool) -> None:
+    path = folder / "fingerprint.json"
+    old = json.loads(path.read_text()) if path.is_file() else None
+    found = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in current.items() if old is not None and old.get(k) != v]
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(f"{folder} holds instructions asked for otherwise ({'; '.join(found)}): they would be "
+                          "mixed with new ones; choose another generate.output, or set generate.overwrite=true")
+    shutil.rmtree(folder / "data", ignore_errors=True)
+
+
+def self_instruct(cfg: Config, out: Path, ident: dict[str, str], prep: dict[str, Any]) -> dict[str, Any]:
+    """The target writes `count` user requests from its user-turn prefix (resumable, in instructions/);
+    returns {"seeds": the kept ones as seed rows, "summary": counts and rate}.
+
+    The requests go through the same engine passes as the answers; the model that answers
+    (generate.generator, default the target) writes them.
+    """
+    gen, si = cfg.generate, cfg.generate.self_instruct
+    folder, tok = out / "instructions", prep["tokenizer"]
+    turn = user_turn(tok, cfg.target_path(), gen.system_prompt)
+    ids = encode_prompt(tok, turn.prefix)
+    if reason := context_error(len(ids), si.max_tokens, gen.engine.max_model_len):
+        raise ConfigError(f"generate.self_instruct: the user-turn prefix is {reason}")
+    current = _instruction_fingerprint(cfg, ident, prep["template_hash"], turn.prefix)
+    _check_instructions(folder, current, gen.overwrite)
+    data_dir = folder / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "fingerprint.json", current)
+    sampling = {"name": "", "temperature": si.temperature, "top_p": si.top_p, "max_tokens": si.max_tokens,
+                "seed": si.seed}
+    asked = instruction_requests(si.count, turn.prefix, ids, sampling, turn.end, _end_token_ids(tok, turn.end))
+    todo = pending(asked, existing_row_keys(data_dir))
+    print(f"[generate] self-instruct: {si.count} requests, {si.count - len(todo)} already written, "
+          f"{len(todo)} to generate (prefix {turn.prefix!r}, end {turn.end!r})", flush=True)
+    result = run_passes(cfg, todo, data_dir, ident, prep["eos"], prep["template_hash"]) if todo else None
+    wanted = {r["row_key"] for r in asked}
+    raw = []
+    for part in read_parts(data_dir, ["id", "row_key", "response_text", "finish_reason"]):
+        raw += [{"index": index_of(i), "text": t, "ended": f == "stop"}
+                for i, k, t, f in zip(part["id"], part["row_key"], part["response_text"], part["finish_reason"],
+                                      strict=True) if k in wanted]  # a smaller count leaves later ones out
+    taken = [normalize_text("\n".join(t["content"] for t in s["messages"])) for s in prep["seeds"]]
+    records = select(raw, turn.end, si.min_chars, si.max_chars, si.source, taken)
+    for r, reason in (result or {}).get("failed", []):
+        records.append({"index": index_of(r["id"]), "id": None, "source": si.source, "instruction": "",
+                        "raw_text": "", "ended": False, "kept": False, "reason": "engine error",
+                        "detail": f"engine error: {reason}"})
+    write_parquet_atomic(to_table(sorted(records, key=lambda r: r["index"]), INSTRUCTION_SCHEMA),
+                         folder / "instructions.parquet")
+    stats = summary(records, len(todo), result["seconds"] if result else None)
+    rate = f", {stats['instructions_per_min']} instructions/min" if stats["instructions_per_min"] else ""
+    print(f"[generate] self-instruct: {stats['asked']} asked, {stats['kept']} kept ({stats['kept_share']:.0%}), "
+          f"dropped {stats['dropped_by_reason']}{rate}", flush=True)
+    return {"seeds": as_seeds(records), "summary": stats}
+
+
 @locked_output("generate", lambda cfg: cfg.generate.output)
 def run_generate(cfg: Config) -> dict[str, Any]:
     """Generate (or complete) the distillation set under generate.output; returns the manifest."""
@@ -253,12 +356,18 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     data_dir.mkdir(parents=True, exist_ok=True)
     for stale in data_dir.glob(".*.tmp"):  # what a killed writer left; never a visible file
         stale.unlink(missing_ok=True)
+    si = self_instruct(cfg, out, ident, prep) if gen.self_instruct is not None else None
+    if si is not None:  # the kept requests are answered like seeds, with every sampling setting
+        extra, too_long = expand_requests(si["seeds"], gen.sampling, prep["render"], gen.engine.max_model_len)
+        prep["requests"] += extra
+        prep["errors"] += too_long
     todo = pending(prep["requests"], done)
     _write_errors(err_dir / "seeds.parquet", prep["errors"])
     if ident["generator_hash"] != ident["target_hash"]:
         print(f"[generate] generator: {ident['generator_model']} (generate.generator={gen.generator}), "
               f"prompts and rows for the target {target}", flush=True)
-    print(f"[generate] {len(prep['seeds'])} seeds, {len(prep['requests'])} requests, "
+    kept = f" + {len(si['seeds'])} self-instructed" if si is not None else ""
+    print(f"[generate] {len(prep['seeds'])} seeds{kept}, {len(prep['requests'])} requests, "
           f"{len(prep['requests']) - len(todo)} already written, {len(todo)} to generate", flush=True)
     result = run_passes(cfg, todo, data_dir, ident, prep["eos"], prep["template_hash"])
     engine_errors = [error_row("engine", reason, id=r["id"], source=r["source"], raw=r, key=r["row_key"])
@@ -269,7 +378,8 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     all_errors = prep["errors"] + engine_errors
     manifest = {
         "config": redact(cfg.model_dump(mode="json")), **ident, "chat_template_hash": prep["template_hash"],
-        "source": prep["source"],
+        "source": " + ".join(x for x in (prep["source"], gen.self_instruct and gen.self_instruct.source) if x),
+        "self_instruct": si["summary"] if si is not None else None,
         "counts": {
             "seeds_read": len(prep["seeds"]) + sum(e["stage"] == "seeds" and e["row_key"] is None
                                                    for e in prep["errors"]),

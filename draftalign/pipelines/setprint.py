@@ -40,7 +40,10 @@ def row_determinants(cfg: Config, ident: dict[str, str], template_hash: str) -> 
         "system_prompt": gen.system_prompt,
         "sampling": {s.name: s.model_dump(mode="json") for s in gen.sampling},
         "seeds": {"seeds": gen.seeds, "hf_config": gen.hf_config, "hf_split": gen.hf_split,
-                  "fields": gen.fields.model_dump(mode="json"), "source": gen.source},
+                  "fields": gen.fields.model_dump(mode="json"), "source": gen.source,
+                  # What the requests are asked with (count and the filters only add or leave rows).
+                  "self_instruct": gen.self_instruct and gen.self_instruct.model_dump(
+                      mode="json", include={"temperature", "top_p", "max_tokens", "seed", "source"})},
     }
 
 
@@ -83,6 +86,8 @@ def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if "sampling" in old:
         out += _sampling_changes(old["sampling"], new["sampling"])
     for key, before in (old.get("seeds") or {}).items():
+        if key == "self_instruct" and before is None:
+            continue  # self-instructed rows added to a seeds-only set: only more rows
         if before != new["seeds"].get(key):
             out.append(f"generate.{key} {before!r} -> {new['seeds'].get(key)!r}")
     return out

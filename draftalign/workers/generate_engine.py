@@ -63,8 +63,16 @@ def _preprocess(row: dict[str, Any], fail_keys: frozenset[str] = frozenset()) ->
     ids = [int(t) for t in row["prompt_token_ids"]]
     # The engine's output overwrites `prompt_token_ids` (with None for token prompts), so the
     # ids travel under a name of their own.
+    params = vllm_sampling_params(row["sampling"], row["row_key"])
+    # Self-instruct requests end at the user turn's end marker (generate.self_instruct).
+    row = dict(row)
+    stop, stop_ids = row.pop("stop", None), row.pop("stop_token_ids", None)
+    if stop is not None and len(stop):
+        params["stop"] = [str(x) for x in stop]
+    if stop_ids is not None and len(stop_ids):
+        params["stop_token_ids"] = [int(x) for x in stop_ids]
     out = {**row, _IDS: ids, "tokenized_prompt": [_POISON_TOKEN] if row["row_key"] in fail_keys else ids,
-           "sampling_params": vllm_sampling_params(row["sampling"], row["row_key"])}
+           "sampling_params": params}
     del out["prompt_token_ids"]
     return out
 
