@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from draftalign import console
 from draftalign.atomicio import write_parquet_atomic
 from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import vllm_eval_engine
@@ -297,7 +298,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     from draftalign.tokenization import ensure_chat_template, load_tokenizer
     from draftalign.workers.evaluate_reference import ReferenceEngine, ReferenceSweep, reference_rows
 
-    log = log or (lambda msg: print(msg, flush=True))
+    log = log or console.line  # a sweep cell's line: a bar update on a terminal
     ev, t_start = cfg.evaluate, time.time()
     tracking = tracking_run(cfg.tracking, cfg.run, "evaluate")  # a missing backend fails now, not after the sweep
     target, drafters = _checked_models(cfg)
@@ -309,6 +310,8 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     if "vllm" in ev.engines:
         context = min(context, ev.vllm.max_model_len)
     prompts = _prompts(cfg, tok, context, log)
+    console.expect_cells(len(drafters) * len(prompts) * len(ev.gammas)
+                         * sum(len(ev.engine_temperatures(e)) for e in ev.engines))
     write_run_info(out, cfg, "evaluate", {"drafters": drafters})  # after every input check: a refusal writes nothing
     if _vllm_sampled(ev):
         log(f"[evaluate] {VLLM_SAMPLED_NOTE}")
