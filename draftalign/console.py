@@ -117,6 +117,7 @@ def setup(run_output: str | Path, verbose_flag: bool = False) -> None:
         # Ray Data's bars and its execution summary, in the driver and in Ray Train's data actors.
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         logging.captureWarnings(True)  # library warnings to py.warnings: the log file only
+        import ray  # noqa: F401  (Ray sets up its logger on import: quieted below, before ray.init's banner)
     _route_loggers()
 
 
