@@ -221,8 +221,20 @@ def _prefix(data: dict[str, Any]) -> str:
 def _on_worker_output(data: dict[str, Any]) -> None:
     """Ray's log thread hands over each batch of worker lines: all into the log file; unless
     verbose, draftalign's training lines (only) on to the terminal."""
-    prefix = _prefix(data)
-    for line in data.get("lines", []):
+    prefix, lines = _prefix(data), data.get("lines", [])
+    if data.get("pid") == "autoscaler":  # its events, as Ray would print them; warnings reach the terminal
+        try:
+            from ray._private.worker import filter_autoscaler_events
+
+            lines = list(filter_autoscaler_events(lines))
+        except ImportError:
+            pass
+        for line in lines:
+            _write_log(f"{prefix} {line}")
+            if not verbose() and ("Warning" in line or "Error" in line):
+                emit(f"{prefix} {line}")
+        return
+    for line in lines:
         _write_log(f"{prefix} {line}")
         if verbose():
             continue
