@@ -221,6 +221,13 @@ def _prefix(data: dict[str, Any]) -> str:
 def _on_worker_output(data: dict[str, Any]) -> None:
     """Ray's log thread hands over each batch of worker lines: all into the log file; unless
     verbose, draftalign's training lines (only) on to the terminal."""
+    try:
+        _worker_output(data)
+    except Exception:  # noqa: BLE001  (never kill Ray's log thread over a line)
+        pass
+
+
+def _worker_output(data: dict[str, Any]) -> None:
     prefix, lines = _prefix(data), data.get("lines", [])
     if data.get("pid") == "autoscaler":  # its events, as Ray would print them; warnings reach the terminal
         try:
