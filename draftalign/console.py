@@ -108,7 +108,7 @@ def setup(run_output: str | Path, verbose_flag: bool = False) -> None:
     _S.log_dir = Path(run_output).expanduser().resolve() / "logs"
     old = _S.handler
     _S.handler = _RunLogHandler(_S.log_dir / LOG_NAME)
-    for name in ("", "draftalign", *LIBRARIES):
+    for name in ("", "draftalign", *_library_loggers()):
         lg = logging.getLogger(name)
         if old is not None and old in lg.handlers:
             lg.removeHandler(old)
@@ -118,6 +118,11 @@ def setup(run_output: str | Path, verbose_flag: bool = False) -> None:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         logging.captureWarnings(True)  # library warnings to py.warnings: the log file only
         import ray  # noqa: F401  (Ray sets up its logger on import: quieted below, before ray.init's banner)
+        # ray.llm gives each of its loggers a terminal handler of its own on import unless "ray.llm"
+        # has one: this one lets their records propagate to "ray" (the log file; errors on the terminal).
+        llm = logging.getLogger("ray.llm")
+        if not llm.handlers:
+            llm.addHandler(logging.NullHandler())
     _route_loggers()
 
 
@@ -131,7 +136,7 @@ def _route_loggers() -> None:
     root = logging.getLogger()
     if h not in root.handlers:
         root.addHandler(h)
-    for name in ("draftalign", *LIBRARIES):
+    for name in ("draftalign", *_library_loggers()):
         lg = logging.getLogger(name)
         if not lg.propagate and h not in lg.handlers:
             lg.addHandler(h)
@@ -140,6 +145,14 @@ def _route_loggers() -> None:
         for other in lg.handlers:
             if isinstance(other, logging.StreamHandler) and not isinstance(other, logging.FileHandler):
                 other.setLevel(max(other.level, logging.ERROR))
+
+
+def _library_loggers() -> list[str]:
+    """LIBRARIES and every logger below them that exists now (ray.llm.* each get a handler of
+    their own on import, and do not propagate)."""
+    known = [n for n in list(logging.root.manager.loggerDict)
+             if any(n == lib or n.startswith(lib + ".") for lib in LIBRARIES)]
+    return sorted(set(LIBRARIES) | set(known))
 
 
 def ray_started() -> None:
@@ -349,6 +362,7 @@ def track(items: Iterable[dict], total: int, desc: str, unit: str = "rows",
     """Yield `items`, showing how many of `total` passed (and tokens/s of `tokens_key`): a bar on a
     terminal, a plain line at most every `every_s` seconds otherwise (none without `setup`)."""
     t0, n, tokens = time.monotonic(), 0, 0
+    _route_loggers()  # the libraries this step imported (ray.llm, vLLM) may have their own handlers
     bar = _new_bar(desc, total, unit) if interactive() else None
     if bar is not None:
         with _S.lock:
@@ -407,7 +421,7 @@ def error_line(exc: BaseException) -> str:
 def reset() -> None:
     """Forget `setup` (tests)."""
     close_bars()
-    for name in ("", "draftalign", *LIBRARIES):
+    for name in ("", "draftalign", *_library_loggers()):
         if _S.handler is not None:
             logging.getLogger(name).removeHandler(_S.handler)
     if _S.handler is not None:
