@@ -118,6 +118,9 @@ def setup(run_output: str | Path, verbose_flag: bool = False) -> None:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         logging.captureWarnings(True)  # library warnings to py.warnings: the log file only
         import ray  # noqa: F401  (Ray sets up its logger on import: quieted below, before ray.init's banner)
+        # transformers' and the Hub's download/loading bars (this driver and, inherited, Ray's workers).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        _hf_bars_off()
         # ray.llm gives each of its loggers a terminal handler of its own on import unless "ray.llm"
         # has one: this one lets their records propagate to "ray" (the log file; errors on the terminal).
         llm = logging.getLogger("ray.llm")
@@ -147,6 +150,14 @@ def _route_loggers() -> None:
                 other.setLevel(max(other.level, logging.ERROR))
 
 
+def _hf_bars_off() -> None:
+    """The loading bars of a transformers or huggingface_hub imported before the env var was set."""
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
+
+
 def _library_loggers() -> list[str]:
     """LIBRARIES and every logger below them that exists now (ray.llm.* each get a handler of
     their own on import, and do not propagate)."""
@@ -168,6 +179,7 @@ def ray_started() -> None:
     if dispatcher is not None:
         if not verbose():
             dispatcher.remove_handler("ray_print_logs")
+            _route_cluster_messages()
         dispatcher.add_handler("draftalign_console", _on_worker_output)
     if not verbose():
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM imported in this driver after now
@@ -184,6 +196,23 @@ def ray_started() -> None:
     _link_session()
     _route_loggers()
     _tell_once()
+
+
+def _route_cluster_messages() -> None:
+    """Ray's error listener prints the cluster's messages ("(raylet) WARNING: 8 PYTHON worker
+    processes have been started...", a worker's death) with print_to_stdstream: to the log file
+    instead. A failure they explain still ends the run with its error line, which names the log."""
+    import ray._private.worker as rw
+
+    if getattr(rw.print_to_stdstream, "draftalign", False):
+        return
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            _write_log(f"{_prefix(data)} {line}")
+
+    to_log.draftalign = True  # type: ignore[attr-defined]
+    rw.print_to_stdstream = to_log
 
 
 def _link_session() -> None:

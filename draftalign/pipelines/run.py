@@ -31,7 +31,8 @@ class _Tee:
         self.stream, self.log = stream, log
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        if not self.log.closed:  # colorama's atexit reset writes through a Tee the run has closed
+            self.log.write(text)
         return self.stream.write(text)
 
     def flush(self) -> None:
