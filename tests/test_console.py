@@ -14,8 +14,9 @@ STEP = "[pretrain target] step 2/6 {'step': 2, 'epoch': 0, 'loss': 3.5, 'lr': 0.
 
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch):
-    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
-    monkeypatch.delenv("RAY_DATA_DISABLE_PROGRESS_BARS", raising=False)
+    for var in (console.VERBOSE_ENV, "RAY_DATA_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(var, "")  # recorded, so that what setup() sets is undone after the test
+        monkeypatch.delenv(var)
     console.reset()
     yield
     console.reset()
