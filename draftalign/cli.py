@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _fail(exc)
         return 1
+    except Exception as exc:  # a Ray failure: one error line; the traceback is in RUN/logs/ (-v: here)
+        if not console.is_ray_failure(exc):
+            raise
+        _fail(exc)
+        return 1
 
 
 def _fail(exc: BaseException) -> None:

@@ -436,11 +436,29 @@ def line(msg: str) -> None:
     emit(msg)
 
 
+def is_ray_failure(exc: BaseException) -> bool:
+    """A Ray error (a training run, task or actor that failed) in a quiet run: the CLI ends it with
+    its error line (the traceback goes to the log) instead of a traceback; -v keeps the traceback."""
+    return _S.configured and _S.ray_started and not verbose() and type(exc).__module__.startswith("ray.")
+
+
+def _short(exc: BaseException) -> str:
+    """A Ray error's message is a worker's whole traceback: keep its last "SomeError: reason" line."""
+    text = str(exc)
+    if not type(exc).__module__.startswith("ray.") or "\n" not in text.strip():
+        return text
+    causes = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]*(Error|Exception): ", ln)]
+    first = text.strip().splitlines()[0].strip()
+    return f"{first} {causes[-1]}" if causes and causes[-1] != first else first
+
+
 def error_line(exc: BaseException) -> str:
     """The run's last line; names the log file when the cause may be in it (Ray ran: its workers'
     output is there, not on the terminal)."""
     close_bars()
-    text = f"draftalign: error: {exc}"
+    if _S.handler is not None and _S.ray_started:  # a refusal before Ray starts leaves no logs folder
+        logging.getLogger("draftalign").error("the run failed", exc_info=exc)
+    text = f"draftalign: error: {_short(exc) if _S.ray_started and not verbose() else exc}"
     path = log_file()
     if _S.ray_started and path is not None and path.is_file():
         text += f" (logs: {path})"

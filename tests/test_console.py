@@ -119,3 +119,20 @@ def test_step_metrics_with_nan_parse():
     m = console.parse_metrics("{'step': 2, 'loss': 3.5, 'holdout_perplexity': nan, 'resumed_from_step': None}")
     assert m["loss"] == 3.5 and m["resumed_from_step"] is None
     assert console.step_postfix(m) == "loss=3.5 ppl=nan"
+
+
+def test_a_ray_failure_ends_with_one_line_naming_the_log(tmp_path):
+    class TrainingFailedError(RuntimeError):
+        pass
+
+    TrainingFailedError.__module__ = "ray.train.v2.api.exceptions"
+    exc = TrainingFailedError("Training failed due to worker errors:\n[Rank 0]\nTraceback (most recent call last):\n"
+                              "  File \"trainer.py\", line 1\nRuntimeError: injected failure at step 3\n")
+    assert not console.is_ray_failure(exc)  # no setup: the traceback, as before
+    console.setup(tmp_path)
+    console._S.ray_started = True
+    assert console.is_ray_failure(exc) and not console.is_ray_failure(ValueError("x"))
+    line = console.error_line(exc)
+    assert line.startswith("draftalign: error: Training failed due to worker errors: RuntimeError: injected failure "
+                           "at step 3 (logs: ") and "\n" not in line
+    assert "Traceback" in (tmp_path / "logs" / console.LOG_NAME).read_text()
