@@ -443,13 +443,15 @@ def is_ray_failure(exc: BaseException) -> bool:
 
 
 def _short(exc: BaseException) -> str:
-    """A Ray error's message is a worker's whole traceback: keep its last "SomeError: reason" line."""
+    """A Ray error's message holds a worker's whole traceback: keep its first line and its
+    "SomeError: reason" lines."""
     text = str(exc)
     if not type(exc).__module__.startswith("ray.") or "\n" not in text.strip():
         return text
-    causes = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]*(Error|Exception): ", ln)]
     first = text.strip().splitlines()[0].strip()
-    return f"{first} {causes[-1]}" if causes and causes[-1] != first else first
+    causes = [ln.strip() for ln in text.splitlines()
+              if re.match(r"^\s*[\w.]*(Error|Exception): ", ln) and ln.strip() != first]
+    return " ".join([first, "; ".join(dict.fromkeys(causes))])[:1000].strip()
 
 
 def error_line(exc: BaseException) -> str:
