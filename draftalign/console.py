@@ -298,8 +298,14 @@ def _new_bar(desc: str, total: int | None, unit: str, initial: int = 0):
     from tqdm import tqdm
 
     _route_loggers()  # a library imported since may have put up its own terminal handler
+    try:
+        width = os.get_terminal_size(sys.__stderr__.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        width = 0
+    # A terminal of unknown size (0 columns, e.g. a pty nobody sized) would get an empty bar.
+    size = {"dynamic_ncols": True} if width > 0 else {"ncols": 100}
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.__stderr__, leave=True,
-                dynamic_ncols=True, mininterval=0.5, smoothing=0.3)
+                mininterval=0.5, smoothing=0.3, **size)
 
 
 def emit(text: str) -> None:
