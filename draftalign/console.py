@@ -299,11 +299,11 @@ def _new_bar(desc: str, total: int | None, unit: str, initial: int = 0):
 
     _route_loggers()  # a library imported since may have put up its own terminal handler
     try:
-        width = os.get_terminal_size(sys.__stderr__.fileno()).columns
+        shape = os.get_terminal_size(sys.__stderr__.fileno())
     except (AttributeError, OSError, ValueError):
-        width = 0
-    # A terminal of unknown size (0 columns, e.g. a pty nobody sized) would get an empty bar.
-    size = {"dynamic_ncols": True} if width > 0 else {"ncols": 100}
+        shape = os.terminal_size((0, 0))
+    # A terminal of no size (a pty nobody sized: `script` run from a job) made tqdm hide every bar.
+    size = {"dynamic_ncols": True} if min(shape) > 0 else {"ncols": 100, "nrows": 24}
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.__stderr__, leave=True,
                 mininterval=0.5, smoothing=0.3, **size)
 
