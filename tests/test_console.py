@@ -136,3 +136,15 @@ def test_a_ray_failure_ends_with_one_line_naming_the_log(tmp_path):
     assert line.startswith("draftalign: error: Training failed due to worker errors: RuntimeError: injected failure "
                            "at step 3 (logs: ") and "\n" not in line
     assert "Traceback" in (tmp_path / "logs" / console.LOG_NAME).read_text()
+
+
+def test_ray_cluster_messages_go_to_the_log(tmp_path, capsys, monkeypatch):
+    import ray._private.worker as rw
+
+    monkeypatch.setattr(rw, "print_to_stdstream", rw.print_to_stdstream)  # restored after the test
+    console.setup(tmp_path)
+    console._route_cluster_messages()
+    rw.print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started"], "pid": "raylet",
+                           "is_err": False}, ignore_prefix=False)
+    assert capsys.readouterr().out == ""
+    assert "(raylet) WARNING: 8 PYTHON worker" in (tmp_path / "logs" / console.LOG_NAME).read_text()
