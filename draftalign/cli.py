@@ -10,6 +10,7 @@ import yaml
 
 from draftalign.config import Config, load_config
 from draftalign.errors import DraftalignError
+from draftalign.util import console
 from draftalign.util.redact import dump_config, redact, secret_overrides_from_env
 
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
@@ -73,6 +74,7 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
             print("---")
             print(yaml.safe_dump({"plan": redact(_plan(cfg, stage))}, sort_keys=False), end="")
             return 0
+        console.setup(cfg.run.output, args.verbose)  # library and worker output: RUN/logs/ (-v: here too)
         return _run_stage(cfg, stage)
 
     return command
@@ -144,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config, e.g. examples/tiny.yaml")
         p.add_argument("overrides", nargs="*", help="a.b=value overrides (values parsed as YAML)")
         p.add_argument("--plan", action="store_true", help="print the resolved config and Ray resources, then exit")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="also print Ray's, Ray Data's, DeepSpeed's and vLLM's output (always in RUN/logs/)")
         p.set_defaults(func=_stage_command(stage))
     p = sub.add_parser("inspect", help="describe a Parquet data set of the project")
     p.add_argument("path", help="a .parquet file or a stage output folder")
@@ -186,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _fail(exc)
         return 1
+    except Exception as exc:  # a Ray failure: one error line; the traceback is in RUN/logs/ (-v: here)
+        if not console.is_ray_failure(exc):
+            raise
+        _fail(exc)
+        return 1
 
 
 def _fail(exc: BaseException) -> None:
@@ -198,7 +207,7 @@ def _fail(exc: BaseException) -> None:
     if ray is not None and ray.is_initialized():
         ray.shutdown()
     sys.stdout.flush()
-    print(f"draftalign: error: {exc}", file=sys.stderr)
+    print(console.error_line(exc), file=sys.stderr)
 
 
 if __name__ == "__main__":

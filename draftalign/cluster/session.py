@@ -24,3 +24,6 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
                  dashboard_host=cfg.dashboard_host)
+    from draftalign.util.console import ray_started
+
+    ray_started()  # worker output to RUN/logs/ (the terminal keeps draftalign's progress lines)

@@ -29,6 +29,7 @@ from draftalign.models.identity import absolute_model_path, check_target_folder,
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import MODEL_INFO
 from draftalign.training.tracking import TrackingRun, open_tracker, summary_metrics, tracking_run
+from draftalign.util import console
 from draftalign.util.atomicio import write_parquet_atomic
 from draftalign.util.redact import redact_argv
 from draftalign.util.runinfo import fingerprint, write_run_info
@@ -314,7 +315,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     from draftalign.data.tokenization import ensure_chat_template, load_tokenizer
     from draftalign.workers.evaluate_reference import ReferenceEngine, ReferenceSweep, reference_rows
 
-    log = log or (lambda msg: print(msg, flush=True))
+    log = log or console.line  # a sweep cell's line: a bar update on a terminal
     ev, t_start = cfg.evaluate, time.time()
     tracking = tracking_run(cfg.tracking, cfg.run, "evaluate")  # a missing backend fails now, not after the sweep
     target, drafters = _checked_models(cfg)
@@ -326,6 +327,8 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     if "vllm" in ev.engines:
         context = min(context, ev.vllm.max_model_len)
     prompts = _prompts(cfg, tok, context, log)
+    console.expect_cells(len(drafters) * len(prompts) * len(ev.gammas)
+                         * sum(len(ev.engine_temperatures(e)) for e in ev.engines))
     write_run_info(out, cfg, "evaluate", {"drafters": drafters})  # after every input check: a refusal writes nothing
     if _vllm_sampled(ev):
         log(f"[evaluate] {VLLM_SAMPLED_NOTE}")

@@ -6,7 +6,7 @@ rerunning `draftalign run` after a kill finishes the run instead of redoing it. 
 `distill.on_policy.rounds` the distill step is the on-policy rounds (pipelines/rounds.py), each
 round a generate and a distill of its own.
 `run.output/run_manifest.json` records each stage's output, status and time as it goes;
-`run.output/logs/run.log` keeps the driver's output (worker logs included).
+`run.output/logs/run.log` keeps what the terminal showed; logs/draftalign.log the rest (console.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class _Tee:
         self.stream, self.log = stream, log
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        if not self.log.closed:  # colorama's atexit reset writes through a Tee the run has closed
+            self.log.write(text)
         return self.stream.write(text)
 
     def flush(self) -> None:

@@ -159,4 +159,6 @@ def run_pass(model: str, engine: EngineConfig, rows_per_file: int, requests: lis
     ds = ds.map_batches(write_chunk, batch_size=rows_per_file, batch_format="pyarrow",
                         num_cpus=0.25, fn_kwargs={"data_dir": str(data_dir), "eos_token_id": eos,
                                                   "template_hash": template_hash, **ident})
-    return list(ds.iter_rows())
+    from draftalign.util.console import track
+
+    return list(track(ds.iter_rows(), len(requests), "[generate]", "rows", tokens_key="num_generated_tokens"))
