@@ -360,7 +360,8 @@ def run_vllm(target: str, draft: str, prompts: list[dict], args: argparse.Namesp
         for name, setting, g in [("target", "target", 0), ("draft", "draft", 0),
                                  *((f"γ={g}", "spec", g) for g in args.gammas)]:
             r = vllm_child(setting, g, target, draft, str(pf), args)
-            print(f"{name}: {r if isinstance(r, str) else f'{r['tokens']} tokens in {r['wall_s']:.2f} s'}", flush=True)
+            done = r if isinstance(r, str) else f"{r['tokens']} tokens in {r['wall_s']:.2f} s"
+            print(f"{name}: {done}", flush=True)
             runs[name] = r
     if isinstance(runs["target"], str):
         return {"error": f"the target alone {runs['target']}", "runs": runs}
