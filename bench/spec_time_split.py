@@ -433,14 +433,12 @@ def main() -> int:
     results: dict[str, Any] = {"target": target, "draft": draft, "prompts": len(prompts),
                                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                "gammas": args.gammas, "threads": args.threads}
-    if "reference" in engines:
+    if "reference" in engines:  # each table as soon as its engine is done: vLLM's engines take minutes
         results["reference"] = run_reference(target, draft, prompts, args)
+        print(table(f"reference engine, {args.threads} threads (split timed by forward hooks)", results["reference"],
+                    est=False), flush=True)
     if "vllm" in engines:
         results["vllm"] = run_vllm(target, draft, prompts, args)
-    if "reference" in results:
-        print(table(f"reference engine, {args.threads} threads (split timed by forward hooks)", results["reference"],
-                    est=False))
-    if "vllm" in results:
         if "error" in results["vllm"]:
             print(f"\nvLLM engine: {results['vllm']['error']}")
         else:
