@@ -65,6 +65,7 @@ bench: install
 	$(BIN)/python bench/distill_throughput.py  # needs the world `make demo-toy` builds
 	$(BIN)/python bench/topk_tail_error.py
 	$(BIN)/python bench/vllm_spec_sampling.py
+	$(BIN)/python bench/spec_time_split.py  # needs the drafter `make demo` distils
 
 clean:
 	rm -rf runs site .pytest_cache .ruff_cache
