@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from typing import Any, NoReturn
 
@@ -34,3 +35,16 @@ def receive(stdout: str) -> Any | None:
     """In the parent: the child's result, or None when it printed none."""
     line = next((line for line in stdout.splitlines() if line.startswith(PREFIX)), None)
     return None if line is None else json.loads(line[len(PREFIX):])
+
+
+def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> Any:
+    """In the parent: run the child `cmd`; its result, or a line saying why it gave none."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    result = receive(proc.stdout)
+    if proc.returncode or result is None:
+        tail = "\n    ".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        return f"failed (exit {proc.returncode}):\n    {tail}"
+    return result

@@ -49,7 +49,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -318,15 +317,7 @@ def vllm_child(setting: str, gamma: int, target: str, draft: str, prompt_file: s
            "--max-new-tokens", str(args.max_new_tokens), "--max-model-len", str(args.max_model_len),
            "--seed", str(args.seed)]
     env = {**os.environ, **dict(kv.split("=", 1) for kv in args.engine_env)}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return f"timed out after {args.timeout:.0f} s"
-    result = childproc.receive(proc.stdout)
-    if proc.returncode or result is None:
-        tail = "\n    ".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        return f"failed (exit {proc.returncode}):\n    {tail}"
-    return result
+    return childproc.run(cmd, args.timeout, env=env)
 
 
 def vllm_rows(target_run: dict, draft_run: dict | None, spec_runs: dict[int, dict]) -> dict[str, Any]:

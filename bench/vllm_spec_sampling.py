@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -153,15 +152,7 @@ def run_in_child(name: str, model: str, args: argparse.Namespace) -> dict | str:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--model", model,
            "--gamma", str(args.gamma), "--temperature", str(args.temperature), "--prompts", str(args.prompts),
            "--max-tokens", str(args.max_tokens), "--max-model-len", str(args.max_model_len), "--seed", str(args.seed)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return f"timed out after {args.timeout:.0f} s"
-    result = childproc.receive(proc.stdout)
-    if proc.returncode or result is None:
-        tail = "\n    ".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        return f"failed (exit {proc.returncode}):\n    {tail}"
-    return result
+    return childproc.run(cmd, args.timeout)
 
 
 def main() -> int:

@@ -333,6 +333,33 @@ def self_instruct(cfg: Config, out: Path, ident: dict[str, str], prep: dict[str,
     return {"seeds": as_seeds(records), "summary": stats}
 
 
+def _manifest(cfg: Config, prep: dict[str, Any], ident: dict[str, str], si: dict[str, Any] | None,
+              todo: list[dict], result: dict[str, Any], engine_errors: list[dict], final: dict[str, int],
+              elapsed: float) -> dict[str, Any]:
+    """What a generate run did (manifest.json): its identity, counts, errors and rates."""
+    gen = cfg.generate
+    all_errors = prep["errors"] + engine_errors
+    return {
+        "config": redact(cfg.model_dump(mode="json")), **ident, "chat_template_hash": prep["template_hash"],
+        "source": " + ".join(x for x in (prep["source"], gen.self_instruct and gen.self_instruct.source) if x),
+        "self_instruct": si["summary"] if si is not None else None,
+        "counts": {
+            "seeds_read": len(prep["seeds"]) + sum(e["stage"] == "seeds" and e["row_key"] is None
+                                                   for e in prep["errors"]),
+            # Valid seeds that fit the context for at least one setting.
+            "seeds_good": len({r["id"] for r in prep["requests"]}), "requests": len(prep["requests"]),
+            "rows_skipped_present": len(prep["requests"]) - len(todo),
+            "rows_written": result["rows_written"], "rows_in_data": len(final),
+            "duplicate_rows": sum(n - 1 for n in final.values()),  # 0 unless a writer misbehaved
+            "errors": len(all_errors), "seed_errors": len(prep["errors"]), "engine_errors": len(engine_errors),
+            "errors_by_reason": dict(Counter(reason_kind(e["reason"]) for e in all_errors)),
+            "tokens_generated": result["tokens"], "engine_passes": result["passes"],
+        },
+        "elapsed_s": round(elapsed, 2), "generate_s": round(result["seconds"], 2),
+        "tokens_per_s": round(result["tokens"] / result["seconds"], 2) if result["seconds"] else 0.0,
+    }
+
+
 @locked_output("generate", lambda cfg: cfg.generate.output)
 def run_generate(cfg: Config) -> dict[str, Any]:
     """Generate (or complete) the distillation set under generate.output; returns the manifest."""
@@ -373,28 +400,8 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     engine_errors = [error_row("engine", reason, id=r["id"], source=r["source"], raw=r, key=r["row_key"])
                      for r, reason in result["failed"]]
     _write_errors(err_dir / "engine.parquet", engine_errors)
-    elapsed = time.time() - start
-    final = row_key_counts(data_dir)
-    all_errors = prep["errors"] + engine_errors
-    manifest = {
-        "config": redact(cfg.model_dump(mode="json")), **ident, "chat_template_hash": prep["template_hash"],
-        "source": " + ".join(x for x in (prep["source"], gen.self_instruct and gen.self_instruct.source) if x),
-        "self_instruct": si["summary"] if si is not None else None,
-        "counts": {
-            "seeds_read": len(prep["seeds"]) + sum(e["stage"] == "seeds" and e["row_key"] is None
-                                                   for e in prep["errors"]),
-            # Valid seeds that fit the context for at least one setting.
-            "seeds_good": len({r["id"] for r in prep["requests"]}), "requests": len(prep["requests"]),
-            "rows_skipped_present": len(prep["requests"]) - len(todo),
-            "rows_written": result["rows_written"], "rows_in_data": len(final),
-            "duplicate_rows": sum(n - 1 for n in final.values()),  # 0 unless a writer misbehaved
-            "errors": len(all_errors), "seed_errors": len(prep["errors"]), "engine_errors": len(engine_errors),
-            "errors_by_reason": dict(Counter(reason_kind(e["reason"]) for e in all_errors)),
-            "tokens_generated": result["tokens"], "engine_passes": result["passes"],
-        },
-        "elapsed_s": round(elapsed, 2), "generate_s": round(result["seconds"], 2),
-        "tokens_per_s": round(result["tokens"] / result["seconds"], 2) if result["seconds"] else 0.0,
-    }
+    manifest = _manifest(cfg, prep, ident, si, todo, result, engine_errors, row_key_counts(data_dir),
+                         time.time() - start)
     write_json_atomic(out / "manifest.json", manifest)
     record("draftalign_generation_tokens_per_s", manifest["tokens_per_s"], stage="generate")
     c = manifest["counts"]
@@ -402,5 +409,5 @@ def run_generate(cfg: Config) -> dict[str, Any]:
           f"{c['rows_skipped_present']} already present), {c['errors']} errors "
           f"({c['seed_errors']} seeds, {c['engine_errors']} engine) {c['errors_by_reason']}, "
           f"{c['tokens_generated']} tokens generated, {manifest['tokens_per_s']} tokens/s, "
-          f"{elapsed:.0f}s", flush=True)
+          f"{manifest['elapsed_s']:.0f}s", flush=True)
     return manifest
