@@ -3,6 +3,9 @@
 Rates pool the counts of every prompt of a (drafter, task, engine, γ, T) cell, as vLLM
 does, never a mean of per-prompt ratios (paper-spec 7.6). Speed-up is tokens/s of
 speculative decoding over tokens/s of the target alone on the same prompts, same process.
+τ comes with a percentile bootstrap interval over the cell's prompts, and the drafters of each
+task × engine × γ × T with paired differences (draftalign.evaluation.stats): a drafter is "best"
+only where its lead over the runner-up excludes 0, else the leaders are "tied".
 """
 
 from __future__ import annotations
@@ -21,8 +24,17 @@ from draftalign.evaluation.metrics import (
     implied_block_efficiency,
     mbsu,
 )
+from draftalign.evaluation.stats import (
+    LEVEL,
+    RESAMPLES,
+    SEED,
+    bootstrap_ci,
+    compare_drafters,
+    paired_difference_ci,
+)
 
-__all__ = ["CONTRACT_KEYS", "pooled_block_efficiency", "summarize_rows", "markdown_table", "write_report"]
+__all__ = ["CONTRACT_KEYS", "pooled_block_efficiency", "tau_counts", "summarize_rows", "paired_differences",
+           "markdown_table", "comparison_table", "pairs_table", "write_report"]
 
 # summary.json's contract (issue 5): every record has at least these keys.
 # `draft_acceptance_rate` is accepted / drafted tokens (vLLM's acceptance rate), not the distill stage's
@@ -30,6 +42,7 @@ __all__ = ["CONTRACT_KEYS", "pooled_block_efficiency", "summarize_rows", "markdo
 CONTRACT_KEYS = ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency",
                  "draft_acceptance_rate", "acceptance_rate", "mbsu", "num_prompts")
 _CELL = ("drafter", "task", "engine", "gamma", "temperature")
+_GROUP = ("task", "engine", "gamma", "temperature")  # the drafters compared side by side
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -50,10 +63,81 @@ def pooled_block_efficiency(group: Sequence[dict]) -> float:
     return block_efficiency(sum(r["num_accepted"] for r in group), drafts, group[0]["gamma"] if group else None)
 
 
-def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_parameters: int) -> list[dict]:
+def tau_counts(row: dict) -> tuple[int, int]:
+    """(a, b) of one prompt's row with τ of its cell = Σa / Σb (as pooled_block_efficiency pools them):
+    reference (emitted tokens, target calls); vLLM (drafts + accepted, drafts), i.e. 1 + accepted / drafts."""
+    if row["engine"] == "reference":
+        return row["num_generated_tokens"], row["num_drafts"]
+    return row["num_drafts"] + row["num_accepted"], row["num_drafts"]
+
+
+def _grouped(rows: Sequence[dict]) -> dict[tuple, dict[str, dict[str, tuple[int, int]]]]:
+    """(task, engine, γ, T) -> drafter -> prompt id -> tau_counts: the bootstrap's input."""
+    out: dict[tuple, dict[str, dict[str, tuple[int, int]]]] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in _GROUP), {}).setdefault(r["drafter"], {})[r["prompt_id"]] = tau_counts(r)
+    return out
+
+
+def _add_intervals(records: list[dict], rows: Sequence[dict], resamples: int, seed: int, level: float) -> None:
+    """Each record's τ interval: a bootstrap over its prompts, then its place among the drafters."""
+    groups = _grouped(rows)
+    for rec in records:
+        counts = list(groups[tuple(rec[k] for k in _GROUP)][rec["drafter"]].values())
+        _, lo, hi = bootstrap_ci([a for a, _ in counts], [b for _, b in counts], resamples, seed, level)
+        rec.update({"block_efficiency_ci_low": lo, "block_efficiency_ci_high": hi, "prompts": len(counts),
+                    "ci_level": level, "ci_resamples": resamples, "ci_seed": seed})
+    verdicts = {key: compare_drafters(cells, resamples, seed, level) for key, cells in groups.items()}
+    for rec in records:
+        rec.update(_place(rec["drafter"], verdicts[tuple(rec[k] for k in _GROUP)]))
+
+
+def _place(me: str, v: dict) -> dict:
+    """A drafter's rank, verdict ("best", "tied" among the leaders, else None) and paired difference:
+    the leader's against the runner-up (leader − runner-up), any other's against the leader (this − leader)."""
+    ranking, leader = v["ranking"], v["ranking"][0]
+    if len(ranking) < 2:
+        return {"rank": 1, "verdict": None, "paired_against": None, "paired_difference": None,
+                "paired_ci_low": None, "paired_ci_high": None, "paired_prompts": 0}
+    if me == leader:
+        other, (diff, lo, hi, n) = ranking[1], v["pairs"][ranking[1]]
+        verdict = v["verdict"]
+    else:
+        other, (diff, lo, hi, n) = leader, v["pairs"][me]
+        diff, lo, hi = -diff, -hi, -lo
+        verdict = "tied" if me in v["leaders"] else None
+    if not n:  # no prompt in common: nothing to pair
+        diff = lo = hi = None
+    return {"rank": ranking.index(me) + 1, "verdict": verdict, "paired_against": other, "paired_difference": diff,
+            "paired_ci_low": lo, "paired_ci_high": hi, "paired_prompts": n}
+
+
+def paired_differences(rows: Sequence[dict], resamples: int = RESAMPLES, seed: int = SEED,
+                       level: float = LEVEL) -> list[dict]:
+    """Every pair of drafters in every comparison group: Δτ = τ_a − τ_b on the prompts both have, with
+    its paired bootstrap interval (draftalign.evaluation.stats.paired_difference_ci)."""
+    out = []
+    for key, cells in _grouped(rows).items():
+        names = list(cells)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                common = [p for p in cells[a] if p in cells[b]]
+                if not common:
+                    continue
+                cols = [[cells[d][p][k] for p in common] for d in (a, b) for k in (0, 1)]
+                diff, lo, hi = paired_difference_ci(*cols, resamples=resamples, seed=seed, level=level)
+                out.append({**dict(zip(_GROUP, key, strict=True)), "drafter_a": a, "drafter_b": b,
+                            "difference": diff, "ci_low": lo, "ci_high": hi, "prompts": len(common)})
+    return out
+
+
+def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_parameters: int,
+                   resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> list[dict]:
     """One record per (drafter, task, engine, γ, T), in the rows' order of first appearance.
 
     parameters: drafter name -> parameter count; MBSU uses c = that / target_parameters.
+    resamples, seed, level: τ's bootstrap interval over prompts and the drafters' paired comparison
+    (_add_intervals; keys block_efficiency_ci_low/high, prompts, rank, verdict, paired_*).
     """
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -90,6 +174,7 @@ def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_para
             "greedy_match_rate": _ratio(sum(matches), len(matches)) if matches else None,
         })
         out.append(rec)
+    _add_intervals(out, rows, resamples, seed, level)
     return out
 
 
@@ -109,28 +194,72 @@ def markdown_table(records: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tau_ci(r: dict | None, metric: str) -> str:
+    """"τ [low, high]" of a record (the value alone without an interval; "–" without a record)."""
+    if r is None or r.get(metric) is None:
+        return "–"
+    if metric != "block_efficiency" or r.get("block_efficiency_ci_low") is None:
+        return _fmt(r[metric])
+    return f"{_fmt(r[metric])} [{_fmt(r['block_efficiency_ci_low'])}, {_fmt(r['block_efficiency_ci_high'])}]"
+
+
+def _verdict_cell(row: dict[str, dict]) -> str:
+    """The last column: the leader's verdict and its paired lead over the runner-up, Δ [low, high]."""
+    lead = next((r for r in row.values() if r.get("rank") == 1 and r.get("verdict")), None)
+    if lead is None:
+        return "–"
+    if lead.get("paired_difference") is None:
+        return lead["verdict"]
+    return (f"{lead['verdict']}: Δ({lead['drafter']} − {lead['paired_against']}) = {lead['paired_difference']:+.2f} "
+            f"[{lead['paired_ci_low']:+.2f}, {lead['paired_ci_high']:+.2f}]")
+
+
+def _ci_note(records: Sequence[dict]) -> str:
+    """The line under the comparison table: n prompts, resamples and seed of the intervals, and the rule."""
+    ns = sorted({r["prompts"] for r in records if r.get("prompts")})
+    r0 = next((r for r in records if r.get("ci_resamples")), None)
+    if r0 is None:
+        return ""
+    n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+    return (f"\nτ [{r0['ci_level']:.0%} interval]: pooled over n = {n} prompts per cell, percentile bootstrap over "
+            f"prompts ({r0['ci_resamples']} resamples, seed {r0['ci_seed']}). **Bold**: best, the paired interval "
+            "of its lead over the runner-up excludes 0; =: tied leaders, that interval contains 0.\n")
+
+
 def comparison_table(records: Sequence[dict], metric: str = "block_efficiency") -> str:
-    """The paper's layout: a row per task × engine × γ × T, a column per drafter, the best of
-    each row in bold (ties all bold). Empty when there is one drafter: nothing to compare."""
+    """The paper's layout: a row per task × engine × γ × T, a column per drafter ("τ [low, high]"), and
+    the verdict. The leader is in bold only when "best" (summarize_rows: its paired interval against
+    the runner-up excludes 0); tied leaders are marked "="; records without a verdict mark nothing.
+    Empty when there is one drafter: nothing to compare."""
     drafters = list(dict.fromkeys(r["drafter"] for r in records))
     if len(drafters) < 2:
         return ""
-    cells: dict[tuple, dict[str, float]] = {}
+    cells: dict[tuple, dict[str, dict]] = {}
     for r in records:
-        cells.setdefault((r["task"], r["engine"], r["gamma"], r["temperature"]), {})[r["drafter"]] = r[metric]
-    lines = [f"| task | engine | γ | T | {' | '.join(drafters)} |",
-             "|---|---|---:|---:|" + "---:|" * len(drafters)]
+        cells.setdefault(tuple(r[k] for k in _GROUP), {})[r["drafter"]] = r
+    lines = [f"| task | engine | γ | T | {' | '.join(drafters)} | verdict |",
+             "|---|---|---:|---:|" + "---:|" * len(drafters) + "---|"]
     for (task, engine, gamma, temp), row in cells.items():
-        best = max((v for v in row.values() if v is not None), default=None)
-        shown = [("**" + _fmt(row[d]) + "**") if row.get(d) is not None and best is not None
-                 and round(row[d], 2) == round(best, 2) else _fmt(row.get(d)) for d in drafters]
-        lines.append(f"| {task} | {engine} | {gamma} | {temp:g} | {' | '.join(shown)} |")
-    return "\n".join(lines) + "\n"
+        shown = []
+        for d in drafters:
+            text, verdict = _tau_ci(row.get(d), metric), (row.get(d) or {}).get("verdict")
+            shown.append(f"**{text}**" if verdict == "best" else f"= {text}" if verdict == "tied" else text)
+        lines.append(f"| {task} | {engine} | {gamma} | {temp:g} | {' | '.join(shown)} | {_verdict_cell(row)} |")
+    return "\n".join(lines) + "\n" + _ci_note(records)
+
+
+def _yerr(recs: Sequence[dict | None]) -> list[list[float]] | None:
+    """matplotlib's asymmetric yerr, [[below], [above]], from the records' τ intervals (None without them)."""
+    if not any(r and r.get("block_efficiency_ci_low") is not None for r in recs):
+        return None
+    pairs = [(r["block_efficiency"] - r["block_efficiency_ci_low"], r["block_efficiency_ci_high"] - r["block_efficiency"])
+             if r and r.get("block_efficiency_ci_low") is not None else (0.0, 0.0) for r in recs]
+    return [[max(lo, 0.0) for lo, _ in pairs], [max(hi, 0.0) for _, hi in pairs]]
 
 
 def _comparison_plot(out: Path, records: Sequence[dict], plt) -> list[str]:
     """τ per drafter, grouped by task, at each temperature, for the γ the paper reports (3, else
-    the middle one): the comparison table at a glance."""
+    the middle one), with the 95% bootstrap interval as error bars: the comparison table at a glance."""
     drafters = list(dict.fromkeys(r["drafter"] for r in records))
     if len(drafters) < 2:
         return []
@@ -143,9 +272,11 @@ def _comparison_plot(out: Path, records: Sequence[dict], plt) -> list[str]:
     width = 0.8 / len(drafters)
     for ax, temp in zip(axes[0], temps, strict=True):
         for j, drafter in enumerate(drafters):
-            vals = [next((r["block_efficiency"] for r in records if r["task"] == task and r["drafter"] == drafter
-                          and r["gamma"] == gamma and r["temperature"] == temp), 0.0) for task in tasks]
-            ax.bar([i + j * width for i in range(len(tasks))], vals, width, label=drafter)
+            recs = [next((r for r in records if r["task"] == task and r["drafter"] == drafter
+                          and r["gamma"] == gamma and r["temperature"] == temp), None) for task in tasks]
+            vals = [r["block_efficiency"] if r else 0.0 for r in recs]
+            ax.bar([i + j * width for i in range(len(tasks))], vals, width, label=drafter, yerr=_yerr(recs),
+                   capsize=2, error_kw={"elinewidth": 0.8})
         ax.set(title=f"γ={gamma}, T={temp:g}", xticks=[i + 0.4 - width / 2 for i in range(len(tasks))],
                xticklabels=tasks, ylim=(1, gamma + 1))
     axes[0][0].set_ylabel("block efficiency τ")
@@ -216,8 +347,20 @@ def _plots(out: Path, records: Sequence[dict]) -> list[str]:
     return written + _comparison_plot(out, records, plt)
 
 
-def write_report(out: str | Path, records: Sequence[dict], header: str = "", plots: bool = True) -> dict[str, str]:
-    """summary.json, summary.csv, report.md and (optionally) the PNG plots; returns their paths."""
+def pairs_table(pairs: Sequence[dict]) -> str:
+    """Every pair of drafters of each task × engine × γ × T: Δτ = τ_a − τ_b [low, high] on their common prompts."""
+    lines = ["| task | engine | γ | T | a − b | Δτ [interval] | prompts |", "|---|---|---:|---:|---|---:|---:|"]
+    for p in pairs:
+        lines.append(f"| {p['task']} | {p['engine']} | {p['gamma']} | {p['temperature']:g} | {p['drafter_a']} − "
+                     f"{p['drafter_b']} | {p['difference']:+.2f} [{p['ci_low']:+.2f}, {p['ci_high']:+.2f}] "
+                     f"| {p['prompts']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str | Path, records: Sequence[dict], header: str = "", plots: bool = True,
+                 pairs: Sequence[dict] | None = None) -> dict[str, str]:
+    """summary.json, summary.csv, report.md, (optionally) the PNG plots and, given ``pairs``
+    (paired_differences), paired.json and their table; returns the files' paths."""
     from draftalign.util.atomicio import write_json_atomic, write_text_atomic
 
     out = Path(out)
@@ -225,10 +368,15 @@ def write_report(out: str | Path, records: Sequence[dict], header: str = "", plo
     write_json_atomic(out / "summary.json", list(records))
     _write_csv(out / "summary.csv", records)
     files = {"summary.json": str(out / "summary.json"), "summary.csv": str(out / "summary.csv")}
+    if pairs:
+        write_json_atomic(out / "paired.json", list(pairs))
+        files["paired.json"] = str(out / "paired.json")
     pngs = _plots(out, records) if plots else []
     comparison = comparison_table(records)
     if comparison:
-        comparison = "\n## Block efficiency τ by drafter (best of each row in bold)\n\n" + comparison
+        comparison = "\n## Block efficiency τ by drafter (bold: best; =: tied)\n\n" + comparison
+    if pairs:
+        comparison += "\n## Paired differences of τ, every pair of drafters\n\n" + pairs_table(pairs)
     body = (header + comparison + "\n## Every cell\n\n" + markdown_table(records)
             + "".join(f"\n![{p}]({p})\n" for p in pngs))
     write_text_atomic(out / "report.md", body)

@@ -23,7 +23,13 @@ from draftalign.config import Config, ConfigError
 from draftalign.data.schemas import EVAL_SCHEMA, to_table
 from draftalign.evaluation.cells import CellStore
 from draftalign.evaluation.metrics import acceptance_rate, block_efficiency
-from draftalign.evaluation.report import comparison_table, markdown_table, summarize_rows, write_report
+from draftalign.evaluation.report import (
+    comparison_table,
+    markdown_table,
+    paired_differences,
+    summarize_rows,
+    write_report,
+)
 from draftalign.evaluation.tasks import bundled_path, load_task_prompts
 from draftalign.models.identity import absolute_model_path, check_target_folder, looks_local, target_identity
 from draftalign.pipelines.locks import locked_output
@@ -359,13 +365,14 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     for r in records:
         record("draftalign_eval_block_efficiency", r["block_efficiency"], stage="evaluate", drafter=r["drafter"],
                task=r["task"], engine=r["engine"], gamma=r["gamma"], temperature=r["temperature"])
-    files = write_report(out, records, _header(cfg, target, drafters, params, target_params), ev.plots)
+    files = write_report(out, records, _header(cfg, target, drafters, params, target_params), ev.plots,
+                         paired_differences(rows))
     log(f"[evaluate] {len(rows)} per-prompt rows in {out / 'rows.parquet'}; report files: "
         f"{', '.join(files)} in {out} ({time.time() - t_start:.0f} s)")
     print(markdown_table(records), end="", flush=True)
     comparison = comparison_table(records)
     if comparison:
-        print("\nblock efficiency τ by drafter (best of each row in **bold**):\n" + comparison, end="", flush=True)
+        print("\nblock efficiency τ by drafter (**bold**: best; =: tied):\n" + comparison, end="", flush=True)
     _write_cards(drafters, records, log)
     _track(tracking, cfg, records)
     return records
