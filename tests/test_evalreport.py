@@ -79,18 +79,27 @@ def test_draft_acceptance_rate_is_labelled_apart_from_expected_acceptance(tmp_pa
 def test_the_comparison_table_has_a_column_per_drafter_and_marks_the_best(tmp_path):
     from draftalign.evaluation.report import comparison_table, write_report
 
-    def rec(drafter, task, tau, gamma=3, t=0.0):
+    def rec(drafter, task, tau, rank, verdict=None, against=None, diff=None, gamma=3, t=0.0):
         return {"drafter": drafter, "task": task, "engine": "reference", "gamma": gamma, "temperature": t,
                 "block_efficiency": tau, "draft_acceptance_rate": 0.5, "mbsu": 1.0, "speedup": None,
-                "tokens_per_s_spec": None, "tokens_per_s_ar": None, "acceptance_per_position": [0.5, 0.4, 0.3]}
+                "tokens_per_s_spec": None, "tokens_per_s_ar": None, "acceptance_per_position": [0.5, 0.4, 0.3],
+                "block_efficiency_ci_low": tau - 0.1, "block_efficiency_ci_high": tau + 0.1, "prompts": 24,
+                "ci_level": 0.95, "ci_resamples": 2000, "ci_seed": 0, "rank": rank, "verdict": verdict,
+                "paired_against": against, "paired_difference": diff,
+                "paired_ci_low": None if diff is None else diff - 0.15, "paired_ci_high": None if diff is None else diff + 0.15}
 
-    records = [rec("pretrained", "open_ended", 1.5), rec("tvd", "open_ended", 2.25), rec("tvd++", "open_ended", 2.5),
-               rec("pretrained", "translate", 1.4), rec("tvd", "translate", 1.2), rec("tvd++", "translate", 1.4)]
+    records = [rec("pretrained", "open_ended", 1.5, 3), rec("tvd", "open_ended", 2.25, 2),
+               rec("tvd++", "open_ended", 2.5, 1, "best", "tvd", 0.25),
+               rec("pretrained", "translate", 1.4, 1, "tied", "tvd++", 0.0), rec("tvd", "translate", 1.2, 3),
+               rec("tvd++", "translate", 1.4, 2, "tied", "pretrained", 0.0)]
     lines = comparison_table(records).splitlines()
-    assert lines[0] == "| task | engine | γ | T | pretrained | tvd | tvd++ |"
-    assert lines[2] == "| open_ended | reference | 3 | 0 | 1.50 | 2.25 | **2.50** |"
-    assert lines[3] == "| translate | reference | 3 | 0 | **1.40** | 1.20 | **1.40** |"  # a tie: both bold
+    assert lines[0] == "| task | engine | γ | T | pretrained | tvd | tvd++ | verdict |"
+    best_row = ("| open_ended | reference | 3 | 0 | 1.50 [1.40, 1.60] | 2.25 [2.15, 2.35] | **2.50 [2.40, 2.60]** "
+                "| best: Δ(tvd++ − tvd) = +0.25 [+0.10, +0.40] |")
+    assert lines[2] == best_row
+    assert lines[3] == ("| translate | reference | 3 | 0 | = 1.40 [1.30, 1.50] | 1.20 [1.10, 1.30] | = 1.40 [1.30, 1.50] "
+                        "| tied: Δ(pretrained − tvd++) = +0.00 [-0.15, +0.15] |")  # a tie: marked, none bold
+    assert lines[5].startswith("τ [95% interval]: pooled over n = 24 prompts per cell") and "2000 resamples, seed 0" in lines[5]
     assert comparison_table([r for r in records if r["drafter"] == "tvd"]) == ""  # one drafter: no comparison
     files = write_report(tmp_path, records, "# header\n")
-    assert "comparison.png" in files and "| open_ended | reference | 3 | 0 | 1.50 | 2.25 | **2.50** |" in (
-        tmp_path / "report.md").read_text()
+    assert "comparison.png" in files and best_row in (tmp_path / "report.md").read_text()

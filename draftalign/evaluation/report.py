@@ -72,10 +72,14 @@ def tau_counts(row: dict) -> tuple[int, int]:
 
 
 def _grouped(rows: Sequence[dict]) -> dict[tuple, dict[str, dict[str, tuple[int, int]]]]:
-    """(task, engine, γ, T) -> drafter -> prompt id -> tau_counts: the bootstrap's input."""
+    """(task, engine, γ, T) -> drafter -> prompt id -> tau_counts: the bootstrap's input (a prompt id
+    seen twice in one cell counts as one prompt, its counts summed, so Σa / Σb stays the pooled τ)."""
     out: dict[tuple, dict[str, dict[str, tuple[int, int]]]] = {}
     for r in rows:
-        out.setdefault(tuple(r[k] for k in _GROUP), {}).setdefault(r["drafter"], {})[r["prompt_id"]] = tau_counts(r)
+        cell = out.setdefault(tuple(r[k] for k in _GROUP), {}).setdefault(r["drafter"], {})
+        a, b = tau_counts(r)
+        a0, b0 = cell.get(r["prompt_id"], (0, 0))
+        cell[r["prompt_id"]] = (a0 + a, b0 + b)
     return out
 
 
@@ -104,7 +108,7 @@ def _place(me: str, v: dict) -> dict:
         verdict = v["verdict"]
     else:
         other, (diff, lo, hi, n) = leader, v["pairs"][me]
-        diff, lo, hi = -diff, -hi, -lo
+        diff, lo, hi = -diff + 0.0, -hi + 0.0, -lo + 0.0  # + 0.0: no "-0.0"
         verdict = "tied" if me in v["leaders"] else None
     if not n:  # no prompt in common: nothing to pair
         diff = lo = hi = None

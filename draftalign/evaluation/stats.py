@@ -11,8 +11,9 @@ sampling unit, so the interval resamples them:
   index vector per resample serves both, Δ*_j = τ*_A,j − τ*_B,j, so the prompts' shared difficulty
   cancels; its percentile interval is the interval of Δ = τ_A − τ_B;
 * a comparison group (one task × engine × γ × T): the drafters ranked by τ; the leader is "best" only
-  where the interval of leader − runner-up excludes 0, else "tied" with every drafter whose interval
-  against the leader contains 0.
+  where the interval of leader − runner-up excludes 0 (lies above it), else "tied" with every drafter
+  whose interval against the leader does not lie above 0. (The ranking pools each drafter's own
+  prompts; the pairing only the common ones, where a lead can reverse: that is a tie, not a best.)
 
 A resample whose denominators sum to 0 (no target call at all) takes ``empty`` (τ = 1 by convention).
 """
@@ -100,8 +101,9 @@ def _pooled(counts, empty: float = 1.0) -> float:
     return top / bottom if bottom else empty
 
 
-def _excludes_zero(lo: float, hi: float) -> bool:
-    return bool(lo > 0 or hi < 0)
+def _ahead(lo: float) -> bool:
+    """The leader − other interval lies above 0 (a NaN, no prompt in common, is not ahead)."""
+    return bool(lo > 0)
 
 
 def compare_drafters(cells: Mapping[str, Mapping[str, tuple[float, float]]], resamples: int = RESAMPLES,
@@ -110,8 +112,8 @@ def compare_drafters(cells: Mapping[str, Mapping[str, tuple[float, float]]], res
 
     cells: drafter -> {prompt id: (a_i, b_i)}. Returns ``ranking`` (drafters, highest τ first; equal τ
     keep the given order), ``verdict`` ("best" when the paired interval of leader − runner-up excludes
-    0, else "tied"), ``leaders`` (the leader alone when best; when tied, the leader and every drafter
-    whose paired interval against the leader contains 0), and ``pairs``: for each drafter but the
+    0, i.e. its low end is above 0; else "tied"), ``leaders`` (the leader alone when best; when tied,
+    the leader and every drafter whose paired interval against the leader is not above 0), and ``pairs``: for each drafter but the
     leader, (Δ, low, high, n) of the leader − that drafter on their common prompts. Fewer than two
     drafters: verdict None.
     """
@@ -121,6 +123,6 @@ def compare_drafters(cells: Mapping[str, Mapping[str, tuple[float, float]]], res
         return {"ranking": ranking, "verdict": None, "leaders": ranking, "pairs": {}}
     leader = ranking[0]
     pairs = {d: _paired(cells[leader], cells[d], resamples, seed, level) for d in ranking[1:]}
-    best = _excludes_zero(*pairs[ranking[1]][1:3])
-    tied = [leader] if best else [leader, *(d for d in ranking[1:] if not _excludes_zero(*pairs[d][1:3]))]
+    best = _ahead(pairs[ranking[1]][1])
+    tied = [leader] if best else [leader, *(d for d in ranking[1:] if not _ahead(pairs[d][1]))]
     return {"ranking": ranking, "verdict": "best" if best else "tied", "leaders": tied, "pairs": pairs}
