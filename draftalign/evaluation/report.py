@@ -227,7 +227,7 @@ def _ci_note(records: Sequence[dict]) -> str:
     n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
     return (f"\nτ [{r0['ci_level']:.0%} interval]: pooled over n = {n} prompts per cell, percentile bootstrap over "
             f"prompts ({r0['ci_resamples']} resamples, seed {r0['ci_seed']}). **Bold**: best, the paired interval "
-            "of its lead over the runner-up excludes 0; =: tied leaders, that interval contains 0.\n")
+            "of its lead over the runner-up lies above 0; =: tied leaders, where it does not.\n")
 
 
 def comparison_table(records: Sequence[dict], metric: str = "block_efficiency") -> str:
