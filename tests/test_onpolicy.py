@@ -218,8 +218,9 @@ def test_distill_mixes_a_drafter_set_and_fingerprints_it(distill_until_ray, tmp_
     # Off, the fingerprint is what it was before on-policy data existed: finished drafters are reused.
     from draftalign.util.runinfo import fingerprint
 
+    # (draft_vocab and freeze, unset, are left out the same way: they came later still.)
     before = cfg.distill.model_dump(mode="json", exclude={
-        "output": True, "overwrite": True, "losses": True, "on_policy": True,
+        "output": True, "overwrite": True, "losses": True, "on_policy": True, "draft_vocab": True, "freeze": True,
         "train": {"inject_failure_at_step", "max_failures"}, "target_pool": {"inject_actor_death_at_request", "cache",
                                                                             "cache_dir"}})
     assert _fingerprint(cfg, loss, off) == fingerprint(
