@@ -7,15 +7,17 @@ empty, short, long, cut-off and kept ones.
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_generate_ray import TINY, _draftalign
+from tests.test_generate_ray import ENV, TINY
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 COUNT = 32
 EOS_WEIGHT = 1.1  # EOS logit ~ 8 * this: p(EOS) ~ e^8.8 / (e^8.8 + 32000) ~ 0.17 per step
@@ -65,6 +67,13 @@ def world(tmp_path_factory):
     proc = _draftalign(*cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return {"root": root, "out": root / "run" / "generate", "cmd": cmd, "proc": proc}
+
+
+def _draftalign(*args: str) -> subprocess.CompletedProcess:
+    # A hang guard, not a timing: this run starts the vLLM engine twice (requests, then answers),
+    # which took minutes each on a loaded 2-core machine.
+    return subprocess.run([sys.executable, "-m", "draftalign", *args], capture_output=True, text=True,
+                          timeout=1500, env=ENV)
 
 
 def _data(out: Path) -> list[dict]:
