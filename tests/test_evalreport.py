@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
 from draftalign.evaluation.metrics import SpecStats
 from draftalign.evaluation.report import summarize_rows
+from draftalign.evaluation.rows import EvalRow
 from draftalign.workers.evaluate_reference import progress_line
 
 
-def _row(stats: SpecStats, engine: str = "reference", gamma: int = 5, prompt: str = "p0") -> dict:
-    """One EVAL_SCHEMA-like row carrying ``stats`` (the fields summarize_rows reads)."""
-    return {"drafter": "d", "drafter_path": "/d", "task": "t", "engine": engine, "gamma": gamma,
-            "temperature": 1.0, "top_p": 1.0, "prompt_id": prompt, "num_generated_tokens": stats.num_emitted,
-            "num_drafts": stats.num_drafts, "num_draft_tokens": stats.num_draft_tokens,
-            "num_accepted": stats.num_accepted, "accepted_per_pos": list(stats.accepted_per_pos),
-            "spec_seconds": 1.0, "ar_seconds": None, "ar_generated_tokens": None, "matches_autoregressive": None}
+def _row(stats: SpecStats, engine: str = "reference", gamma: int = 5, prompt: str = "p0") -> EvalRow:
+    """One evaluation row carrying ``stats`` (the fields summarize_rows reads; the rest are placeholders)."""
+    return EvalRow(drafter="d", drafter_path="/d", task="t", task_kind="open_ended", prompt_id=prompt,
+                   engine=engine, gamma=gamma, temperature=1.0, top_p=1.0, num_input_tokens=1,
+                   num_generated_tokens=stats.num_emitted, num_drafts=stats.num_drafts,
+                   num_draft_tokens=stats.num_draft_tokens, num_accepted=stats.num_accepted,
+                   accepted_per_pos=list(stats.accepted_per_pos), block_efficiency=0.0, acceptance_rate=0.0,
+                   spec_seconds=1.0, ar_seconds=None, ar_generated_tokens=None, matches_autoregressive=None,
+                   generated_token_ids=[], target_model="t")
 
 
-def _iid_rows(alpha: float, gamma: int, prompts: int, blocks: int, seed: int) -> list[dict]:
+def _iid_rows(alpha: float, gamma: int, prompts: int, blocks: int, seed: int) -> list[EvalRow]:
     """Prompts whose every draft position is accepted independently with probability ``alpha``."""
     rng = random.Random(seed)
     rows = []
@@ -54,7 +58,7 @@ def test_reference_tau_is_emitted_tokens_per_target_call():
     assert f"τ={7 / 3:.2f} " in progress_line("reference", "d", "t", 3, 1.0, rows, 0.1)
     # vLLM's counters: τ = 1 + accepted / drafts, vLLM's own definition (its prefill token is not
     # emitted by a draft call, so generated / drafts would over-count)
-    vllm = [dict(r, engine="vllm", num_generated_tokens=r["num_generated_tokens"] + 1) for r in rows]
+    vllm = [replace(r, engine="vllm", num_generated_tokens=r.num_generated_tokens + 1) for r in rows]
     (rec,) = summarize_rows(vllm, {"d": 1}, 10)
     assert rec["block_efficiency"] == pytest.approx(1 + 5 / 3)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from draftalign.evaluation.metrics import SpecStats
 from draftalign.evaluation.report import comparison_table, paired_differences, summarize_rows, write_report
+from draftalign.evaluation.rows import EvalRow
 from draftalign.evaluation.stats import bootstrap_ci, compare_drafters, paired_difference_ci
 from tests.test_evalreport import _row
 
@@ -81,14 +84,14 @@ def test_a_paired_difference_uses_only_the_prompts_both_drafters_have():
     assert compare_drafters({"a": a, "c": {"p9": (3, 1)}})["verdict"] == "tied"
 
 
-def _two_drafters(gain: int) -> list[dict]:
+def _two_drafters(gain: int) -> list[EvalRow]:
     """24 prompts of drafters d1 and d2; d2 accepts ``gain`` more tokens per block on every prompt."""
     rows = []
     for i in range(24):
         k = i % 3
         for name, extra in (("d1", 0), ("d2", gain)):
             stats = SpecStats.from_iterations(5, [(5, k + extra, k + extra + 1)] * (4 + i % 5) + [(5, 0, 1)])
-            rows.append(dict(_row(stats, prompt=f"p{i}"), drafter=name, drafter_path=f"/{name}"))
+            rows.append(replace(_row(stats, prompt=f"p{i}"), drafter=name, drafter_path=f"/{name}"))
     return rows
 
 

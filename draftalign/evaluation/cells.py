@@ -17,9 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from draftalign.evaluation.rows import EvalRow, eval_table, read_eval_rows
 from draftalign.util.atomicio import write_json_atomic, write_parquet_atomic
 
 FINGERPRINT = "fingerprint.json"
+# One prompt's target-alone (tokens, seconds); read back from JSON as a two-item list, unpacked alike.
+Baseline = tuple[list[int], float]
 
 
 class CellStore:
@@ -37,24 +40,18 @@ class CellStore:
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:80]
         return self.folder / f"{safe}-{digest}{suffix}"
 
-    def rows(self, *key: Any) -> list[dict] | None:
+    def rows(self, *key: Any) -> list[EvalRow] | None:
         """The rows of a finished cell, or None."""
-        import pyarrow.parquet as pq
-
         path = self._path(".parquet", *key)
-        if not path.is_file():
-            return None
-        # as the sweep makes them: the schema version is stamped on when rows are written
-        return [{k: v for k, v in r.items() if k != "schema_version"} for r in pq.read_table(path).to_pylist()]
+        return read_eval_rows(path) if path.is_file() else None
 
-    def put_rows(self, rows: list[dict], *key: Any) -> None:
-        from draftalign.data.schemas import EVAL_SCHEMA, to_table
+    def put_rows(self, rows: list[EvalRow], *key: Any) -> None:
+        write_parquet_atomic(eval_table(rows), self._path(".parquet", *key))
 
-        write_parquet_atomic(to_table(rows, EVAL_SCHEMA), self._path(".parquet", *key))
-
-    def baseline(self, *key: Any) -> dict[str, Any] | None:
+    def baseline(self, *key: Any) -> dict[str, Baseline] | None:
+        """A finished target-alone baseline: prompt id -> (tokens, seconds), as put_baseline got it."""
         path = self._path(".json", *key)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def put_baseline(self, value: dict[str, Any], *key: Any) -> None:
+    def put_baseline(self, value: dict[str, Baseline], *key: Any) -> None:
         write_json_atomic(self._path(".json", *key), value)

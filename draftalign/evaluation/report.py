@@ -14,7 +14,7 @@ import csv
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from draftalign.evaluation.metrics import (
     acceptance_of_tested,
@@ -24,6 +24,7 @@ from draftalign.evaluation.metrics import (
     implied_block_efficiency,
     mbsu,
 )
+from draftalign.evaluation.rows import EvalRow
 from draftalign.evaluation.stats import (
     LEVEL,
     RESAMPLES,
@@ -33,7 +34,7 @@ from draftalign.evaluation.stats import (
     paired_difference_ci,
 )
 
-__all__ = ["CONTRACT_KEYS", "pooled_block_efficiency", "tau_counts", "summarize_rows", "paired_differences",
+__all__ = ["CONTRACT_KEYS", "SummaryRecord", "pooled_block_efficiency", "tau_counts", "summarize_rows", "paired_differences",
            "markdown_table", "comparison_table", "pairs_table", "write_report"]
 
 # summary.json's contract (issue 5): every record has at least these keys.
@@ -41,15 +42,59 @@ __all__ = ["CONTRACT_KEYS", "pooled_block_efficiency", "tau_counts", "summarize_
 # expected acceptance Σ min(p, q); `acceptance_rate` stays as its alias for readers of older files.
 CONTRACT_KEYS = ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency",
                  "draft_acceptance_rate", "acceptance_rate", "mbsu", "num_prompts")
-_CELL = ("drafter", "task", "engine", "gamma", "temperature")
 _GROUP = ("task", "engine", "gamma", "temperature")  # the drafters compared side by side
+
+
+class SummaryRecord(TypedDict, total=False):
+    """One summary.json record: a (drafter, task, engine, γ, T) cell pooled over its prompts (summarize_rows),
+    then its τ interval and place among the drafters (_add_intervals), in this key order."""
+
+    drafter: str
+    task: str
+    engine: str
+    gamma: int
+    temperature: float
+    drafter_path: str
+    top_p: float
+    num_prompts: int
+    generated_tokens: int
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted: int
+    block_efficiency: float
+    draft_acceptance_rate: float
+    acceptance_rate: float
+    acceptance_per_position: list[float]
+    tested_acceptance: float
+    implied_block_efficiency: float
+    mbsu: float
+    param_ratio: float
+    draft_parameters: int
+    target_parameters: int
+    tokens_per_s_spec: float | None
+    tokens_per_s_ar: float | None
+    speedup: float | None
+    greedy_match_rate: float | None
+    block_efficiency_ci_low: float
+    block_efficiency_ci_high: float
+    prompts: int
+    ci_level: float
+    ci_resamples: int
+    ci_seed: int
+    rank: int
+    verdict: str | None
+    paired_against: str | None
+    paired_difference: float | None
+    paired_ci_low: float | None
+    paired_ci_high: float | None
+    paired_prompts: int
 
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def pooled_block_efficiency(group: Sequence[dict]) -> float:
+def pooled_block_efficiency(group: Sequence[EvalRow]) -> float:
     """τ of one engine's rows, pooled: Σ tokens / Σ target calls for the reference engine.
 
     The reference engine records every emitted token and every target call, so τ is their ratio
@@ -57,33 +102,37 @@ def pooled_block_efficiency(group: Sequence[dict]) -> float:
     draft that is never emitted. vLLM's counters give its own definition, 1 + accepted / drafts:
     its prefill step emits a token without a draft call, so generated / drafts would over-count.
     """
-    drafts = sum(r["num_drafts"] for r in group)
-    if group and all(r["engine"] == "reference" for r in group):
-        return sum(r["num_generated_tokens"] for r in group) / drafts if drafts else 1.0
-    return block_efficiency(sum(r["num_accepted"] for r in group), drafts, group[0]["gamma"] if group else None)
+    drafts = sum(r.num_drafts for r in group)
+    if group and all(r.engine == "reference" for r in group):
+        return sum(r.num_generated_tokens for r in group) / drafts if drafts else 1.0
+    return block_efficiency(sum(r.num_accepted for r in group), drafts, group[0].gamma if group else None)
 
 
-def tau_counts(row: dict) -> tuple[int, int]:
+def tau_counts(row: EvalRow) -> tuple[int, int]:
     """(a, b) of one prompt's row with τ of its cell = Σa / Σb (as pooled_block_efficiency pools them):
     reference (emitted tokens, target calls); vLLM (drafts + accepted, drafts), i.e. 1 + accepted / drafts."""
-    if row["engine"] == "reference":
-        return row["num_generated_tokens"], row["num_drafts"]
-    return row["num_drafts"] + row["num_accepted"], row["num_drafts"]
+    if row.engine == "reference":
+        return row.num_generated_tokens, row.num_drafts
+    return row.num_drafts + row.num_accepted, row.num_drafts
 
 
-def _grouped(rows: Sequence[dict]) -> dict[tuple, dict[str, dict[str, tuple[int, int]]]]:
+def _group_key(row: EvalRow) -> tuple:
+    return row.task, row.engine, row.gamma, row.temperature  # _GROUP's fields
+
+
+def _grouped(rows: Sequence[EvalRow]) -> dict[tuple, dict[str, dict[str, tuple[int, int]]]]:
     """(task, engine, γ, T) -> drafter -> prompt id -> tau_counts: the bootstrap's input (a prompt id
     seen twice in one cell counts as one prompt, its counts summed, so Σa / Σb stays the pooled τ)."""
     out: dict[tuple, dict[str, dict[str, tuple[int, int]]]] = {}
     for r in rows:
-        cell = out.setdefault(tuple(r[k] for k in _GROUP), {}).setdefault(r["drafter"], {})
+        cell = out.setdefault(_group_key(r), {}).setdefault(r.drafter, {})
         a, b = tau_counts(r)
-        a0, b0 = cell.get(r["prompt_id"], (0, 0))
-        cell[r["prompt_id"]] = (a0 + a, b0 + b)
+        a0, b0 = cell.get(r.prompt_id, (0, 0))
+        cell[r.prompt_id] = (a0 + a, b0 + b)
     return out
 
 
-def _add_intervals(records: list[dict], rows: Sequence[dict], resamples: int, seed: int, level: float) -> None:
+def _add_intervals(records: list[SummaryRecord], rows: Sequence[EvalRow], resamples: int, seed: int, level: float) -> None:
     """Each record's τ interval: a bootstrap over its prompts, then its place among the drafters."""
     groups = _grouped(rows)
     for rec in records:
@@ -116,7 +165,7 @@ def _place(me: str, v: dict) -> dict:
             "paired_ci_low": lo, "paired_ci_high": hi, "paired_prompts": n}
 
 
-def paired_differences(rows: Sequence[dict], resamples: int = RESAMPLES, seed: int = SEED,
+def paired_differences(rows: Sequence[EvalRow], resamples: int = RESAMPLES, seed: int = SEED,
                        level: float = LEVEL) -> list[dict]:
     """Every pair of drafters in every comparison group: Δτ = τ_a − τ_b on the prompts both have, with
     its paired bootstrap interval (draftalign.evaluation.stats.paired_difference_ci)."""
@@ -135,49 +184,51 @@ def paired_differences(rows: Sequence[dict], resamples: int = RESAMPLES, seed: i
     return out
 
 
-def summarize_rows(rows: Sequence[dict], parameters: dict[str, int], target_parameters: int,
-                   resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> list[dict]:
+def summarize_rows(rows: Sequence[EvalRow], parameters: dict[str, int], target_parameters: int,
+                   resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> list[SummaryRecord]:
     """One record per (drafter, task, engine, γ, T), in the rows' order of first appearance.
 
     parameters: drafter name -> parameter count; MBSU uses c = that / target_parameters.
     resamples, seed, level: τ's bootstrap interval over prompts and the drafters' paired comparison
     (_add_intervals; keys block_efficiency_ci_low/high, prompts, rank, verdict, paired_*).
     """
-    cells: dict[tuple, list[dict]] = {}
+    cells: dict[tuple, list[EvalRow]] = {}
     for r in rows:
-        cells.setdefault(tuple(r[k] for k in _CELL), []).append(r)
+        cells.setdefault((r.drafter, r.task, r.engine, r.gamma, r.temperature), []).append(r)
     out = []
-    for key, group in cells.items():
-        rec: dict[str, Any] = dict(zip(_CELL, key, strict=True))
-        gamma = rec["gamma"]
-        drafts = sum(r["num_drafts"] for r in group)
-        drafted = sum(r["num_draft_tokens"] for r in group)
-        accepted = sum(r["num_accepted"] for r in group)
-        per_pos = [sum(r["accepted_per_pos"][i] for r in group) for i in range(gamma)]
+    for group in cells.values():
+        first = group[0]
+        rec: SummaryRecord = {"drafter": first.drafter, "task": first.task, "engine": first.engine,
+                              "gamma": first.gamma, "temperature": first.temperature}
+        out.append(rec)
+        gamma = first.gamma
+        drafts = sum(r.num_drafts for r in group)
+        drafted = sum(r.num_draft_tokens for r in group)
+        accepted = sum(r.num_accepted for r in group)
+        per_pos = [sum(r.accepted_per_pos[i] for r in group) for i in range(gamma)]
         tau = pooled_block_efficiency(group)
         alpha = acceptance_rate(accepted, drafted)
         tested = acceptance_of_tested(accepted, drafts, per_pos)
-        c = parameters[rec["drafter"]] / target_parameters
-        spec_tokens = sum(r["num_generated_tokens"] for r in group)
-        spec_secs = sum(r["spec_seconds"] for r in group)
-        timed_ar = [r for r in group if r.get("ar_seconds") is not None]
-        ar_tps = _ratio(sum(r["ar_generated_tokens"] for r in timed_ar), sum(r["ar_seconds"] for r in timed_ar))
+        c = parameters[group[0].drafter] / target_parameters
+        spec_tokens = sum(r.num_generated_tokens for r in group)
+        spec_secs = sum(r.spec_seconds for r in group)
+        timed_ar = [r for r in group if r.ar_seconds is not None]
+        ar_tps = _ratio(sum(r.ar_generated_tokens or 0 for r in timed_ar), sum(r.ar_seconds or 0.0 for r in timed_ar))
         spec_tps = _ratio(spec_tokens, spec_secs)
-        matches = [r["matches_autoregressive"] for r in group if r.get("matches_autoregressive") is not None]
+        matches = [r.matches_autoregressive for r in group if r.matches_autoregressive is not None]
         rec.update({
-            "drafter_path": group[0]["drafter_path"], "top_p": group[0]["top_p"], "num_prompts": len(group),
+            "drafter_path": group[0].drafter_path, "top_p": group[0].top_p, "num_prompts": len(group),
             "generated_tokens": spec_tokens, "num_drafts": drafts, "num_draft_tokens": drafted,
             "num_accepted": accepted, "block_efficiency": tau,
             "draft_acceptance_rate": alpha, "acceptance_rate": alpha,
             "acceptance_per_position": acceptance_per_position(per_pos, drafts),
             # the i.i.d. formula needs the per-token acceptance of tested drafts, not accepted / drafted
             "tested_acceptance": tested, "implied_block_efficiency": implied_block_efficiency(tested, gamma),
-            "mbsu": mbsu(tau, gamma, c), "param_ratio": c, "draft_parameters": parameters[rec["drafter"]],
+            "mbsu": mbsu(tau, gamma, c), "param_ratio": c, "draft_parameters": parameters[group[0].drafter],
             "target_parameters": target_parameters, "tokens_per_s_spec": spec_tps, "tokens_per_s_ar": ar_tps,
             "speedup": _ratio(spec_tps or 0.0, ar_tps or 0.0) if ar_tps else None,
             "greedy_match_rate": _ratio(sum(matches), len(matches)) if matches else None,
         })
-        out.append(rec)
     _add_intervals(out, rows, resamples, seed, level)
     return out
 

@@ -20,7 +20,6 @@ from typing import Any
 from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import vllm_eval_engine
 from draftalign.config import Config, ConfigError
-from draftalign.data.schemas import EVAL_SCHEMA, to_table
 from draftalign.evaluation.cells import CellStore
 from draftalign.evaluation.metrics import acceptance_rate, block_efficiency
 from draftalign.evaluation.report import (
@@ -30,6 +29,7 @@ from draftalign.evaluation.report import (
     summarize_rows,
     write_report,
 )
+from draftalign.evaluation.rows import EvalRow, eval_table
 from draftalign.evaluation.tasks import bundled_path, load_task_prompts
 from draftalign.models.identity import absolute_model_path, check_target_folder, looks_local, target_identity
 from draftalign.pipelines.locks import locked_output
@@ -142,7 +142,7 @@ def _prompts(cfg: Config, tok: Any, context: int, log) -> dict[str, list[dict]]:
 
 
 def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str, list[dict]],
-               log) -> list[dict]:
+               log) -> list[EvalRow]:
     import ray
 
     from draftalign.cluster.session import init_ray
@@ -185,7 +185,7 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
                 pass
             ray.kill(actor)
 
-    vllm_rows: list[dict] = []
+    vllm_rows: list[EvalRow] = []
     ar: dict[tuple, dict] = sweep(None, 0, "target") if v.measure_autoregressive else {}
     for d in drafters:
         for gamma in ev.gammas:
@@ -195,23 +195,23 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
 
 
 def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: int, temp: float, got: list[dict],
-                    ar: dict[tuple, dict], top_p: float, target_model: str) -> list[dict]:
+                    ar: dict[tuple, dict], top_p: float, target_model: str) -> list[EvalRow]:
     out = []
     for p, g in zip(rows, got, strict=True):
         base = ar.get((task, temp, p["id"]))
-        out.append({
-            "drafter": name, "drafter_path": draft, "task": task, "task_kind": p["kind"], "prompt_id": p["id"],
-            "engine": "vllm", "gamma": gamma, "temperature": float(temp), "top_p": float(top_p),
-            "num_input_tokens": len(p["token_ids"]), "num_generated_tokens": len(g["tokens"]),
-            "num_drafts": g["num_drafts"], "num_draft_tokens": g["num_draft_tokens"],
-            "num_accepted": g["num_accepted"], "accepted_per_pos": g["accepted_per_pos"],
-            "block_efficiency": block_efficiency(g["num_accepted"], g["num_drafts"], gamma),
-            "acceptance_rate": acceptance_rate(g["num_accepted"], g["num_draft_tokens"]),
-            "spec_seconds": g["seconds"], "ar_seconds": base["seconds"] if base else None,
-            "ar_generated_tokens": len(base["tokens"]) if base else None,
-            "matches_autoregressive": (g["tokens"] == base["tokens"]) if base and temp == 0 else None,
-            "generated_token_ids": g["tokens"], "target_model": target_model,
-        })
+        out.append(EvalRow(
+            drafter=name, drafter_path=draft, task=task, task_kind=p["kind"], prompt_id=p["id"],
+            engine="vllm", gamma=gamma, temperature=float(temp), top_p=float(top_p),
+            num_input_tokens=len(p["token_ids"]), num_generated_tokens=len(g["tokens"]),
+            num_drafts=g["num_drafts"], num_draft_tokens=g["num_draft_tokens"],
+            num_accepted=g["num_accepted"], accepted_per_pos=g["accepted_per_pos"],
+            block_efficiency=block_efficiency(g["num_accepted"], g["num_drafts"], gamma),
+            acceptance_rate=acceptance_rate(g["num_accepted"], g["num_draft_tokens"]),
+            spec_seconds=g["seconds"], ar_seconds=base["seconds"] if base else None,
+            ar_generated_tokens=len(base["tokens"]) if base else None,
+            matches_autoregressive=(g["tokens"] == base["tokens"]) if base and temp == 0 else None,
+            generated_token_ids=g["tokens"], target_model=target_model,
+        ))
     return out
 
 
@@ -349,7 +349,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
 
         target_params = step_weights_of(target, cfg.models.trust_remote_code)
         params = {d["name"]: step_weights_of(d["path"], cfg.models.trust_remote_code) for d in drafters}
-    rows: list[dict] = []
+    rows: list[EvalRow] = []
     if "reference" in ev.engines:
         sweep = ReferenceSweep(gammas=tuple(ev.gammas), temperatures=tuple(ev.engine_temperatures("reference")),
                                top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, eos=tok.eos_token_id, seed=ev.seed,
@@ -360,7 +360,7 @@ def run_evaluate(cfg: Config, log=None) -> list[dict]:
     del ref_engine
     if "vllm" in ev.engines:
         rows += _vllm_rows(cfg, target, drafters, prompts, log)
-    write_parquet_atomic(to_table(rows, EVAL_SCHEMA), out / "rows.parquet")
+    write_parquet_atomic(eval_table(rows), out / "rows.parquet")
     records = summarize_rows(rows, params, target_params)
     for r in records:
         record("draftalign_eval_block_efficiency", r["block_efficiency"], stage="evaluate", drafter=r["drafter"],

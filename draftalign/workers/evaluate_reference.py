@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from draftalign.evaluation.cells import CellStore
+from draftalign.evaluation.cells import Baseline, CellStore
+from draftalign.evaluation.rows import EvalRow
 from draftalign.evaluation.specdecode import autoregressive_generate, speculative_generate
 from draftalign.evaluation.tasks import prompt_seed
 from draftalign.models.draftvocab import load_draft_model
@@ -94,7 +95,7 @@ class ReferenceEngine:
 
 
 def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[str, list[dict]],
-                   s: ReferenceSweep, log: Callable[[str], None] = print, cells: CellStore | None = None) -> list[dict]:
+                   s: ReferenceSweep, log: Callable[[str], None] = print, cells: CellStore | None = None) -> list[EvalRow]:
     """Per-prompt rows (EVAL_SCHEMA) for every drafter x task x γ x temperature.
 
     drafters: [{"name", "path", "identity"?}]; prompts: task name -> [{"id", "kind", "token_ids"}].
@@ -107,7 +108,7 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
     if s.warmup_tokens:
         engine.autoregressive(first, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
     ar = _baselines(engine, prompts, s, gen, log, cells) if s.measure_ar else {}
-    out: list[dict] = []
+    out: list[EvalRow] = []
     for d in drafters:
         draft = None  # loaded on the first cell that has to be computed
         for task, rows in prompts.items():
@@ -143,7 +144,7 @@ def _baselines(engine: ReferenceEngine, prompts: dict[str, list[dict]], s: Refer
         for temp in s.temperatures:
             done = cells.baseline("autoregressive", task, temp) if cells else None
             t0 = time.time()
-            got = done or {p["id"]: engine.autoregressive(p["token_ids"], temp, s.top_p, s.max_new_tokens, s.eos,
+            got: dict[str, Baseline] = done or {p["id"]: engine.autoregressive(p["token_ids"], temp, s.top_p, s.max_new_tokens, s.eos,
                                                           gen(p["id"], temp)) for p in rows}
             if cells and done is None:
                 cells.put_baseline(got, "autoregressive", task, temp)
@@ -154,31 +155,32 @@ def _baselines(engine: ReferenceEngine, prompts: dict[str, list[dict]], s: Refer
     return ar
 
 
-def _row(d: dict, task: str, p: dict, gamma: int, temp: float, s: ReferenceSweep, ar: dict, res, secs: float) -> dict:
+def _row(d: dict, task: str, p: dict, gamma: int, temp: float, s: ReferenceSweep, ar: dict, res,
+         secs: float) -> EvalRow:
     base = ar.get((task, temp, p["id"]))
     st = res.stats
-    return {
-        "drafter": d["name"], "drafter_path": d["path"], "task": task, "task_kind": p["kind"],
-        "prompt_id": p["id"], "engine": "reference", "gamma": gamma, "temperature": float(temp),
-        "top_p": float(s.top_p), "num_input_tokens": len(p["token_ids"]),
-        "num_generated_tokens": len(res.tokens), "num_drafts": st.num_drafts,
-        "num_draft_tokens": st.num_draft_tokens, "num_accepted": st.num_accepted,
-        "accepted_per_pos": list(st.accepted_per_pos),
-        "block_efficiency": st.block_efficiency, "acceptance_rate": st.acceptance_rate,
-        "spec_seconds": secs, "ar_seconds": base[1] if base else None,
-        "ar_generated_tokens": len(base[0]) if base else None,
-        "matches_autoregressive": (res.tokens == base[0]) if base and temp == 0 else None,
-        "generated_token_ids": list(res.tokens), "target_model": s.target_model,
-    }
+    return EvalRow(
+        drafter=d["name"], drafter_path=d["path"], task=task, task_kind=p["kind"],
+        prompt_id=p["id"], engine="reference", gamma=gamma, temperature=float(temp),
+        top_p=float(s.top_p), num_input_tokens=len(p["token_ids"]),
+        num_generated_tokens=len(res.tokens), num_drafts=st.num_drafts,
+        num_draft_tokens=st.num_draft_tokens, num_accepted=st.num_accepted,
+        accepted_per_pos=list(st.accepted_per_pos),
+        block_efficiency=st.block_efficiency, acceptance_rate=st.acceptance_rate,
+        spec_seconds=secs, ar_seconds=base[1] if base else None,
+        ar_generated_tokens=len(base[0]) if base else None,
+        matches_autoregressive=(res.tokens == base[0]) if base and temp == 0 else None,
+        generated_token_ids=list(res.tokens), target_model=s.target_model,
+    )
 
 
-def progress_line(engine_name: str, drafter: str, task: str, gamma: int, temperature: float, rows: list[dict],
+def progress_line(engine_name: str, drafter: str, task: str, gamma: int, temperature: float, rows: list[EvalRow],
                   secs: float) -> str:
     """One log line per sweep cell: τ and draft acceptance pooled over its rows, as the report pools them."""
     from draftalign.evaluation.metrics import acceptance_rate
     from draftalign.evaluation.report import pooled_block_efficiency
 
     tau = pooled_block_efficiency(rows)
-    alpha = acceptance_rate(sum(r["num_accepted"] for r in rows), sum(r["num_draft_tokens"] for r in rows))
+    alpha = acceptance_rate(sum(r.num_accepted for r in rows), sum(r.num_draft_tokens for r in rows))
     return (f"[evaluate] {engine_name} {drafter} / {task} γ={gamma} T={temperature:g}: τ={tau:.2f} "
             f"draft_acceptance={alpha:.2f} ({len(rows)} prompts, {secs:.1f} s)")
