@@ -103,7 +103,7 @@ def run_stage(stage: str, config: str | Path | Config, overrides: list[str] | No
                            config=cfg)
     from draftalign.pipelines.run import run_all
 
-    manifest = run_all(cfg)
+    manifest = run_all(cfg).to_json()
     summary = _read_summary(Path(cfg.evaluate.output) / "summary.json")
     models: dict[str, Path] = {}
     for meta in sorted(Path(cfg.pretrain.output).glob("*/model/draftalign_model.json")):

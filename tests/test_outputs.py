@@ -90,23 +90,25 @@ def test_a_full_disk_keeps_the_earlier_files_whole_and_leaves_no_temp_files(tmp_
 def test_a_recorded_step_is_running_then_done_or_failed_with_its_seconds(tmp_path):
     import json
 
+    from draftalign.pipelines.rounds import RoundChain, RoundRun
     from draftalign.util.runinfo import recorded_step
 
-    path = tmp_path / "manifest.json"
-    manifest: dict = {"stages": []}
+    path = tmp_path / "chain.json"
+    chain = RoundChain(drafter="d", fraction=0.5, start="s")
     seen = []
-    for name in ("ok", "bad"):
-        entry = {"stage": name}
-        manifest["stages"].append(entry)
+    for r, name in enumerate(("ok", "bad"), start=1):
+        entry = RoundRun(round=r, generator=name, set="x")
+        chain.rounds.append(entry)
         try:
-            with recorded_step(path, manifest, entry) as e:
-                seen.append(json.loads(path.read_text())["stages"][-1]["status"])  # on disk while it runs
-                e["model"] = "m"
+            with recorded_step(lambda: chain.write(path), entry) as e:
+                seen.append(json.loads(path.read_text())["rounds"][-1]["status"])  # on disk while it runs
+                e.model = "m"
                 if name == "bad":
                     raise KeyboardInterrupt  # a kill counts as a failure too, and is not swallowed
         except KeyboardInterrupt:
             pass
-    stages = json.loads(path.read_text())["stages"]
+    rounds = json.loads(path.read_text())["rounds"]
     assert seen == ["running", "running"]
-    assert [(s["stage"], s["status"], s["model"]) for s in stages] == [("ok", "done", "m"), ("bad", "failed", "m")]
-    assert all(s["seconds"] >= 0 for s in stages)
+    assert [(s["generator"], s["status"], s["model"]) for s in rounds] == [("ok", "done", "m"), ("bad", "failed", "m")]
+    assert all(s["seconds"] >= 0 for s in rounds)
+    assert set(rounds[0]) == {"round", "generator", "set", "status", "model", "seconds"}

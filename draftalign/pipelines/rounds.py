@@ -13,13 +13,50 @@ distill.overwrite say so. Only pipelines/run.py calls this module; it calls the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from draftalign.config import Config, LossConfig, deep_merge
 from draftalign.models.identity import absolute_model_path
 from draftalign.pipelines.locks import locked_output
+from draftalign.util.atomicio import write_json_atomic
 from draftalign.util.runinfo import recorded_step
+
+
+# A chain file is rewritten as each round starts and ends, so its records stay mutable.
+@dataclass
+class RoundRun:
+    """One on-policy round: who generated its set, then its status, drafter and seconds once known."""
+
+    round: int
+    generator: str
+    set: str
+    status: str | None = None
+    model: str | None = None
+    seconds: float | None = None
+
+    def to_json(self) -> dict[str, int | str | float]:
+        # In the order they become known: status first, the model while it runs, seconds at the end.
+        out: dict[str, int | str | float] = {"round": self.round, "generator": self.generator, "set": self.set}
+        for key in ("status", "model", "seconds"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+@dataclass
+class RoundChain:
+    """`distill.output/rounds/<drafter folder>.json`: one loss's rounds, from its starting drafter."""
+
+    drafter: str
+    fraction: float
+    start: str
+    rounds: list[RoundRun] = field(default_factory=list)
+
+    def write(self, path: Path) -> None:
+        write_json_atomic(path, {"drafter": self.drafter, "fraction": self.fraction, "start": self.start,
+                                 "rounds": [r.to_json() for r in self.rounds]})
 
 
 def round_config(cfg: Config, loss: LossConfig, r: int, drafter: str) -> Config:
@@ -63,17 +100,16 @@ def run_rounds(cfg: Config) -> list[Path]:
     finals = []
     for loss in cfg.distill.losses:
         drafter = _start(cfg)
-        chain: dict[str, Any] = {"drafter": cfg.distill.drafter_label(loss), "fraction": op.fraction,
-                                 "start": drafter, "rounds": []}
+        chain = RoundChain(drafter=cfg.distill.drafter_label(loss), fraction=op.fraction, start=drafter)
         path = cfg.round_dir(loss, 1).parent.parent / f"{cfg.distill.drafter_folder(loss)}.json"
         for r in range(1, op.rounds + 1):
             rcfg = round_config(cfg, loss, r, drafter)
-            entry = {"round": r, "generator": drafter, "set": rcfg.generate.output}
-            chain["rounds"].append(entry)
+            entry = RoundRun(round=r, generator=drafter, set=rcfg.generate.output)
+            chain.rounds.append(entry)
             print(f"==> [rounds] {rcfg.distill.drafter_label(loss)}: generate with {drafter}", flush=True)
-            with recorded_step(path, chain, entry):
+            with recorded_step(lambda chain=chain, path=path: chain.write(path), entry):
                 run_generate(rcfg)
                 [model] = run_distill(rcfg)
-                drafter = entry["model"] = str(model)
+                drafter = entry.model = str(model)
         finals.append(Path(drafter))
     return finals

@@ -20,8 +20,7 @@ from typing import Any, TextIO
 
 from draftalign.config import Config
 from draftalign.pipelines.locks import locked_output
-from draftalign.util.atomicio import write_json_atomic
-from draftalign.util.runinfo import recorded_step, write_run_info
+from draftalign.util.runinfo import RunManifest, StageRun, recorded_step, write_run_info
 
 
 class _Tee:
@@ -71,22 +70,22 @@ def _stages(cfg: Config) -> list[tuple[str, Callable[[Config], Any], str]]:
 
 
 @locked_output("run", lambda cfg: cfg.run.output)
-def run_all(cfg: Config) -> dict[str, Any]:
+def run_all(cfg: Config) -> RunManifest:
     """Run the stages in order; returns the run manifest (also written as it goes)."""
     root = Path(cfg.run.output)
     write_run_info(root, cfg, "run")
-    manifest: dict[str, Any] = {"run": cfg.run.name, "output": str(root), "stages": []}
+    manifest = RunManifest(run=cfg.run.name, output=str(root))
     path = root / "run_manifest.json"
     start = time.time()
     with _logged(root / "logs" / "run.log"):
         for name, fn, output in _stages(cfg):
-            entry = {"stage": name, "output": output}
-            manifest["stages"].append(entry)
+            entry = StageRun(stage=name, output=output)
+            manifest.stages.append(entry)
             print(f"==> [run] {name} -> {output}", flush=True)
-            with recorded_step(path, manifest, entry):
+            with recorded_step(lambda: manifest.write(path), entry):
                 fn(cfg)
-        manifest["seconds"] = round(time.time() - start, 1)
-        manifest["report"] = str(Path(cfg.evaluate.output) / "report.md")
-        write_json_atomic(path, manifest)
-        print(f"==> [run] done in {manifest['seconds'] / 60:.1f} min; report: {manifest['report']}", flush=True)
+        manifest.seconds = round(time.time() - start, 1)
+        manifest.report = str(Path(cfg.evaluate.output) / "report.md")
+        manifest.write(path)
+        print(f"==> [run] done in {manifest.seconds / 60:.1f} min; report: {manifest.report}", flush=True)
     return manifest

@@ -9,11 +9,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
 from draftalign.config import Config
 from draftalign.util.atomicio import write_json_atomic, write_text_atomic
@@ -34,7 +35,12 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def git_revision() -> dict[str, Any]:
+class GitRevision(TypedDict, total=False):
+    revision: str | None  # None outside a git checkout
+    dirty: bool
+
+
+def git_revision() -> GitRevision:
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -73,18 +79,67 @@ def write_run_info(folder: str | Path, cfg: Config, stage: str, extra: dict[str,
     return folder
 
 
+class Step(Protocol):
+    """An entry of a progress record: recorded_step sets its status, then its seconds."""
+
+    status: str | None
+    seconds: float | None
+
+
 @contextmanager
-def recorded_step(path: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Mark `entry` (already inside `manifest`) running, then done or failed with its seconds,
-    rewriting `path` whole at each change; the caller may add to `entry` before the step ends."""
-    entry["status"] = "running"
-    write_json_atomic(path, manifest)
+def recorded_step(write: Callable[[], None], entry: Step) -> Iterator[Step]:
+    """Mark `entry` (already inside the record `write` saves) running, then done or failed with its
+    seconds, saving the record whole at each change; the caller may add to `entry` before the step ends."""
+    entry.status = "running"
+    write()
     t0 = time.time()
     try:
         yield entry
     except BaseException:
-        entry.update(status="failed", seconds=round(time.time() - t0, 1))
-        write_json_atomic(path, manifest)
+        entry.status, entry.seconds = "failed", round(time.time() - t0, 1)
+        write()
         raise
-    entry.update(status="done", seconds=round(time.time() - t0, 1))
-    write_json_atomic(path, manifest)
+    entry.status, entry.seconds = "done", round(time.time() - t0, 1)
+    write()
+
+
+# The run manifest is rewritten as each stage starts and ends, so its records stay mutable.
+@dataclass
+class StageRun:
+    """One stage of `draftalign run`: its output folder, then its status and seconds once known."""
+
+    stage: str
+    output: str
+    status: str | None = None
+    seconds: float | None = None
+
+    def to_json(self) -> dict[str, str | float]:
+        out: dict[str, str | float] = {"stage": self.stage, "output": self.output}
+        if self.status is not None:
+            out["status"] = self.status
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        return out
+
+
+@dataclass
+class RunManifest:
+    """run_manifest.json: the run, its folder and stages; its seconds and report once it is done."""
+
+    run: str
+    output: str
+    stages: list[StageRun] = field(default_factory=list)
+    seconds: float | None = None
+    report: str | None = None
+
+    def to_json(self) -> dict[str, str | float | list[dict[str, str | float]]]:
+        out: dict[str, str | float | list[dict[str, str | float]]] = {
+            "run": self.run, "output": self.output, "stages": [s.to_json() for s in self.stages]}
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        if self.report is not None:
+            out["report"] = self.report
+        return out
+
+    def write(self, path: Path) -> None:
+        write_json_atomic(path, self.to_json())
