@@ -8,9 +8,11 @@ resumed run draws the whole run; the export writes `training_history.json` and
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
+from draftalign.training.trainreport import Scalar
 from draftalign.util.atomicio import write_json_atomic
 
 HISTORY_FILE = "training_history.json"
@@ -23,7 +25,7 @@ KEPT_PREFIXES = ("holdout_",)
 KEPT_KEYS = ("step", "loss", "lr", "tokens_per_s")
 
 
-def curve_point(metrics: dict[str, Any]) -> dict[str, float]:
+def curve_point(metrics: Mapping[str, Scalar]) -> dict[str, float]:
     """The numbers of one log step worth drawing: step, loss, lr, tokens/s, held-out metrics."""
     return {k: float(v) for k, v in metrics.items()
             if (k in KEPT_KEYS or k.startswith(KEPT_PREFIXES))
@@ -57,5 +59,12 @@ def write_curves(history: list[dict[str, float]], folder: Path, title: str) -> l
     return [folder / HISTORY_FILE, path]
 
 
-def read_history(folder: Path) -> dict[str, Any]:
+class History(TypedDict):
+    """training_history.json: the job's title and a curve_point per log step."""
+
+    title: str
+    points: list[dict[str, float]]
+
+
+def read_history(folder: Path) -> History:
     return json.loads((folder / HISTORY_FILE).read_text())

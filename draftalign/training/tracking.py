@@ -12,12 +12,17 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from draftalign.config import RunConfig, TrackingConfig
 from draftalign.errors import ConfigError
+from draftalign.training.trainreport import Scalar
+
+# A field of evaluate's summary records (evaluation.report.SummaryRecord, a layer above this one).
+SummaryValue = str | float | int | list[float] | None
 
 # The package each backend needs (checked before Ray starts, so a missing one is a config error).
 BACKEND_PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
@@ -73,7 +78,7 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name.replace("+", "p"))
 
 
-def summary_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+def summary_metrics(records: Sequence[Mapping[str, SummaryValue]]) -> dict[str, float]:
     """Evaluate's summary as tracked metrics: `drafter/task/engine/gammaG/TT/<metric>`."""
     out: dict[str, float] = {}
     for r in records:
@@ -84,7 +89,7 @@ def summary_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
     return scalars(out)
 
 
-def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+def scalars(metrics: Mapping[str, Scalar | str]) -> dict[str, float]:
     """The finite numbers of `metrics` (no bools, None or NaN): what every backend can plot."""
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
@@ -105,7 +110,7 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class Tracker:
     """No tracking: the interface every backend implements."""
 
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, Scalar], step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -120,7 +125,7 @@ class TensorBoardTracker(Tracker):
         params = flat_params(config)
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(params.items())))
 
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, Scalar], step: int) -> None:
         for key, value in scalars(metrics).items():
             self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()  # a killed run keeps every step it logged
@@ -139,7 +144,7 @@ class MlflowTracker(Tracker):
                                    experiment_name=run.experiment, run_name=run.run_name,
                                    create_experiment_if_not_exists=True, rank_zero_only=False)
 
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, Scalar], step: int) -> None:
         self.mlflow.log_metrics(scalars(metrics), step=step)
 
     def close(self) -> None:
@@ -153,7 +158,7 @@ class WandbTracker(Tracker):
         self.wandb = setup_wandb(config=config, project=run.experiment, name=run.run_name,
                                  rank_zero_only=False)
 
-    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, Scalar], step: int) -> None:
         self.wandb.log(scalars(metrics), step=step)
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from draftalign.models.draftvocab import draft_vocab_ids, install_reduced_head, 
 from draftalign.training.distillation import heldout_means, heldout_sums, masked_logits, trim_padding
 from draftalign.training.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
 from draftalign.training.tracking import TrackingRun
+from draftalign.training.trainreport import TrainReport
 from draftalign.workers.trainer import Trainer, mean_across_workers
 
 
@@ -113,10 +114,10 @@ class DistillTask:
             out["holdout_loss"] = mean_across_workers(loss_total / n, engine.device)
         return out
 
-    def extra_metrics(self) -> dict[str, Any]:
+    def extra_metrics(self) -> dict[str, float]:
         return self.target.stats.snapshot()
 
-    def on_metrics(self, metrics: dict[str, Any]) -> None:
+    def on_metrics(self, metrics: TrainReport) -> None:
         stats, tags = self.target.stats, {"stage": "distill", "loss": self.cfg.loss.label}
         record("draftalign_distill_loss", metrics.get("loss"), **tags)
         record("draftalign_distill_tokens_per_s", metrics.get("tokens_per_s"), **tags)

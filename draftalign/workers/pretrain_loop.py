@@ -10,6 +10,7 @@ import torch
 
 from draftalign.config import PretrainJob
 from draftalign.training.tracking import TrackingRun
+from draftalign.training.trainreport import TrainReport
 from draftalign.workers.trainer import Trainer, evaluate_lm
 
 
@@ -44,10 +45,10 @@ class PretrainTask:
     def evaluate(self, engine) -> dict[str, float]:
         return evaluate_lm(engine, self.holdout_shard, self.t)
 
-    def extra_metrics(self) -> dict[str, Any]:
+    def extra_metrics(self) -> dict[str, float]:
         return {}
 
-    def on_metrics(self, metrics: dict[str, Any]) -> None:
+    def on_metrics(self, metrics: TrainReport) -> None:
         pass
 
 

@@ -14,7 +14,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from draftalign.config import OptimConfig, TrainConfig
 from draftalign.models.draftvocab import draft_vocab_ids, export_state_dict, write_draft_vocab
 from draftalign.training.plots import curve_point, write_curves
 from draftalign.training.tracking import TrackingRun, open_tracker
+from draftalign.training.trainreport import Metrics, Scalar, TrainReport
 
 # Ray Train v2 hands each report to its controller, which polls every couple of seconds; a
 # report made sooner than that blocks the step. Progress is printed at every log step anyway.
@@ -73,10 +74,10 @@ class TrainTask(Protocol):
     def evaluate(self, engine) -> dict[str, float]:
         """Held-out metrics, the same on every worker."""
 
-    def extra_metrics(self) -> dict[str, Any]:
+    def extra_metrics(self) -> dict[str, float]:
         """More numbers for each report (e.g. the target pool's)."""
 
-    def on_metrics(self, metrics: dict[str, Any]) -> None:
+    def on_metrics(self, metrics: TrainReport) -> None:
         """Called with each logged report (e.g. dashboard gauges)."""
 
 
@@ -93,7 +94,7 @@ class RayTrainSession:
     def get_checkpoint(self):
         return self._train.get_checkpoint()
 
-    def report(self, metrics: dict[str, Any], folder: str | None = None) -> None:
+    def report(self, metrics: Metrics, folder: str | None = None) -> None:
         ckpt = self._train.Checkpoint.from_directory(folder) if folder else None
         self._train.report(metrics, checkpoint=ckpt)
 
@@ -129,7 +130,7 @@ class Trainer:
     """DeepSpeed around `model`; resume, step, log and report, evaluate, checkpoint, export."""
 
     def __init__(self, name: str, t: TrainConfig, o: OptimConfig, model, task: TrainTask, session=None,
-                 tracking: TrackingRun | None = None, params: dict[str, Any] | None = None) -> None:
+                 tracking: TrackingRun | None = None, params: Mapping[str, object] | None = None) -> None:
         import deepspeed
         from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -155,14 +156,14 @@ class Trainer:
             # and log it to the console, so every progress line reached the driver twice.
             print(f"[{self.name}] {msg}", file=sys.__stdout__, flush=True)
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self) -> Metrics:
         """Train to t.max_steps; the last report carries the export (`hf/`). Returns its metrics."""
         try:
             return self._fit()
         finally:
             self.tracker.close()
 
-    def _fit(self) -> dict[str, Any]:
+    def _fit(self) -> Metrics:
         self.log(f"{self.session.world} worker(s), {torch.get_num_threads()} torch threads each, "
                  f"ZeRO stage {self.t.zero_stage}, {self.t.dtype_name}")
         finished = self.finished_export()
@@ -175,14 +176,14 @@ class Trainer:
             self.state.history.append(curve_point({"step": 0, **before}))
             self.tracker.log_metrics(before, 0)
             self.log(f"before training: {_rounded(self.state.initial)}")
-        metrics: dict[str, Any] = {}
+        report: TrainReport | None = None
         while self.state.step < self.t.max_steps:
-            metrics = self.epoch() or metrics
-        metrics = self.select_export(metrics)
+            report = self.epoch() or report
+        metrics = self.select_export(report).to_dict() if report else {}
         self.save(metrics, export=True)
         return metrics
 
-    def finished_export(self) -> dict[str, Any] | None:
+    def finished_export(self) -> Metrics | None:
         """When Ray Train's latest checkpoint is the final export (the run finished, but its model
         folder was deleted or never published), report it again instead of resuming: it holds
         no DeepSpeed state to resume from. Returns its metrics, or None."""
@@ -209,7 +210,7 @@ class Trainer:
         self.state.resumed_from = self.state.step
         self.log(f"resumed from checkpoint at step {self.state.step}")
 
-    def epoch(self) -> dict[str, Any] | None:
+    def epoch(self) -> TrainReport | None:
         """Micro-batches until the epoch or the step budget ends; the last logged metrics."""
         st, metrics = self.state, None
         seen_any = st.micro_in_epoch > 0
@@ -240,25 +241,25 @@ class Trainer:
         t = self.t
         return step % t.log_every == 0 or step >= t.max_steps or step % t.checkpoint_every == 0
 
-    def log_step(self, window: Window) -> dict[str, Any]:
+    def log_step(self, window: Window) -> TrainReport:
         st, device = self.state, self.engine.device
         loss, tokens_per_s = window.rates()
-        metrics: dict[str, Any] = {
-            "step": st.step, "epoch": st.epoch, "loss": mean_across_workers(loss, device),
-            "lr": self.scheduler.get_last_lr()[0],
-            "tokens_per_s": mean_across_workers(tokens_per_s, device) * self.session.world,
-            "resumed_from_step": st.resumed_from, **st.initial,
-        }
+        report = TrainReport(
+            step=st.step, epoch=st.epoch, loss=mean_across_workers(loss, device),
+            lr=self.scheduler.get_last_lr()[0],
+            tokens_per_s=mean_across_workers(tokens_per_s, device) * self.session.world,
+            resumed_from_step=st.resumed_from, values=dict(st.initial))
         if (self.t.eval_every and st.step % self.t.eval_every == 0) or st.step >= self.t.max_steps:
-            metrics.update(self.evaluate())
-            self.keep_if_best(metrics)
-        metrics.update(self.task.extra_metrics())  # after evaluation, so the counts include it
-        self.task.on_metrics(metrics)
+            report = report.with_values(self.evaluate())
+            self.keep_if_best(report)
+        report = report.with_values(self.task.extra_metrics())  # after evaluation, so the counts include it
+        self.task.on_metrics(report)
+        metrics = report.to_dict()
         # initial_* repeat the step-0 evaluation on every line; the tracker has them at step 0.
         self.tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("initial_")}, st.step)
         self.state.history.append(curve_point(metrics))
         self.log(f"step {st.step}/{self.t.max_steps} {_rounded(metrics)}")
-        return metrics
+        return report
 
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
@@ -267,26 +268,27 @@ class Trainer:
         finally:
             self.engine.train()
 
-    def keep_if_best(self, metrics: dict[str, Any]) -> None:
+    def keep_if_best(self, report: TrainReport) -> None:
         """Remember the weights of the best evaluation of `task.select_metric` (higher is better)."""
         key, st = self.task.select_metric, self.state
-        if key is None or metrics.get(key) is None:
+        value = report.get(key) if key is not None else None
+        if value is None:
             return
-        if st.best_value is None or metrics[key] > st.best_value:
-            st.best_step, st.best_value = st.step, float(metrics[key])
+        if st.best_value is None or value > st.best_value:
+            st.best_step, st.best_value = st.step, float(value)
             self.best_weights = self.full_state_dict() if st.step < self.t.max_steps else None
 
-    def select_export(self, metrics: dict[str, Any]) -> dict[str, Any]:
+    def select_export(self, report: TrainReport) -> TrainReport:
         """Load the best weights when an earlier evaluation beat the last one."""
-        st = self.state
-        if self.task.select_metric is None or st.best_step is None:
-            return metrics
+        st, key = self.state, self.task.select_metric
+        if key is None or st.best_step is None:
+            return report
         if st.best_step != st.step and self.best_weights is not None:
             self.engine.module.load_state_dict(self.best_weights)
+            last = report.to_dict().get(key, float("nan"))
             self.log(f"exporting the weights of step {st.best_step} "
-                     f"({self.task.select_metric} {st.best_value:.4f}; the last step scored "
-                     f"{metrics.get(self.task.select_metric, float('nan')):.4f})")
-        return {**metrics, "export_step": st.best_step, f"export_{self.task.select_metric}": st.best_value}
+                     f"({key} {st.best_value:.4f}; the last step scored {last:.4f})")
+        return report.with_values({"export_step": st.best_step, f"export_{key}": st.best_value})
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on the CPU (ZeRO-3 shards them: gather first)."""
@@ -298,16 +300,16 @@ class Trainer:
         with gather:
             return {k: v.detach().to("cpu").clone() for k, v in self.engine.module.state_dict().items()}
 
-    def checkpoint_or_report(self, metrics: dict[str, Any]) -> None:
+    def checkpoint_or_report(self, report: TrainReport) -> None:
         if self.state.step % self.t.checkpoint_every == 0:
-            self.save(metrics)
+            self.save(report.to_dict())
         elif time.perf_counter() - self.last_report >= REPORT_INTERVAL_S:
-            self.session.report(metrics)
+            self.session.report(report.to_dict())
         else:
             return
         self.last_report = time.perf_counter()
 
-    def save(self, metrics: dict[str, Any], export: bool = False) -> None:
+    def save(self, metrics: Metrics, export: bool = False) -> None:
         with tempfile.TemporaryDirectory() as d:
             if export:
                 self.export(Path(d) / "hf")
@@ -352,5 +354,5 @@ def evaluate_lm(engine, shard, t: TrainConfig) -> dict[str, float]:
     return {"holdout_loss": held, "holdout_perplexity": math.exp(min(held, 50.0))}
 
 
-def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+def _rounded(metrics: Metrics) -> dict[str, Scalar]:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
