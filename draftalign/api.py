@@ -63,12 +63,12 @@ def load_config(config: str | Path | None, overrides: list[str] | None = None, *
     return cfg
 
 
-def plan_stage(stage: str, config: str | Path | Config, overrides: list[str] | None = None) -> dict[str, Any]:
+def plan_stage(stage: str, config: str | Path | Config, overrides: list[str] | None = None) -> dict[str, dict]:
     """What `draftalign STAGE CONFIG --plan` prints, as a dict (actors, CPUs, GPUs; no Ray)."""
     from draftalign.cli import _plan
     from draftalign.util.redact import redact
 
-    return redact(_plan(_config(config, overrides), _check_stage(stage)))
+    return redact(_plan(_config(config, overrides), _check_stage(stage)).to_dict())
 
 
 def run_stage(stage: str, config: str | Path | Config, overrides: list[str] | None = None) -> StageResult:

@@ -5,36 +5,70 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import yaml
 
-from draftalign.config import Config, load_config
+from draftalign.config import Config, RayConfig, load_config
 from draftalign.errors import DraftalignError
 from draftalign.util import console
 from draftalign.util.redact import dump_config, redact, secret_overrides_from_env
 
+if TYPE_CHECKING:
+    from draftalign.pipelines.distill import DistillPlan
+    from draftalign.pipelines.evaluate import EvaluatePlan
+    from draftalign.pipelines.generate import GeneratePlan
+    from draftalign.pipelines.pretrain import JobPlan
+
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
 
 
-def _plan(cfg: Config, stage: str) -> dict:
-    plan: dict = {}
+@dataclass(frozen=True)
+class Plan:
+    """What `--plan` shows of a stage (of every stage for `run`), worked out offline without Ray."""
+
+    ray: RayConfig
+    pretrain: list[JobPlan] | None = None
+    generate: GeneratePlan | None = None
+    distill: DistillPlan | None = None
+    evaluate: EvaluatePlan | None = None
+
+    def to_dict(self) -> dict[str, dict]:
+        """The plan as printed under `plan:` and returned by draftalign.plan_stage, stages in run order;
+        each Ray stage leads with the Ray settings it would start or join with."""
+        out: dict[str, dict] = {}
+        if self.pretrain is not None:
+            out["pretrain"] = {"ray": self.ray.model_dump(), "jobs": self.pretrain}
+        if self.generate is not None:
+            out["generate"] = {"ray": self.ray.model_dump(), **self.generate}
+        if self.distill is not None:
+            out["distill"] = {"ray": self.ray.model_dump(), **self.distill}
+        if self.evaluate is not None:
+            out["evaluate"] = dict(self.evaluate)
+        return out
+
+
+def _plan(cfg: Config, stage: str) -> Plan:
+    # Each stage's pipeline is imported only when planned, as when it runs.
+    jobs = generate = distill = evaluate = None
     if stage in ("pretrain", "run"):
         from draftalign.pipelines.pretrain import describe_jobs
 
-        plan["pretrain"] = {"ray": cfg.ray.model_dump(), "jobs": describe_jobs(cfg)}
+        jobs = describe_jobs(cfg)
     if stage in ("generate", "run"):
         from draftalign.pipelines.generate import describe_generate
 
-        plan["generate"] = {"ray": cfg.ray.model_dump(), **describe_generate(cfg)}
+        generate = describe_generate(cfg)
     if stage in ("distill", "run"):
         from draftalign.pipelines.distill import describe_distill
 
-        plan["distill"] = {"ray": cfg.ray.model_dump(), **describe_distill(cfg)}
+        distill = describe_distill(cfg)
     if stage in ("evaluate", "run"):
         from draftalign.pipelines.evaluate import describe_evaluate
 
-        plan["evaluate"] = describe_evaluate(cfg)
-    return plan
+        evaluate = describe_evaluate(cfg)
+    return Plan(ray=cfg.ray, pretrain=jobs, generate=generate, distill=distill, evaluate=evaluate)
 
 
 def _run_stage(cfg: Config, stage: str) -> int:
@@ -72,7 +106,7 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
         if args.plan:
             print(dump_config(cfg), end="")
             print("---")
-            print(yaml.safe_dump({"plan": redact(_plan(cfg, stage))}, sort_keys=False), end="")
+            print(yaml.safe_dump({"plan": redact(_plan(cfg, stage).to_dict())}, sort_keys=False), end="")
             return 0
         console.setup(cfg.run.output, args.verbose)  # library and worker output: RUN/logs/ (-v: here too)
         return _run_stage(cfg, stage)

@@ -3,7 +3,7 @@ and the `--plan` view of them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 from draftalign.config import (
     DistillConfig,
@@ -13,6 +13,44 @@ from draftalign.config import (
     TrainConfig,
     VllmEvalConfig,
 )
+
+Bundle = dict[str, float]  # Ray resource name -> amount
+
+
+class TrainResources(TypedDict, total=False):
+    """A pretrain job's Ray Train workers in the --plan view (just a note for a drafter cut from the target)."""
+
+    ray_train_workers: int
+    note: str
+    per_worker: Bundle
+    total: Bundle
+    deepspeed_zero_stage: int
+    precision: str
+    global_batch_sequences: int
+    global_batch_tokens: int
+    optimizer_steps: int
+    tokens_total: int
+
+
+class DistillResources(TypedDict):
+    ray_train_workers: int
+    per_worker: Bundle
+    target_actors: int
+    per_target_actor: Bundle
+    total: Bundle
+    deepspeed_zero_stage: int
+    precision: str
+    global_batch_sequences: int
+    optimizer_steps: int
+
+
+class GenerateResources(TypedDict):
+    engine_replicas: int
+    tensor_parallel_size: int
+    per_replica: Bundle
+    total: Bundle
+    batch_size: int
+    max_concurrent_batches: int
 
 
 def train_worker(train: TrainConfig) -> dict[str, float]:
@@ -36,7 +74,7 @@ def vllm_eval_engine(v: VllmEvalConfig) -> dict[str, float]:
     return {"CPU": v.cpus_per_engine, **({"GPU": v.gpus_per_engine * v.tensor_parallel_size} if v.use_gpu else {})}
 
 
-def train_resources(job: PretrainJob) -> dict[str, Any]:
+def train_resources(job: PretrainJob) -> TrainResources:
     t = job.train
     if t is None:
         return {"ray_train_workers": 0, "note": "built from the target in the driver; no corpus pretraining"}
@@ -54,7 +92,7 @@ def train_resources(job: PretrainJob) -> dict[str, Any]:
     }
 
 
-def distill_resources(d: DistillConfig) -> dict[str, Any]:
+def distill_resources(d: DistillConfig) -> DistillResources:
     t, pool = d.train, d.target_pool
     worker, actor = train_worker(t), target_actor(pool)
     actors = 0 if pool.in_process else pool.actors * t.num_workers
@@ -68,7 +106,7 @@ def distill_resources(d: DistillConfig) -> dict[str, Any]:
     }
 
 
-def generate_resources(eng: EngineConfig) -> dict[str, Any]:
+def generate_resources(eng: EngineConfig) -> GenerateResources:
     per_replica: dict[str, float] = {}
     for bundle in replica_bundles(eng):
         for k, v in bundle.items():

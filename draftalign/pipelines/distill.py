@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-from draftalign.cluster.resources import distill_resources
+from draftalign.cluster.resources import DistillResources, distill_resources
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
 from draftalign.data.schemas import check_table, distill_schema_for
 from draftalign.models.arch import check_compatible, count_parameters, load_model_config
@@ -79,7 +79,19 @@ def _check_on_policy_set(files: list[Path], target_hash: str) -> set[str]:
     return generators
 
 
-def describe_distill(cfg: Config) -> dict[str, Any]:
+class DistillPlan(TypedDict):
+    """The distill stage in the --plan view; `on_policy` and each loss are the config as resolved,
+    each loss with its drafter's name, export folder and (with rounds) each round's folder."""
+
+    data: str
+    init_from: str
+    target: str
+    on_policy: dict[str, Any]
+    losses: list[dict[str, Any]]
+    resources: DistillResources
+
+
+def describe_distill(cfg: Config) -> DistillPlan:
     d = cfg.distill
     losses = [{**loss.model_dump(), "drafter": d.drafter_label(loss), "output": cfg.distilled_path(loss),
                **({"rounds": cfg.round_paths(loss)} if d.on_policy.rounds else {})} for loss in d.losses]

@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import vllm_eval_engine
@@ -46,7 +46,37 @@ def _exists(path: str) -> bool:
     return Path(path).expanduser().is_dir() or not looks_local(path)
 
 
-def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
+class Drafter(TypedDict):
+    name: str
+    path: str
+    exists: bool
+
+
+class VllmPlan(TypedDict):
+    engines: int
+    one_at_a_time: bool
+    per_engine: dict[str, float]
+    engine_kwargs: dict[str, Any]  # what vLLM's engine is given, the user's engine_kwargs included
+
+
+class EvaluatePlan(TypedDict, total=False):
+    """The evaluate stage in the --plan view; `vllm` only when that engine runs."""
+
+    target: str
+    output: str
+    drafters: list[Drafter]
+    tasks: list[dict[str, str | int]]
+    engines: list[str]
+    gammas: list[int]
+    temperatures: list[float]
+    engine_temperatures: dict[str, list[float]]
+    top_p: float
+    max_new_tokens: int
+    cells: str
+    vllm: VllmPlan
+
+
+def resolve_drafters(cfg: Config, strict: bool = True) -> list[Drafter]:
     """[{"name", "path", "exists"}]. Default: the undistilled drafter (Config.start_name: "start" or
     "pretrained") plus each distilled export that exists.
 
@@ -55,7 +85,7 @@ def resolve_drafters(cfg: Config, strict: bool = True) -> list[dict[str, Any]]:
     """
     ev = cfg.evaluate
     if ev.drafters is not None:
-        out = [{"name": d.name, "path": d.path, "exists": _exists(d.path)} for d in ev.drafters]
+        out: list[Drafter] = [{"name": d.name, "path": d.path, "exists": _exists(d.path)} for d in ev.drafters]
         missing = [f"{d['name']} ({d['path']})" for d in out if not d["exists"]]
         if strict and missing:
             raise ConfigError(f"evaluate.drafters lists drafters that do not exist: {', '.join(missing)}")
@@ -93,14 +123,14 @@ def _distilled_drafters(cfg: Config) -> dict[str, str]:
     return out
 
 
-def describe_evaluate(cfg: Config) -> dict[str, Any]:
+def describe_evaluate(cfg: Config) -> EvaluatePlan:
     """The --plan view: drafters, tasks, the sweep and the engines, offline and without Ray."""
     ev = cfg.evaluate
     drafters = resolve_drafters(cfg, strict=False)
     tasks = [{"name": t.name, "kind": t.kind, "data": t.data or str(bundled_path(t.kind)),
               "max_prompts": t.max_prompts or ev.max_prompts} for t in ev.tasks]
     cells = {e: len(drafters) * len(ev.tasks) * len(ev.gammas) * len(ev.engine_temperatures(e)) for e in ev.engines}
-    plan: dict[str, Any] = {
+    plan: EvaluatePlan = {
         "target": cfg.target_path(), "output": ev.output,
         "drafters": [{"name": d["name"], "path": d["path"], "exists": d["exists"]} for d in drafters],
         "tasks": tasks, "engines": ev.engines, "gammas": ev.gammas, "temperatures": ev.temperatures,

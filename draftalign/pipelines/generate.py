@@ -19,10 +19,10 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from draftalign.cluster.metrics import record
-from draftalign.cluster.resources import generate_resources
+from draftalign.cluster.resources import GenerateResources, generate_resources
 from draftalign.config import Config, ConfigError, GenerateConfig
 from draftalign.data.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.data.schemas import ERROR_SCHEMA, to_table
@@ -82,7 +82,25 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"^(line|row) \d+: ", "", reason).split(":")[0].strip()
 
 
-def describe_generate(cfg: Config) -> dict[str, Any]:
+class GeneratePlanResources(GenerateResources):
+    engine_kwargs: dict[str, Any]  # what vLLM's engine is given, the user's engine_kwargs included
+
+
+class GeneratePlan(TypedDict):
+    """The generate stage in the --plan view."""
+
+    target: str
+    generator: str
+    seeds: str | None
+    max_seeds: int | None
+    self_instruct: dict[str, Any] | None  # generate.self_instruct as configured
+    output: str
+    sampling: list[str]
+    rows: str
+    resources: GeneratePlanResources
+
+
+def describe_generate(cfg: Config) -> GeneratePlan:
     """The --plan view: what would be read and written, and what Ray would be asked for."""
     gen, eng = cfg.generate, cfg.generate.engine
     check_instruction_source(gen)

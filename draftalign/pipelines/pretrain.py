@@ -10,9 +10,9 @@ from __future__ import annotations
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-from draftalign.cluster.resources import train_resources
+from draftalign.cluster.resources import TrainResources, train_resources
 from draftalign.config import Config, ConfigError, CorpusConfig, PretrainJob
 from draftalign.data.corpus import list_files, stdlib_files, stdlib_root
 from draftalign.data.split import is_holdout
@@ -79,13 +79,24 @@ def _target_config(cfg: Config, tok) -> Any:
     raise ConfigError("the draft needs a target: set models.target or add pretrain.jobs.target")
 
 
-def describe_jobs(cfg: Config) -> list[dict[str, Any]]:
+class JobPlan(TypedDict, total=False):
+    """One pretrain job in the --plan view; `note` only where its shape came from arch alone."""
+
+    job: str
+    output: str
+    model: dict[str, int | bool]  # the LlamaConfig fields that size it
+    parameters: int
+    resources: TrainResources
+    note: str
+
+
+def describe_jobs(cfg: Config) -> list[JobPlan]:
     """The --plan view: model shapes, parameter counts and Ray resources, without training.
 
     Works offline: where the target or tokenizer sits on an unreachable hub, the drafter is
     described from its preset and arch.overrides, and the plan says so.
     """
-    out = []
+    out: list[JobPlan] = []
     with tempfile.TemporaryDirectory() as d:
         try:
             tok = load_tokenizer(materialize_tokenizer(cfg.tokenizer.source, Path(d) / "tok"))
