@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from draftalign.config import Config
+    from draftalign.evaluation.report import SummaryRecord
 
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
 
@@ -38,7 +39,7 @@ class StageResult:
 
     stage: str
     output: Path
-    summary: list[dict[str, Any]] | None = None
+    summary: list[SummaryRecord] | None = None
     models: dict[str, Path] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None
     config: Config | None = field(default=None, repr=False)
@@ -137,11 +138,11 @@ def _config(config: str | Path | Config, overrides: list[str] | None) -> Config:
     return load_config(config, overrides)
 
 
-def _drafters(records: list[dict[str, Any]]) -> dict[str, Path]:
+def _drafters(records: list[SummaryRecord]) -> dict[str, Path]:
     return {r["drafter"]: Path(r["drafter_path"]) for r in records if r.get("drafter_path")}
 
 
-def _read_summary(path: Path) -> list[dict[str, Any]] | None:
+def _read_summary(path: Path) -> list[SummaryRecord] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -8,7 +8,10 @@ and recording is a no-op when Ray is not running (unit tests, --plan).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ray.util.metrics import Metric
 
 # name -> (kind, description); the README's metrics table is this list.
 METRICS: dict[str, tuple[str, str]] = {
@@ -24,7 +27,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "draftalign_eval_block_efficiency": ("gauge", "block efficiency tau of an evaluation cell"),
 }
 
-_created: dict[str, Any] = {}
+_created: dict[str, Metric] = {}  # a Counter or Gauge per name and tag keys
 
 
 def _metric(name: str, tag_keys: tuple[str, ...]):

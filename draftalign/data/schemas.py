@@ -53,14 +53,14 @@ their columns are listed where it is defined, below the other three.
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow as pa
 
 __all__ = [
     "SCHEMA_VERSION", "DISTILL_SCHEMA_VERSION", "DISTILL_SCHEMA", "DISTILL_SCHEMA_V1", "ERROR_SCHEMA",
     "SEED_SCHEMA", "EVAL_SCHEMA", "row_key", "to_table", "check_table", "schema_version_of",
-    "distill_schema_for",
+    "distill_schema_for", "Sampling",
 ]
 
 SCHEMA_VERSION = 1  # errors, seeds, evaluation rows
@@ -76,6 +76,16 @@ _SAMPLING = pa.struct(
         pa.field("seed", pa.int64(), True),
     ]
 )
+
+
+class Sampling(TypedDict):
+    """A row's `sampling` struct (`_SAMPLING`), as Python values."""
+
+    name: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None
 
 
 def _schema(name: str, fields: list[pa.Field], version: int = SCHEMA_VERSION) -> pa.Schema:

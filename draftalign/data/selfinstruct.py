@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from draftalign.data.schemas import Sampling
 from draftalign.data.seeds import normalize_text
 from draftalign.errors import ConfigError
 
@@ -121,7 +122,7 @@ def request_seed(seed: int | None, index: int) -> int | None:
     return int(hashlib.sha256(f"{seed}/{index}".encode()).hexdigest()[:8], 16)
 
 
-def requests(count: int, prompt_text: str, prompt_ids: list[int], sampling: dict[str, Any], end: str,
+def requests(count: int, prompt_text: str, prompt_ids: list[int], sampling: Sampling, end: str,
              end_ids: list[int]) -> list[dict]:
     """The engine requests asking for `count` user requests: generate's request rows (so the same
     engine pass, writer and resume serve them) with an empty conversation and the turn's stops.

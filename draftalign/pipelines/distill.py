@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from draftalign.cluster.resources import DistillResources, distill_resources
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
@@ -29,6 +29,9 @@ from draftalign.training.distillation import build_sequences, holdout_row
 from draftalign.training.mixture import ON_POLICY, TARGET, MixturePlan, plan_mixture
 from draftalign.training.tracking import tracking_run
 from draftalign.util.runinfo import fingerprint, write_run_info
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _COLUMNS = ["id", "prompt_token_ids", "response_token_ids"]
 
@@ -126,7 +129,7 @@ def _split(inputs: DistillInputs, d: DistillConfig, pad_id: int):
     """(train, holdout) Ray Datasets of {input_ids, attention_mask, loss_mask} int64 [seq_len]."""
     import ray.data
 
-    def to_sequences(batch: dict[str, Any], include_prompt: bool = d.include_prompt) -> dict[str, Any]:
+    def to_sequences(batch: dict[str, np.ndarray], include_prompt: bool = d.include_prompt) -> dict[str, np.ndarray]:
         return build_sequences(batch["prompt_token_ids"], batch["response_token_ids"], d.train.seq_len,
                                include_prompt, pad_id)
 

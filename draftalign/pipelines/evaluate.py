@@ -23,6 +23,7 @@ from draftalign.config import Config, ConfigError
 from draftalign.evaluation.cells import CellStore
 from draftalign.evaluation.metrics import acceptance_rate, block_efficiency
 from draftalign.evaluation.report import (
+    SummaryRecord,
     comparison_table,
     markdown_table,
     paired_differences,
@@ -346,7 +347,7 @@ def _with_identities(drafters: list[dict]) -> list[dict]:
 
 
 @locked_output("evaluate", lambda cfg: cfg.evaluate.output)
-def run_evaluate(cfg: Config, log=None) -> list[dict]:
+def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
     """Run the sweep and write the report under evaluate.output; returns the summary records."""
     from draftalign.data.tokenization import ensure_chat_template, load_tokenizer
     from draftalign.workers.evaluate_reference import ReferenceEngine, ReferenceSweep, reference_rows

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from draftalign.data.packing import pack_documents
@@ -33,7 +33,7 @@ def column_as_text(batch: pa.Table, field: str) -> pa.Table:
     return pa.table({"text": [v if isinstance(v, str) else "" for v in values]})
 
 
-def tokenize_and_pack(batch: dict[str, Any], tokenizer_path: str, seq_len: int) -> dict[str, Any]:
+def tokenize_and_pack(batch: dict[str, np.ndarray], tokenizer_path: str, seq_len: int) -> dict[str, np.ndarray]:
     """{text} rows -> {input_ids: int32[seq_len]} rows, packed with bos/eos separators."""
     tok = _tokenizer(tokenizer_path)
     texts = [t for t in batch["text"] if isinstance(t, str) and t]

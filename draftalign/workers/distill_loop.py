@@ -20,6 +20,7 @@ from draftalign.training.distillation import heldout_means, heldout_sums, masked
 from draftalign.training.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
 from draftalign.training.tracking import TrackingRun
 from draftalign.training.trainreport import TrainReport
+from draftalign.workers.target_pool import Reply
 from draftalign.workers.trainer import Trainer, mean_across_workers
 
 
@@ -39,7 +40,7 @@ class DistillLoopConfig:
     draft_vocab: tuple[int, ...] | None = None
 
 
-def _target_tensor(reply: dict[str, Any], device) -> torch.Tensor | SparseTargetLogprobs:
+def _target_tensor(reply: Reply, device) -> torch.Tensor | SparseTargetLogprobs:
     """The pool's reply as the loss expects it: [1, N, V] dense or [1, N, K] sparse."""
     if "logprobs" in reply:
         return torch.from_numpy(np.asarray(reply["logprobs"])).to(device)[None]

@@ -26,7 +26,7 @@ def stop_engine(llm: Any) -> None:
         core.shutdown()
 
 
-def request_counts(metrics: Any, gamma: int) -> dict[str, Any]:
+def request_counts(metrics: Any, gamma: int) -> dict[str, int | list[int]]:
     """One request's {"num_drafts", "num_draft_tokens", "num_accepted", "accepted_per_pos"} from
     vLLM's RequestSpecDecodeMetrics (`histogram[j]`: verify steps that accepted j drafts; None
     when the request never speculated). Position i was accepted in every step with j > i."""

@@ -15,26 +15,26 @@ from pathlib import Path
 from typing import Any
 
 from draftalign.config import SamplingSetting
-from draftalign.data.schemas import row_key
+from draftalign.data.schemas import Sampling, row_key
 from draftalign.data.seeds import RAW_LIMIT
 
 # (messages) -> (prompt_text, prompt_token_ids): the target's chat template and tokenizer.
 Render = Callable[[list[dict[str, str]]], tuple[str, list[int]]]
 
 
-def sampling_struct(s: SamplingSetting) -> dict[str, Any]:
+def sampling_struct(s: SamplingSetting) -> Sampling:
     """The `sampling` column of a distillation row."""
     return {"name": s.name, "temperature": float(s.temperature), "top_p": float(s.top_p),
             "max_tokens": int(s.max_tokens), "seed": s.seed}
 
 
-def _seed(sampling: dict[str, Any]) -> int | None:
+def _seed(sampling: Sampling) -> int | None:
     """The struct's seed, or None: a null seed can come out of Ray Data as a float NaN."""
     seed = sampling.get("seed")
     return None if seed is None or seed != seed else int(seed)  # seed != seed: NaN
 
 
-def clean_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+def clean_sampling(sampling: Sampling) -> Sampling:
     """A `sampling` struct back in its schema types after a trip through Ray Data, where a
     nullable integer can come back as a float (NaN for null)."""
     seed = _seed(sampling)
@@ -42,7 +42,7 @@ def clean_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
             "top_p": float(sampling["top_p"]), "max_tokens": int(sampling["max_tokens"]), "seed": seed}
 
 
-def vllm_sampling_params(sampling: dict[str, Any], key: str) -> dict[str, Any]:
+def vllm_sampling_params(sampling: Sampling, key: str) -> dict[str, float | int]:
     """vLLM SamplingParams kwargs for a request's `sampling` struct (temperature 0 is greedy).
 
     Every request gets an integer seed: the setting's, else one derived from its row key.

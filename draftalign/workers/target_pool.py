@@ -30,6 +30,10 @@ from draftalign.errors import DraftalignError
 from draftalign.training.distillation import masked_logits, trim_padding
 
 _WIRE = {"float16": torch.float16, "float32": torch.float32}
+# A micro-batch's input_ids, attention_mask and loss_mask (numpy from Ray Data, or torch tensors).
+TokenBatch = dict[str, "np.ndarray | torch.Tensor"]
+# Log-probs ("logprobs", or top-k "values" and "indices"), plus cached_rows, pid and compute_s on the way back.
+Reply = dict[str, "np.ndarray | int | float"]
 
 
 def load_target(path: str, precision: str, use_gpu: bool, trust_remote_code: bool = False):
@@ -44,7 +48,7 @@ def load_target(path: str, precision: str, use_gpu: bool, trust_remote_code: boo
 
 
 @torch.inference_mode()
-def target_logprobs(model, batch: dict[str, Any], top_k: int | None, wire_dtype: str) -> dict[str, np.ndarray]:
+def target_logprobs(model, batch: TokenBatch, top_k: int | None, wire_dtype: str) -> dict[str, np.ndarray]:
     """Next-token log-probs of the target at the masked positions of a batch (see module doc)."""
     device = next(model.parameters()).device
     # Arrays from Ray's object store are read-only; torch warns on wrapping them, so copy (ints, small).
@@ -81,7 +85,7 @@ class LogprobCache:
                            + np.ascontiguousarray(mask, np.int8).tobytes()).hexdigest()
         return self.folder / h[:2] / f"{h[2:]}.npz"
 
-    def logprobs(self, compute, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    def logprobs(self, compute, batch: TokenBatch) -> dict[str, np.ndarray]:
         """`compute(batch)`'s reply, computing only the rows that are not cached."""
         ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"]).astype(bool)
         paths = [self._path(ids[b], mask[b]) for b in range(len(ids))]
@@ -117,10 +121,10 @@ class TargetComputer:
         self.model, self.cfg = model, cfg
         self.cache = LogprobCache(cache_dir, cfg) if cache_dir else None
 
-    def _compute(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _compute(self, batch: TokenBatch) -> dict[str, np.ndarray]:
         return target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: TokenBatch) -> Reply:
         """The reply, plus `cached_rows`: how many of the batch's rows came from the cache."""
         if self.cache is None:
             return {**self._compute(batch), "cached_rows": 0}
@@ -142,7 +146,7 @@ class TargetActor:
         self.death_marker = death_marker
         self.compute = TargetComputer(self.model, cfg, cache_dir)
 
-    def logprobs(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def logprobs(self, batch: TokenBatch) -> Reply:
         self.requests += 1
         if (self.death_marker and self.requests == self.cfg.inject_actor_death_at_request
                 and not Path(self.death_marker).exists()):
@@ -171,7 +175,7 @@ class PoolStats:
                 "target_positions_per_s": self.positions / self.compute_s if self.compute_s else 0.0,
                 "pool_cached_rows": self.cached_rows}
 
-    def add(self, reply: dict[str, Any], compute_s: float) -> None:
+    def add(self, reply: Reply, compute_s: float) -> None:
         self.requests += 1
         self.compute_s += compute_s
         self.cached_rows += int(reply.get("cached_rows", 0))
@@ -199,13 +203,13 @@ class TargetPool:
         self._next = 0
         self._pids: dict[int, int] = {}
 
-    def _submit(self, batch: dict[str, Any]):
+    def _submit(self, batch: TokenBatch):
         i = self._next
         self._next = (self._next + 1) % len(self.actors)
         payload = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")}
         return i, self.actors[i].logprobs.remote(payload)
 
-    def _resolve(self, i: int, ref) -> dict[str, Any]:
+    def _resolve(self, i: int, ref) -> Reply:
         import ray
         from ray.exceptions import RayActorError
 
@@ -222,7 +226,7 @@ class TargetPool:
         self.stats.add(out, out["compute_s"])
         return out
 
-    def stream(self, items: Iterable[tuple[Any, dict[str, Any]]]) -> Iterator[tuple[Any, dict, dict]]:
+    def stream(self, items: Iterable[tuple[Any, TokenBatch]]) -> Iterator[tuple[Any, dict, dict]]:
         """(tag, batch) in -> (tag, batch, target reply) out, in order, up to `prefetch` ahead."""
         pending: deque = deque()
         for tag, batch in items:
@@ -253,7 +257,7 @@ class LocalTarget:
         self.stats = PoolStats()
         self.compute = TargetComputer(self.model, cfg, cache_dir)
 
-    def stream(self, items: Iterable[tuple[Any, dict[str, Any]]]) -> Iterator[tuple[Any, dict, dict]]:
+    def stream(self, items: Iterable[tuple[Any, TokenBatch]]) -> Iterator[tuple[Any, dict, dict]]:
         for tag, batch in items:
             start = time.perf_counter()
             out = self.compute(batch)
