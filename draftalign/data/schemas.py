@@ -60,7 +60,7 @@ import pyarrow as pa
 __all__ = [
     "SCHEMA_VERSION", "DISTILL_SCHEMA_VERSION", "DISTILL_SCHEMA", "DISTILL_SCHEMA_V1", "ERROR_SCHEMA",
     "SEED_SCHEMA", "EVAL_SCHEMA", "row_key", "to_table", "check_table", "schema_version_of",
-    "distill_schema_for", "Sampling",
+    "distill_schema_for", "Sampling", "DistillRow", "ErrorRow",
 ]
 
 SCHEMA_VERSION = 1  # errors, seeds, evaluation rows
@@ -133,6 +133,43 @@ _DISTILL_V1_FIELDS = [
 DISTILL_SCHEMA_V1 = _schema("distill", _DISTILL_V1_FIELDS, 1)
 DISTILL_SCHEMA = _schema("distill", [*_DISTILL_V1_FIELDS, _f("generator_model", pa.string()),
                                      _f("generator_hash", pa.string())], DISTILL_SCHEMA_VERSION)
+
+
+class DistillRow(TypedDict):
+    """A DISTILL_SCHEMA row, as Python values (schema_version is added by to_table)."""
+
+    id: str
+    row_key: str
+    source: str
+    instruction: str
+    input: str | None
+    messages: list[dict[str, str]]
+    prompt_text: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    response_text: str
+    response_token_ids: list[int]
+    finish_reason: str
+    num_input_tokens: int
+    num_generated_tokens: int
+    target_model: str
+    target_hash: str
+    chat_template_hash: str
+    generator_model: str
+    generator_hash: str
+
+
+class ErrorRow(TypedDict):
+    """An ERROR_SCHEMA row: a seed or request that did not become a distillation row."""
+
+    id: str | None
+    row_key: str | None
+    source: str
+    stage: str
+    reason: str
+    raw: str
+
+
 ERROR_SCHEMA = _schema(
     "errors",
     [

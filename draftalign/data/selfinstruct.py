@@ -15,7 +15,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow as pa
 
@@ -25,7 +25,7 @@ from draftalign.errors import ConfigError
 
 __all__ = ["SENTINEL", "UserTurn", "user_turn", "clean_request", "drop_reason", "reason_kind", "select",
            "instruction_id", "as_seeds", "request_seed", "requests", "index_of", "summary", "INSTRUCTION_SCHEMA",
-           "SAMPLING_NAME"]
+           "SAMPLING_NAME", "InstructionSummary"]
 
 # A text no template adds or changes: where it lands in the render, the user's words go.
 SENTINEL = "draftalign-self-instruct-7c1e9b52"
@@ -175,7 +175,20 @@ def as_seeds(records: Iterable[dict]) -> list[dict]:
              "messages": [{"role": "user", "content": r["instruction"]}]} for r in records if r["kept"]]
 
 
-def summary(records: list[dict], generated: int, seconds: float | None) -> dict[str, Any]:
+class InstructionSummary(TypedDict):
+    """What self-instruct asked and kept (the generate manifest's `self_instruct`)."""
+
+    asked: int
+    kept: int
+    dropped: int
+    dropped_by_reason: dict[str, int]  # REASONS order, only those that dropped something
+    kept_share: float
+    generated_now: int
+    generate_s: float | None
+    instructions_per_min: float | None
+
+
+def summary(records: list[dict], generated: int, seconds: float | None) -> InstructionSummary:
     """Asked, kept, dropped per reason, share kept, and the rate of the `generated` requests this
     run asked the engine for in `seconds` (None when all came from an earlier run)."""
     kept = sum(r["kept"] for r in records)

@@ -10,19 +10,87 @@ out rather than guessed. Nothing here imports torch or Ray.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import yaml
 
 from draftalign.errors import ConfigError
 from draftalign.util.atomicio import write_text_atomic
 
+if TYPE_CHECKING:  # types only: the card is written without torch (draftvocab) or pyarrow (schemas)
+    from draftalign.data.schemas import Sampling
+    from draftalign.models.draftvocab import DraftVocabInfo
+
 MODEL_INFO = "draftalign_model.json"  # the name pipelines.outputs writes
 CARD = "README.md"
 TABLE_HEADER = ["task", "engine", "γ", "T", "τ", "draft acceptance", "MBSU"]
 PAPER = ("Goel et al. 2024, *Direct Alignment of Draft Model for Speculative Decoding with "
          "Chat-Fine-Tuned LLMs*")
+
+
+class ModelInfo(TypedDict, total=False):
+    """draftalign_model.json: what a stage knew about the drafter it exported. Which keys a folder
+    has depends on the stage (and the version) that wrote it, so readers take them with .get."""
+
+    fingerprint: str
+    role: str  # "draft", "distilled", or the pretrain job's name ("target")
+    drafter: str
+    loss: Mapping[str, object]  # the distill loss's LossConfig, dumped
+    metrics: Mapping[str, float]  # the final training report
+    initialised_from: str
+    parameters: int
+    draft_vocab: DraftVocabInfo
+    mixture: Mapping[str, float]  # the on-policy MixturePlan's summary
+    on_policy_files: list[str]
+    vocab: str  # the tokenizer's vocab_fingerprint
+    target_layers: list[int]
+
+
+class DistillationSet(TypedDict, total=False):
+    """The set a distilled drafter learned from, as far as its manifest (or the config) tells."""
+
+    path: str
+    rows: int | None
+    seeds: int | None
+    tokens_generated: int | None
+    seeds_file: str | None
+    sampling: list[Sampling] | None
+    system_prompt: str | None
+
+
+class _SetSource(TypedDict, total=False):
+    distillation_set: DistillationSet
+    target: str | None
+    target_hash: str | None
+
+
+class Card(_SetSource, total=False):
+    """Everything the card says (`render` prints it); the run's files decide which keys are known."""
+
+    name: str
+    role: str
+    path: str
+    info: ModelInfo
+    # The stage's config.yaml (and its train section) as read back: whatever version wrote it.
+    stage_config: dict[str, Any]
+    train: dict[str, Any]
+    data_files: list[str] | None
+    token_slots: int
+    steps: int | None
+    summary_path: str | None
+    evaluation: list[dict]  # evaluate's SummaryRecords of this drafter, as read from summary.json
+    license: str | None
+
+
+class FrontMatter(TypedDict, total=False):
+    """The YAML front matter the Hugging Face Hub reads, in the order it is written."""
+
+    library_name: str
+    tags: list[str]
+    license: str
+    base_model: str
 
 
 def _read_json(path: Path) -> Any:
@@ -128,7 +196,7 @@ def _read_yaml_text(text: str) -> Any:
         return None
 
 
-def _distillation_set(cfg: dict, bases: list[Path], target: str | None) -> dict[str, Any]:
+def _distillation_set(cfg: dict, bases: list[Path], target: str | None) -> _SetSource:
     """The set a distilled drafter learned from; generate's manifest names the target and its hash."""
     data = _get(cfg, "distill", "data") or (
         str(Path(_get(cfg, "generate", "output")) / "data") if _get(cfg, "generate", "output") else None)
@@ -166,7 +234,7 @@ def _summary(summary, cfg: dict, bases: list[Path], run_root: Path) -> tuple[lis
     return records, (str(path) if records is not None else None)
 
 
-def gather(model_dir: str | Path, summary: str | Path | list[dict] | None = None) -> dict[str, Any]:
+def gather(model_dir: str | Path, summary: str | Path | list[dict] | None = None) -> Card:
     """Everything the card says, as a dict (the card is this rendered)."""
     model_dir = Path(model_dir)
     info = _read_json(model_dir / MODEL_INFO)
@@ -181,8 +249,8 @@ def gather(model_dir: str | Path, summary: str | Path | list[dict] | None = None
     name = info.get("drafter") or ("pretrained" if role == "draft" else model_dir.parent.name)
     target = _get(cfg, "models", "target") or (
         str(Path(_get(cfg, "pretrain", "output")) / "target" / "model") if _get(cfg, "pretrain", "output") else None)
-    out: dict[str, Any] = {"name": name, "role": role, "path": str(model_dir), "info": info,
-                           "target": target, "target_hash": None, "stage_config": cfg}
+    out: Card = {"name": name, "role": role, "path": str(model_dir), "info": info,
+                 "target": target, "target_hash": None, "stage_config": cfg}
     if role == "distilled":
         out.update(_distillation_set(cfg, bases, out["target"]))
         out["data_files"] = run_info.get("data_files")
@@ -212,7 +280,7 @@ def _sampling_line(s: dict) -> str:
     return f"`{s.get('name', '?')}` ({', '.join(parts)})"
 
 
-def _training_lines(card: dict[str, Any], target: str | None, role: str, m: dict[str, Any]) -> list[str]:
+def _training_lines(card: Card, target: str | None, role: str, m: Mapping[str, float]) -> list[str]:
     """The card's Training bullets: target, size, loss, start, set, steps, final held-out metrics."""
     info = card["info"]
     lines: list[str] = []
@@ -260,7 +328,7 @@ def _training_lines(card: dict[str, Any], target: str | None, role: str, m: dict
     return lines
 
 
-def _on_policy_lines(card: dict[str, Any]) -> list[str]:
+def _on_policy_lines(card: Card) -> list[str]:
     """The on-policy mixture the drafter trained on (DistillSpec; GKD's λ), when it did."""
     mix = card["info"].get("mixture")
     if not isinstance(mix, dict):
@@ -274,11 +342,10 @@ def _on_policy_lines(card: dict[str, Any]) -> list[str]:
             "of the target's"]
 
 
-def render(card: dict[str, Any]) -> str:
+def render(card: Card) -> str:
     """The model card as Markdown with a YAML front matter the Hugging Face Hub reads."""
     role, m = card["role"], card["info"].get("metrics") or {}
-    front: dict[str, Any] = {"library_name": "transformers",
-                             "tags": ["draftalign", "speculative-decoding", "draft-model"]}
+    front: FrontMatter = {"library_name": "transformers", "tags": ["draftalign", "speculative-decoding", "draft-model"]}
     if card.get("license"):
         front["license"] = card["license"]
     target = card.get("target")

@@ -16,13 +16,29 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from torch import nn
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+# The functional form because `from` is a keyword. The distill stage's account of its subset:
+# how many of the target's tokens, chosen from where, and how much of the held-out (and training)
+# responses' tokens they cover (None without such tokens).
+DraftVocabInfo = TypedDict("DraftVocabInfo", {"size": int, "vocab_size": int, "from": str,
+                                              "holdout_coverage": float | None, "train_coverage": float | None})
+# draft_vocab.json: a drafter the trainer exports mid-run writes only size and ids.
+_DraftVocabAbout = TypedDict("_DraftVocabAbout", {"vocab_size": int, "from": str, "holdout_coverage": float | None,
+                                                  "train_coverage": float | None}, total=False)
+
+
+class DraftVocabFile(_DraftVocabAbout):
+    """draft_vocab.json as read: the subset's size and ids, with DraftVocabInfo's account when distill wrote it."""
+
+    size: int
+    ids: list[int]
 
 
 class ReducedHead(nn.Module):
@@ -124,14 +140,14 @@ def export_state_dict(model: Any, state_dict: dict[str, torch.Tensor]) -> dict[s
     return {**state_dict, key: head.full_head(state_dict[key])}
 
 
-def write_draft_vocab(folder: Path | str, ids: list[int], info: dict[str, Any] | None = None) -> None:
+def write_draft_vocab(folder: Path | str, ids: list[int], info: DraftVocabInfo | None = None) -> None:
     """`draft_vocab.json` in a drafter folder: {size, ...info, ids} (written whole or not at all)."""
     from draftalign.util.atomicio import write_json_atomic
 
     write_json_atomic(Path(folder, DRAFT_VOCAB_FILE), {**(info or {}), "size": len(ids), "ids": list(ids)})
 
 
-def read_draft_vocab(folder: Path | str) -> dict[str, Any] | None:
+def read_draft_vocab(folder: Path | str) -> DraftVocabFile | None:
     """The folder's draft_vocab.json ({size, ids, ...}), or None for a full-vocabulary drafter."""
     path = Path(folder, DRAFT_VOCAB_FILE)
     if not path.is_file():

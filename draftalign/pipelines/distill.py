@@ -19,7 +19,13 @@ from draftalign.cluster.resources import DistillResources, distill_resources
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
 from draftalign.data.schemas import check_table, distill_schema_for
 from draftalign.models.arch import check_compatible, count_parameters, load_model_config
-from draftalign.models.draftvocab import coverage, read_draft_vocab, top_tokens, write_draft_vocab
+from draftalign.models.draftvocab import (
+    DraftVocabInfo,
+    coverage,
+    read_draft_vocab,
+    top_tokens,
+    write_draft_vocab,
+)
 from draftalign.models.identity import absolute_model_path, check_target_folder, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
@@ -170,7 +176,7 @@ class DistillInputs:
     on_policy_files: tuple[Path, ...] = ()  # the drafter-generated set (distill.on_policy.data)
     mixture: MixturePlan | None = None  # which rows of each set train, when on-policy
     draft_vocab: tuple[int, ...] | None = None  # the reduced head's ids (distill.draft_vocab)
-    draft_vocab_info: dict[str, Any] | None = None  # its size, source and held-out coverage
+    draft_vocab_info: DraftVocabInfo | None = None  # its size, source and held-out coverage
 
 
 def _inputs(cfg: Config) -> DistillInputs:
@@ -219,7 +225,7 @@ def _draft_vocab(cfg: Config, files: list[Path], init_from: str, vocab_size: int
     else:
         specials = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
         ids, source = top_tokens(train, d.draft_vocab, vocab_size, specials), "training rows"
-    info = {"size": len(ids), "vocab_size": vocab_size, "from": source,
+    info: DraftVocabInfo = {"size": len(ids), "vocab_size": vocab_size, "from": source,
             "holdout_coverage": coverage(held, ids), "train_coverage": coverage(train, ids)}
     shown = "n/a" if info["holdout_coverage"] is None else f"{info['holdout_coverage']:.3f}"
     print(f"[distill] draft vocabulary: {len(ids):,} of {vocab_size:,} tokens ({source}); "
@@ -261,7 +267,7 @@ def run_distill(cfg: Config) -> list[Path]:
 def _fingerprint(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> str:
     # Chaos switches, the failure budget and the other losses do not change what this loss
     # trains: a rerun without them (or with another list) resumes or reuses the same run.
-    chaos: dict[str, Any] = {"output": True, "overwrite": True, "losses": True,
+    chaos: dict[str, bool | set[str]] = {"output": True, "overwrite": True, "losses": True,
                              "train": {"inject_failure_at_step", "max_failures"},
                              "target_pool": {"inject_actor_death_at_request", "cache", "cache_dir"}}
     # eta only where it means something: the other losses keep the fingerprints they had before it.

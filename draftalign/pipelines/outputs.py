@@ -6,9 +6,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from draftalign.errors import ConfigError
+from draftalign.models.card import ModelInfo
 from draftalign.training.plots import CURVE_FILES
 from draftalign.util.atomicio import write_json_atomic
 
@@ -38,7 +38,7 @@ def reusable(model_dir: Path, fp: str) -> bool:
     return info.is_file() and json.loads(info.read_text()).get("fingerprint") == fp
 
 
-def publish_model(checkpoint, model_dir: Path, tokenizer, info: dict[str, Any]) -> Path:
+def publish_model(checkpoint, model_dir: Path, tokenizer, info: ModelInfo) -> Path:
     """Copy the final checkpoint's `hf/` export with the tokenizer and info, then swap it in;
     its training curves (draftalign.training.plots.CURVE_FILES) go beside the model folder.
 

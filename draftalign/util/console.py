@@ -26,7 +26,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
+
+if TYPE_CHECKING:  # tqdm is imported when the first bar opens
+    from tqdm import tqdm
 
 VERBOSE_ENV = "DRAFTALIGN_VERBOSE"
 LOG_NAME = "draftalign.log"
@@ -42,6 +45,21 @@ CELL_LINE = re.compile(r"^\[evaluate\] (reference|vllm) .+ γ=\d+ T=")
 _FLOAT = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 
 
+class RayLogBatch(TypedDict, total=False):
+    """A batch of worker lines as Ray's log monitor hands it over (its keys, as far as they are read)."""
+
+    pid: int | str  # a worker's pid, or "autoscaler" / "raylet" for the cluster's own lines
+    actor_name: str
+    task_name: str
+    ip: str
+    localhost: str
+    lines: list[str]
+
+
+# A step line's metrics: numbers, or the number's text when the line could not be read as a dict.
+StepMetrics = dict[str, float | str]
+
+
 class _State:
     def __init__(self) -> None:
         self.configured = False
@@ -51,7 +69,7 @@ class _State:
         self.ray_started = False
         self.told = False
         self.lock = threading.RLock()
-        self.bars: dict[str, Any] = {}
+        self.bars: dict[str, tqdm] = {}
         self.cells_total: int | None = None
         self.cells_last = 0.0
 
@@ -207,7 +225,7 @@ def _route_cluster_messages() -> None:
     if getattr(rw.print_to_stdstream, "draftalign", False):
         return
 
-    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+    def to_log(data: RayLogBatch, ignore_prefix: bool = False) -> None:
         for line in data.get("lines", []):
             _write_log(f"{_prefix(data)} {line}")
 
@@ -249,7 +267,7 @@ def _write_log(text: str) -> None:
             pass
 
 
-def _prefix(data: dict[str, Any]) -> str:
+def _prefix(data: RayLogBatch) -> str:
     """Ray's own "(Name pid=N)" in front of a forwarded worker line, without its colours."""
     pid = data.get("pid")
     if pid in ("autoscaler", "raylet"):
@@ -260,7 +278,7 @@ def _prefix(data: dict[str, Any]) -> str:
     return f"({name + ' ' if name else ''}pid={pid}{where})"
 
 
-def _on_worker_output(data: dict[str, Any]) -> None:
+def _on_worker_output(data: RayLogBatch) -> None:
     """Ray's log thread hands over each batch of worker lines: all into the log file; unless
     verbose, draftalign's training lines (only) on to the terminal."""
     try:
@@ -269,7 +287,7 @@ def _on_worker_output(data: dict[str, Any]) -> None:
         pass
 
 
-def _worker_output(data: dict[str, Any]) -> None:
+def _worker_output(data: RayLogBatch) -> None:
     prefix, lines = _prefix(data), data.get("lines", [])
     if data.get("pid") == "autoscaler":  # its events, as Ray would print them; warnings reach the terminal
         try:
@@ -333,7 +351,7 @@ def _close(key: str) -> None:
             b.close()
 
 
-def parse_metrics(text: str | None) -> dict[str, Any]:
+def parse_metrics(text: str | None) -> StepMetrics:
     """The metrics dict of a step line (its repr); nan and inf, which literal_eval refuses, as floats."""
     if not text:
         return {}
@@ -343,7 +361,7 @@ def parse_metrics(text: str | None) -> dict[str, Any]:
         return {k: v for k, v in re.findall(rf"'(\w+)': ({_FLOAT})", text)}
 
 
-def step_postfix(metrics: dict[str, Any]) -> str:
+def step_postfix(metrics: StepMetrics) -> str:
     """loss, then held-out acceptance (or perplexity) when this step evaluated."""
     parts = []
     for key, label in (("loss", "loss"), ("holdout_expected_acceptance", "acc"),

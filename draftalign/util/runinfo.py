@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -58,8 +58,11 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def write_run_info(folder: str | Path, cfg: Config, stage: str, extra: dict[str, Any] | None = None) -> Path:
-    """Write config.yaml and run_info.json into `folder`; fails early if it is not writable."""
+def write_run_info(folder: str | Path, cfg: Config, stage: str, extra: Mapping[str, object] | None = None) -> Path:
+    """Write config.yaml and run_info.json into `folder`; fails early if it is not writable.
+
+    `extra`: the stage's own entries (fingerprint, drafters, identity...), only written out as JSON.
+    """
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)

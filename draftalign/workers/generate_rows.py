@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from draftalign.config import SamplingSetting
-from draftalign.data.schemas import Sampling, row_key
+from draftalign.data.schemas import DistillRow, ErrorRow, Sampling, row_key
 from draftalign.data.seeds import RAW_LIMIT
 
 # (messages) -> (prompt_text, prompt_token_ids): the target's chat template and tokenizer.
@@ -70,7 +70,7 @@ def context_error(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -
 
 
 def error_row(stage: str, reason: str, *, id: str | None, source: str, raw: Any,
-              key: str | None = None) -> dict[str, Any]:
+              key: str | None = None) -> ErrorRow:
     """An ERROR_SCHEMA row; `raw` is kept as JSON text, cut to RAW_LIMIT characters."""
     text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=True, default=repr)
     return {"id": id, "row_key": key, "source": source, "stage": stage, "reason": reason,
@@ -153,7 +153,7 @@ DISTILL_SEED_COLUMNS = ("id", "row_key", "source", "instruction", "input", "mess
 
 def distill_row(request: dict, response_ids: Sequence[int], response_text: str, *,
                 eos_token_id: int | None, target_model: str, target_hash: str, template_hash: str,
-                generator_model: str | None = None, generator_hash: str | None = None) -> dict[str, Any]:
+                generator_model: str | None = None, generator_hash: str | None = None) -> DistillRow:
     """A DISTILL_SCHEMA row from a request and the engine's answer.
 
     generator_*: the model that answered (default: the target). The target_* columns name the
