@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from draftalign.config import Config
     from draftalign.evaluation.report import SummaryRecord
+    from draftalign.pipelines.generate import GenerateManifest
 
 STAGES = ("pretrain", "generate", "distill", "evaluate", "run")
 
@@ -41,7 +42,8 @@ class StageResult:
     output: Path
     summary: list[SummaryRecord] | None = None
     models: dict[str, Path] = field(default_factory=dict)
-    manifest: dict[str, Any] | None = None
+    # generate's GenerateManifest, or run's RunManifest.to_json()
+    manifest: GenerateManifest | dict[str, str | float | list[dict[str, str | float]]] | None = None
     config: Config | None = field(default=None, repr=False)
 
 

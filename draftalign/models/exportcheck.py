@@ -9,7 +9,7 @@ sides named.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from draftalign.errors import VocabMismatchError
 from draftalign.models.arch import check_compatible
@@ -17,6 +17,12 @@ from draftalign.models.arch import check_compatible
 __all__ = ["check_vocab", "check_transformers"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class TransformersCheck(TypedDict):
+    drafter: str
+    transformers: str  # "ok": a failure raises instead
+    tokens: list[int]  # what the target generated with the drafter assisting
 
 
 def _vocab(path: str) -> dict[str, int] | None:
@@ -42,7 +48,7 @@ def check_vocab(target: str, draft: str, trust_remote_code: bool = False) -> Non
 
 
 def check_transformers(target: Any, draft: Any, target_name: str, draft_name: str,
-                       prompt_ids: list[int] | None = None, max_new_tokens: int = 4) -> dict[str, Any]:
+                       prompt_ids: list[int] | None = None, max_new_tokens: int = 4) -> TransformersCheck:
     """Run `target.generate(..., assistant_model=draft)` for a few tokens on loaded models.
 
     Checks the vocabulary of the loaded configs first (VocabMismatchError naming both).

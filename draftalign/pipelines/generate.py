@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -25,9 +26,17 @@ from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import GenerateResources, generate_resources
 from draftalign.config import Config, ConfigError, GenerateConfig
 from draftalign.data.prompts import chat_template_hash, encode_prompt, render_prompt
-from draftalign.data.schemas import ERROR_SCHEMA, to_table
+from draftalign.data.schemas import ERROR_SCHEMA, ErrorRow, to_table
 from draftalign.data.seeds import normalize_text, open_rows, prepare_seeds
-from draftalign.data.selfinstruct import INSTRUCTION_SCHEMA, as_seeds, index_of, select, summary, user_turn
+from draftalign.data.selfinstruct import (
+    INSTRUCTION_SCHEMA,
+    InstructionSummary,
+    as_seeds,
+    index_of,
+    select,
+    summary,
+    user_turn,
+)
 from draftalign.data.selfinstruct import requests as instruction_requests
 from draftalign.errors import DraftalignError
 from draftalign.models.identity import absolute_model_path, check_target_folder, looks_local, target_identity
@@ -38,6 +47,7 @@ from draftalign.util.redact import redact
 from draftalign.util.runinfo import write_run_info
 from draftalign.workers.generate_engine import ENGINE_MAX_RESTARTS, engine_kwargs
 from draftalign.workers.generate_rows import (
+    Render,
     context_error,
     error_row,
     expand_requests,
@@ -116,7 +126,21 @@ def describe_generate(cfg: Config) -> GeneratePlan:
     }
 
 
-def _prepare(cfg: Config, target: str) -> dict[str, Any]:
+class Prepared(TypedDict):
+    """What the driver prepares before Ray starts: requests from the seeds (self-instructed ones
+    are added later), the rejected seeds, and what renders and ends a prompt."""
+
+    seeds: list[dict]  # prepare_seeds' rows
+    requests: list[dict]  # expand_requests': one per (seed, sampling setting)
+    errors: list[ErrorRow]
+    source: str | None  # the seed file's or data set's name
+    eos: int | None
+    template_hash: str
+    tokenizer: Any  # the target's transformers tokenizer
+    render: Render
+
+
+def _prepare(cfg: Config, target: str) -> Prepared:
     """Seeds -> requests and seed errors, all in the driver and before Ray starts."""
     gen = cfg.generate
     check_instruction_source(gen)
@@ -183,7 +207,7 @@ def _root_cause(exc: BaseException) -> str:
             f"error in the log above)")
 
 
-def engine_error(exc: BaseException, model: str, kwargs: dict[str, Any]) -> EngineError:
+def engine_error(exc: BaseException, model: str, kwargs: Mapping[str, object]) -> EngineError:
     return EngineError(f"the vLLM engine for {model} failed: {_root_cause(exc)}. Nothing was generated in "
                        f"this pass and a retry would fail the same way; check generate.engine.engine_kwargs "
                        f"(the engine got {kwargs}) and the model folder. Rows already in data/ are kept.")
@@ -198,8 +222,18 @@ def _landed(data_dir: Path, before: set[str]) -> dict[str, int]:
     return out
 
 
+class PassResult(TypedDict):
+    """What the engine passes over a list of requests did."""
+
+    rows_written: int
+    tokens: int
+    passes: int
+    seconds: float
+    failed: list[tuple[dict, str]]  # (request, reason) of those no pass answered
+
+
 def run_passes(cfg: Config, todo: list[dict], data_dir: Path, ident: dict, eos: int | None,
-               template_hash: str) -> dict[str, Any]:
+               template_hash: str) -> PassResult:
     """Answer `todo` in up to 1 + max_retries passes; each retry pass takes only what failed.
 
     Returns {"rows_written", "tokens", "passes", "seconds", "failed": [(request, reason)]}.
@@ -286,14 +320,27 @@ def _end_token_ids(tok, end: str) -> list[int]:
     return [ids[0]] if ids and ids[0] is not None and ids[0] != tok.unk_token_id else []
 
 
-def _instruction_fingerprint(cfg: Config, ident: dict[str, str], template_hash: str, prefix: str) -> dict[str, Any]:
+class InstructionFingerprint(TypedDict):
+    """instructions/fingerprint.json: what makes the raw requests (not count nor the filters)."""
+
+    generator_hash: str
+    chat_template_hash: str
+    prefix: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None
+
+
+def _instruction_fingerprint(cfg: Config, ident: dict[str, str], template_hash: str,
+                             prefix: str) -> InstructionFingerprint:
     """What makes the raw requests in instructions/data/: not count (more only adds requests) nor the filters."""
     si = cfg.generate.self_instruct
     return {"generator_hash": ident["generator_hash"], "chat_template_hash": template_hash, "prefix": prefix,
             **si.model_dump(mode="json", include={"temperature", "top_p", "max_tokens", "seed"})}
 
 
-def _check_instructions(folder: Path, current: dict[str, Any], overwrite: bool) -> None:
+def _check_instructions(folder: Path, current: InstructionFingerprint, overwrite: bool) -> None:
     path = folder / "fingerprint.json"
     old = json.loads(path.read_text()) if path.is_file() else None
     found = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in current.items() if old is not None and old.get(k) != v]
@@ -305,7 +352,12 @@ def _check_instructions(folder: Path, current: dict[str, Any], overwrite: bool) 
     shutil.rmtree(folder / "data", ignore_errors=True)
 
 
-def self_instruct(cfg: Config, out: Path, ident: dict[str, str], prep: dict[str, Any]) -> dict[str, Any]:
+class SelfInstructed(TypedDict):
+    seeds: list[dict]  # the kept requests as seed rows
+    summary: InstructionSummary
+
+
+def self_instruct(cfg: Config, out: Path, ident: dict[str, str], prep: Prepared) -> SelfInstructed:
     """The target writes `count` user requests from its user-turn prefix (resumable, in instructions/);
     returns {"seeds": the kept ones as seed rows, "summary": counts and rate}.
 
@@ -351,9 +403,42 @@ def self_instruct(cfg: Config, out: Path, ident: dict[str, str], prep: dict[str,
     return {"seeds": as_seeds(records), "summary": stats}
 
 
-def _manifest(cfg: Config, prep: dict[str, Any], ident: dict[str, str], si: dict[str, Any] | None,
-              todo: list[dict], result: dict[str, Any], engine_errors: list[dict], final: dict[str, int],
-              elapsed: float) -> dict[str, Any]:
+class GenerateCounts(TypedDict):
+    seeds_read: int
+    seeds_good: int
+    requests: int
+    rows_skipped_present: int
+    rows_written: int
+    rows_in_data: int
+    duplicate_rows: int
+    errors: int
+    seed_errors: int
+    engine_errors: int
+    errors_by_reason: dict[str, int]
+    tokens_generated: int
+    engine_passes: int
+
+
+class GenerateManifest(TypedDict):
+    """manifest.json of a generate run; the identity keys are target_identity's and generator_identity's."""
+
+    config: dict[str, Any]  # the run's config, dumped and redacted: whatever the config holds
+    target_model: str
+    target_hash: str
+    generator_model: str
+    generator_hash: str
+    chat_template_hash: str
+    source: str
+    self_instruct: InstructionSummary | None
+    counts: GenerateCounts
+    elapsed_s: float
+    generate_s: float
+    tokens_per_s: float
+
+
+def _manifest(cfg: Config, prep: Prepared, ident: dict[str, str], si: SelfInstructed | None,
+              todo: list[dict], result: PassResult, engine_errors: list[ErrorRow], final: dict[str, int],
+              elapsed: float) -> GenerateManifest:
     """What a generate run did (manifest.json): its identity, counts, errors and rates."""
     gen = cfg.generate
     all_errors = prep["errors"] + engine_errors
@@ -379,7 +464,7 @@ def _manifest(cfg: Config, prep: dict[str, Any], ident: dict[str, str], si: dict
 
 
 @locked_output("generate", lambda cfg: cfg.generate.output)
-def run_generate(cfg: Config) -> dict[str, Any]:
+def run_generate(cfg: Config) -> GenerateManifest:
     """Generate (or complete) the distillation set under generate.output; returns the manifest."""
     gen = cfg.generate
     out = Path(gen.output).resolve()
