@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from draftalign.cluster.resources import train_worker
 from draftalign.config import TrainConfig
 
+if TYPE_CHECKING:  # Ray is imported only when a job trains
+    from ray.data import Dataset
+
 
 def fit(loop: Callable[[Any], None], loop_config: Any, train: TrainConfig, run_name: str,
-        job_dir: Path, datasets: dict[str, Any]):
+        job_dir: Path, datasets: dict[str, Dataset]):
     """Train `loop(loop_config)` on `train.num_workers` workers (loop_config: the loop's frozen
     dataclass); checkpoints under job_dir/ray; returns the Result.
 
