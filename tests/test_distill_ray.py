@@ -49,6 +49,7 @@ ALL_LOSSES = [{"name": "forward_kl"}, {"name": "reverse_kl"}, {"name": "tvd"}, {
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.heavy
 def test_every_loss_trains_from_one_run_sharing_the_target_cache(world):
     # One command, six drafters from the same start on the same set; the target pool's disk cache
     # means the target scores each sequence once, for the first loss, and serves the rest from disk.
@@ -103,6 +104,7 @@ def test_a_target_actor_that_dies_is_restarted_and_no_batch_is_lost(world):
     assert (out / "distill" / "tvdpp" / "training_curves.png").stat().st_size > 0
 
 
+@pytest.mark.heavy
 def test_a_killed_trainer_resumes_at_its_checkpoint_when_rerun(world):
     out = world / "resume"
     args = _overrides(world, out)
@@ -129,6 +131,7 @@ def _registered_checkpoint_step(run_dir: Path) -> int | None:
     return latest["metrics"]["step"] if latest else None
 
 
+@pytest.mark.heavy
 def test_kill_9_of_the_train_worker_then_of_a_target_actor_mid_run(world):
     """Real kills from outside, as an OOM killer or a lost node deals them: SIGKILL to the train
     worker once Ray Train holds a checkpoint, then, in the worker group it restarts, SIGKILL to the

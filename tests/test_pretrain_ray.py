@@ -80,6 +80,7 @@ def test_same_command_reuses_and_other_config_is_refused(target_run):
     assert (out / "pretrain" / "target" / "model" / "model.safetensors").is_file()  # nothing lost
 
 
+@pytest.mark.heavy
 def test_a_rerun_after_model_was_deleted_publishes_the_finished_run_again(target_run):
     # Ray Train hands a rerun its latest checkpoint, the final export, which holds no DeepSpeed
     # state: before, every such rerun died in DeepSpeed's loader with a bare AssertionError.
@@ -94,6 +95,7 @@ def test_a_rerun_after_model_was_deleted_publishes_the_finished_run_again(target
     assert json.loads((model_dir / "draftalign_model.json").read_text())["metrics"]["step"] == 4
 
 
+@pytest.mark.heavy
 def test_draft_from_jsonl_and_text_files_takes_the_targets_vocabulary(target_run, tmp_path):
     out, _ = target_run
     target_dir = out / "pretrain" / "target" / "model"
