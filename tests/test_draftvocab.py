@@ -31,12 +31,7 @@ from tests.test_specdecode import chi2_critical, chi2_stat, next_probs, tiny_lla
 SUBSET = [0, 2, 3, 5, 8, 9]  # of V = 11
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_top_tokens_counts_specials_and_fills_in_id_order():

@@ -16,13 +16,7 @@ V = 64  # vocabulary of the greedy tests
 V_SMALL = 12  # vocabulary of the sampled tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: several threads only add contention on small, busy CPUs (40x slower seen)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(seed: int, vocab: int = V, hidden: int = 64, layers: int = 2, heads: int = 4,
