@@ -145,7 +145,9 @@ def test_export_is_a_full_vocabulary_folder_that_loads_back_reduced(tmp_path):
     state = export_state_dict(model, model.state_dict())
     assert state["lm_head.weight"].shape == (11, 32)
     outside = [i for i in range(11) if i not in SUBSET]
-    assert torch.equal(state["lm_head.weight"][outside], before[outside])
+    # Zero outside S: an engine loading the full head (vLLM) gives those tokens logit 0 instead
+    # of the start's logits, which outbid the trained rows.
+    assert not state["lm_head.weight"][outside].any()
     assert torch.equal(state["lm_head.weight"][SUBSET], before[SUBSET] + 1.0)
     model.save_pretrained(str(tmp_path), state_dict=state)
     write_draft_vocab(tmp_path, SUBSET, {"holdout_coverage": 0.9})
