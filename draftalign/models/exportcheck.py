@@ -64,6 +64,12 @@ def check_transformers(target: Any, draft: Any, target_name: str, draft_name: st
     ids = torch.tensor([prompt_ids or [t_cfg.bos_token_id if t_cfg.bos_token_id is not None else 0]],
                        device=target.device)
     eos = t_cfg.eos_token_id
+    from transformers.utils import logging as hf_logging
+
+    # transformers' own assisted generation calls the drafter's generate with both a
+    # generation_config and kwargs, and warns users about it: not theirs to act on.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         with torch.inference_mode():
             out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft,
@@ -72,4 +78,6 @@ def check_transformers(target: Any, draft: Any, target_name: str, draft_name: st
     except Exception as exc:
         raise RuntimeError(f"drafter {draft_name!r} does not run as transformers' assistant_model for "
                            f"target {target_name!r}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return {"drafter": draft_name, "transformers": "ok", "tokens": out[0, ids.shape[1]:].tolist()}
