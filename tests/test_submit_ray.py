@@ -110,7 +110,9 @@ def test_submit_runs_the_whole_pipeline_as_a_ray_job_and_its_metrics_reach_prome
     for r in summary:
         assert r["engine"] == "reference" and r["gamma"] == 2 and r["num_prompts"] == 1
         assert 1.0 <= r["block_efficiency"] <= 3.0 and 0.0 <= r["draft_acceptance_rate"] <= 1.0 and r["mbsu"] > 0
-    assert "| tvd++ | translate | reference | 2 |" in logs.stdout  # the run ends by printing the table
+    # The run ends by printing the drafters' τ side by side (every cell is in report.md).
+    assert "| task | engine | γ | T | pretrained | tvd++ | verdict |" in logs.stdout
+    assert "| translate | reference | 2 |" in logs.stdout
 
     names = ("draftalign_generated_tokens_total", "draftalign_distill_loss", "draftalign_target_tokens_total",
              "draftalign_trainer_wait_seconds_total", "draftalign_eval_block_efficiency")
