@@ -400,15 +400,21 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
                          paired_differences(rows))
     log(f"[evaluate] {len(rows)} per-prompt rows in {out / 'rows.parquet'}; report files: "
         f"{', '.join(files)} in {out} ({time.time() - t_start:.0f} s)")
+    _print_table(records, out)
+    _write_cards(drafters, records, log)
+    _track(tracking, cfg, records)
+    return records
+
+
+def _print_table(records: list[SummaryRecord], out: Path) -> None:
+    """The stage's last lines: every cell for one drafter; for several, their τ side by side
+    (every cell's figures are in report.md, and printing both doubled the screen)."""
     comparison = comparison_table(records)
-    if comparison:  # several drafters: their τ side by side; every cell's figures are in report.md
+    if comparison:
         print(f"[evaluate] every cell (acceptance, MBSU, tokens/s): {out / 'report.md'}\n"
               "block efficiency τ by drafter (**bold**: best; =: tied):\n" + comparison, end="", flush=True)
     else:
         print(markdown_table(records), end="", flush=True)
-    _write_cards(drafters, records, log)
-    _track(tracking, cfg, records)
-    return records
 
 
 def _track(tracking: TrackingRun, cfg: Config, records: list[dict]) -> None:
