@@ -107,3 +107,13 @@ def test_the_comparison_table_has_a_column_per_drafter_and_marks_the_best(tmp_pa
     assert comparison_table([r for r in records if r["drafter"] == "tvd"]) == ""  # one drafter: no comparison
     files = write_report(tmp_path, records, "# header\n")
     assert "comparison.png" in files and best_row in (tmp_path / "report.md").read_text()
+
+
+def test_the_eval_row_has_the_schemas_columns_in_order():
+    # EvalRow restates EVAL_SCHEMA's columns as fields: the two must not drift apart.
+    from dataclasses import fields
+
+    from draftalign.data.schemas import EVAL_SCHEMA
+    from draftalign.evaluation.rows import EvalRow
+
+    assert [f.name for f in fields(EvalRow)] + ["schema_version"] == EVAL_SCHEMA.names
