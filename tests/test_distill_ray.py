@@ -183,3 +183,25 @@ def test_kill_9_of_the_train_worker_then_of_a_target_actor_mid_run(world):
     # The steps after the checkpoint and the final evaluation batch: each batch once, the one in
     # flight at the kill retried.
     assert m["pool_requests"] == steps - resumed + 1
+
+
+def test_a_reduced_vocabulary_drafter_gets_the_target_on_its_vocabulary_only(world):
+    # The pool sends (and caches) p on the drafter's 256 tokens, not on all 32,000: the losses and
+    # held-out metrics read nothing else. The export is still a full-vocabulary folder.
+    out = world / "reduced"
+    proc = _distill(*_overrides(world, out), "distill.draft_vocab=256", "distill.target_pool.cache=true",
+                    'distill.losses=[{"name": "tvd"}]')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    import numpy as np
+
+    entries = list((out / "distill" / "target_cache").rglob("*.npz"))
+    assert entries
+    for entry in entries:
+        with np.load(entry) as f:
+            assert f.files == ["support_logprobs"] and f["support_logprobs"].shape[1] == 256
+    m = _info(out, "tvd")["metrics"]
+    assert m["step"] == 4 and 0.0 < m["holdout_support_mass"] <= 1.0
+    assert m["holdout_expected_acceptance"] == pytest.approx(1 - m["holdout_tvd"], abs=1e-6)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "distill" / "tvd" / "model").config.vocab_size == 32000

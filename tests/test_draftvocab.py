@@ -101,6 +101,35 @@ def test_losses_on_a_subset_match_brute_force(name):
             assert out[b, t].item() == pytest.approx(_bf(name, p, _full_q(draft[b, t].tolist())), rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "tvd", "tvd++", "lk", "lk_hybrid"])
+def test_target_sent_on_the_subset_only_gives_the_same_loss_and_gradient(name):
+    draft, target, mask = _subset_inputs(seed=6)
+    ids = torch.tensor(SUBSET)
+    on_s = L.SupportTargetLogprobs(L.on_support(target, ids))
+    assert on_s.logprobs.shape[-1] == len(SUBSET) < target.shape[-1]
+    grads = []
+    for t in (target, on_s):
+        d = draft.clone().requires_grad_(True)
+        out = L.get_loss(name)(d, t, mask, draft_vocab=ids)
+        L.masked_mean(out, mask).backward()
+        grads.append((out.detach(), d.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+
+
+def test_target_on_the_subset_rounded_above_one_is_scaled_back():
+    draft, target, mask = _subset_inputs(seed=7)
+    ids = torch.tensor(SUBSET)
+    # All of p on S, then float16-like rounding up by 0.1%: p(S) = 1.001 must read as 1 (TVD >= 0).
+    on_s = torch.log_softmax(L.on_support(target, ids), -1) + math.log(1.001)
+    out = L.tvd(draft, L.SupportTargetLogprobs(on_s), mask, draft_vocab=ids)
+    exact = L.tvd(draft, L.SupportTargetLogprobs(torch.log_softmax(L.on_support(target, ids), -1)), mask,
+                  draft_vocab=ids)
+    assert torch.allclose(out, exact, atol=1e-6)
+    with pytest.raises(ValueError, match="need that draft_vocab"):
+        L.tvd(draft[..., :len(SUBSET)], L.SupportTargetLogprobs(on_s), mask)
+
+
 def test_subset_losses_refuse_shape_errors_and_topk():
     draft, target, mask = _subset_inputs(seed=4)
     with pytest.raises(ValueError, match="draft_vocab has 5 ids"):
@@ -118,6 +147,17 @@ def test_heldout_acceptance_on_a_subset_is_exact():
     alpha = sum(sum(min(a, b) for a, b in zip(pr, qr, strict=True)) for pr, qr in zip(p, q, strict=True))
     assert sums["acceptance"] == pytest.approx(alpha, rel=1e-5)
     assert sums["support_mass"] == pytest.approx(sum(sum(pr[i] for i in SUBSET) for pr in p), rel=1e-5)
+
+
+def test_heldout_sums_from_the_target_on_the_subset_equal_the_full_ones():
+    draft, target, mask = _subset_inputs(seed=8)
+    m, ids = torch.ones(1, 8, dtype=torch.bool), torch.tensor(SUBSET)
+    full = heldout_sums(draft.reshape(8, -1), target.reshape(8, -1), m, 3, ids)
+    on_s = heldout_sums(draft.reshape(8, -1), L.SupportTargetLogprobs(L.on_support(target.reshape(8, -1), ids)),
+                        m, 3, ids)
+    assert on_s.keys() == full.keys()
+    for k in full:
+        assert on_s[k] == pytest.approx(full[k], rel=1e-5), k
 
 
 def test_reduced_head_gives_zero_probability_outside_the_subset():

@@ -73,3 +73,27 @@ def test_trimming_trailing_padding_changes_no_target_log_prob():
     full = torch.log_softmax(logits[torch.tensor(batch["loss_mask"]).bool()], -1)
     got = target_logprobs(model, batch, None, "float32")["logprobs"]
     assert got == pytest.approx(full.numpy(), abs=1e-5)
+
+
+def test_target_on_a_draft_vocabulary_sends_those_columns_and_caches_apart(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from draftalign.workers.target_pool import TargetComputer, target_logprobs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    batch = _batch([[1, 5, 6, 7], [1, 8, 9, 3]], [[0, 1, 1, 1], [1, 1, 1, 0]])
+    support = (3, 0, 17, 63, 8)
+    full = target_logprobs(model, batch, None, "float32")["logprobs"]
+    on_s = target_logprobs(model, batch, None, "float32", support)["support_logprobs"]
+    assert on_s.shape == (6, len(support))
+    assert np.array_equal(on_s, full[:, list(support)])  # normalised over all 64 tokens, not over S
+    cfg = TargetPoolConfig()
+    reduced = TargetComputer(model, cfg, str(tmp_path), support)(batch)
+    whole = TargetComputer(model, cfg, str(tmp_path))(batch)
+    # Same rows, two wire formats: the second must not be served the first's cached entries.
+    assert reduced["cached_rows"] == 0 and whole["cached_rows"] == 0
+    assert whole["logprobs"].shape == (6, 64) and reduced["support_logprobs"].shape == (6, 5)
+    assert TargetComputer(model, cfg, str(tmp_path), support)(batch)["cached_rows"] == 2

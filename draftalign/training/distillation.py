@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from draftalign.data.split import is_holdout
-from draftalign.training.losses import expected_acceptance
+from draftalign.training.losses import SupportTargetLogprobs, expected_acceptance, on_support
 
 SEQUENCE_COLUMNS = ("input_ids", "attention_mask", "loss_mask")
 
@@ -91,12 +91,13 @@ def chained_block_efficiency(alpha: torch.Tensor, mask: torch.Tensor, gamma: int
     return torch.where(full, tau, torch.zeros_like(tau))
 
 
-def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor, mask: torch.Tensor,
-                 gamma: int, draft_vocab: torch.Tensor | None = None) -> dict[str, float]:
+def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor | SupportTargetLogprobs,
+                 mask: torch.Tensor, gamma: int, draft_vocab: torch.Tensor | None = None) -> dict[str, float]:
     """Sums over the masked positions, to add up across batches and workers.
 
     draft_logits, target_logprobs: [N, V] at the N positions where mask [B, T] is set, in
-    row-major order (``x[mask]``). Keys: positions, tvd, acceptance (expected acceptance Σ min(p, q)),
+    row-major order (``x[mask]``); or the target's [N, V'] on the draft vocabulary only
+    (SupportTargetLogprobs). Keys: positions, tvd, acceptance (expected acceptance Σ min(p, q)),
     forward_kl, blocks, tau (Σ of :func:`chained_block_efficiency` over whole blocks). With a
     reduced draft vocabulary (ids [V'], draft_logits [N, V']) the acceptance and TVD are exact
     (q = 0 outside S), the forward KL is against p renormalised on S (as losses.forward_kl), and
@@ -104,10 +105,18 @@ def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor, mask
     """
     m = mask.bool()
     log_q = torch.log_softmax(draft_logits.float(), -1)
-    log_p = torch.log_softmax(target_logprobs.float(), -1)
     extra: dict[str, float] = {}
+    if isinstance(target_logprobs, SupportTargetLogprobs):
+        if draft_vocab is None:
+            raise ValueError("target log-probs on a draft vocabulary need that draft_vocab")
+        on_s = target_logprobs.logprobs.float()
+        # float16 rounding on the wire can make p(S) exceed 1 slightly (see losses._prepare_on_support).
+        log_p = on_s - torch.logsumexp(on_s, -1, keepdim=True).clamp_min(0.0)
+    else:
+        log_p = torch.log_softmax(target_logprobs.float(), -1)
+        if draft_vocab is not None:
+            log_p = on_support(log_p, draft_vocab)
     if draft_vocab is not None:
-        log_p = log_p.index_select(-1, draft_vocab.to(log_p.device))
         extra["support_mass"] = float(log_p.exp().sum())
     p = log_p.exp()
     alpha = expected_acceptance(p, log_q.exp())

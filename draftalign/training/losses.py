@@ -2,7 +2,7 @@
 
 Notation (paper-spec §1.2, §5): at each position t, p = target next-token distribution and
 q = draft next-token distribution over the vocabulary V. Every loss in :data:`LOSSES` has the
-signature ``f(draft_logits [B,T,V], target_logprobs [B,T,V] | SparseTargetLogprobs,
+signature ``f(draft_logits [B,T,V], target_logprobs [B,T,V] | SparseTargetLogprobs | SupportTargetLogprobs,
 loss_mask [B,T], *, draft_vocab=None, **options) -> Tensor[B,T]`` and returns a per-token loss
 that is exactly zero where ``loss_mask`` is zero; reduce it with :func:`masked_mean`.
 
@@ -10,7 +10,9 @@ A drafter with a reduced vocabulary (draftalign/draftvocab.py) passes ``draft_vo
 [V'] of its support S, and logits [B,T,V'] over them; q(x) = 0 outside S. Each loss is then its
 exact value for that q (TVD counts the target's mass outside S, which no draft can reach), except
 the forward KL, which would be infinite: it is taken against p restricted to S and renormalised,
-p_S(x) = p(x) / p(S), the best q the subset allows.
+p_S(x) = p(x) / p(S), the best q the subset allows. Every such loss reads p on S only (and p(S)),
+so the target may send just those V' columns (:class:`SupportTargetLogprobs`): the same values,
+V / V' times less to compute, cache and ship.
 
 All softmax work happens in float32 (float64 if both inputs are float64) whatever the input
 dtype, because bf16 has ~3 significant digits: log-probabilities near the tail would round to
@@ -41,6 +43,22 @@ class SparseTargetLogprobs:
 
     indices: torch.Tensor
     logprobs: torch.Tensor
+
+
+@dataclass
+class SupportTargetLogprobs:
+    """The target's log-probs on a reduced draft vocabulary S only, as the target pool sends them.
+
+    logprobs: float [B, T, V'], log p(x) for x in S, in ``draft_vocab``'s order, normalised over
+    the full vocabulary (so Σ_S p = p(S) <= 1; the mass outside S is 1 − p(S)).
+    """
+
+    logprobs: torch.Tensor
+
+
+def on_support(target_logprobs: torch.Tensor, draft_vocab) -> torch.Tensor:
+    """Full log-probs [..., V] -> their columns on S [..., V'] (what SupportTargetLogprobs holds)."""
+    return target_logprobs.index_select(-1, torch.as_tensor(draft_vocab, device=target_logprobs.device))
 
 
 def sparsify_topk(target_logprobs: torch.Tensor, k: int) -> SparseTargetLogprobs:
@@ -107,6 +125,8 @@ def _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab=None):
     V' = V without ``draft_vocab``; with it (ids [V']), log p holds the target's log-probs
     gathered on those ids: it sums to p(S) <= 1 and is not renormalised.
     """
+    if isinstance(target_logprobs, SupportTargetLogprobs):
+        return _prepare_on_support(draft_logits, target_logprobs.logprobs, loss_mask, draft_vocab)
     if isinstance(target_logprobs, SparseTargetLogprobs):
         if draft_vocab is not None:
             raise ValueError("a reduced draft vocabulary needs the target's full distribution, not its top-k")
@@ -128,6 +148,25 @@ def _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab=None):
     log_p = F.log_softmax(target, dim=-1)
     if draft_vocab is not None:
         log_p = log_p.index_select(-1, torch.as_tensor(draft_vocab, device=log_p.device))
+    return log_q, log_p, mask
+
+
+def _prepare_on_support(draft_logits, support_logprobs, loss_mask, draft_vocab):
+    """_prepare for SupportTargetLogprobs: log p [B,T,V'] arrives already gathered on S."""
+    if draft_vocab is None:
+        raise ValueError("target log-probs on a draft vocabulary need that draft_vocab")
+    if support_logprobs.shape != draft_logits.shape or len(draft_vocab) != draft_logits.shape[-1]:
+        raise ValueError(f"target on S {tuple(support_logprobs.shape)}, draft {tuple(draft_logits.shape)} "
+                         f"and draft_vocab ({len(draft_vocab)} ids) must agree")
+    mask = loss_mask.bool()
+    if mask.shape != draft_logits.shape[:-1]:
+        raise ValueError(f"loss_mask {tuple(mask.shape)} != draft [B, T] {tuple(draft_logits.shape[:-1])}")
+    dtype = torch.promote_types(torch.promote_types(draft_logits.dtype, support_logprobs.dtype), torch.float32)
+    log_q = F.log_softmax(draft_logits.to(dtype), dim=-1)
+    # Padded rows: uniform on S, never NaN (see _prepare). Rounding on the wire (float16) can
+    # make p(S) exceed 1 slightly; scale such rows back to p(S) = 1, as log_softmax does in _prepare.
+    target = torch.where(mask[..., None], support_logprobs.detach().to(dtype), 0.0)
+    log_p = target - torch.logsumexp(target, dim=-1, keepdim=True).clamp_min(0.0)
     return log_q, log_p, mask
 
 

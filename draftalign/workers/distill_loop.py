@@ -17,7 +17,8 @@ from draftalign.cluster.metrics import record
 from draftalign.config import DistillConfig, LossConfig
 from draftalign.models.draftvocab import draft_vocab_ids, install_reduced_head, load_draft_model
 from draftalign.training.distillation import heldout_means, heldout_sums, masked_logits, trim_padding
-from draftalign.training.losses import SparseTargetLogprobs, densify_topk, get_loss, loss_options, masked_mean
+from draftalign.training.losses import (SparseTargetLogprobs, SupportTargetLogprobs, densify_topk, get_loss,
+                                       loss_options, masked_mean)
 from draftalign.training.tracking import TrackingRun
 from draftalign.training.trainreport import TrainReport
 from draftalign.workers.target_pool import Reply
@@ -41,12 +42,23 @@ class DistillLoopConfig:
 
 
 def _target_tensor(reply: Reply, device) -> torch.Tensor | SparseTargetLogprobs:
-    """The pool's reply as the loss expects it: [1, N, V] dense or [1, N, K] sparse."""
+    """The pool's reply as the loss expects it: [1, N, V] dense, [1, N, V'] on S, or [1, N, K] sparse."""
+    if "support_logprobs" in reply:
+        return SupportTargetLogprobs(torch.from_numpy(np.asarray(reply["support_logprobs"])).to(device)[None])
     if "logprobs" in reply:
         return torch.from_numpy(np.asarray(reply["logprobs"])).to(device)[None]
     return SparseTargetLogprobs(
         indices=torch.from_numpy(np.asarray(reply["indices"])).long().to(device)[None],
         logprobs=torch.from_numpy(np.asarray(reply["values"])).to(device)[None])
+
+
+def _first_row(target_sel, vocab: int):
+    """The [1, N, ...] target of _target_tensor as heldout_sums takes it: [N, V] or on S [N, V']."""
+    if isinstance(target_sel, SupportTargetLogprobs):
+        return SupportTargetLogprobs(target_sel.logprobs[0])
+    if isinstance(target_sel, SparseTargetLogprobs):
+        return densify_topk(target_sel, vocab)[0]
+    return target_sel[0]
 
 
 class DistillTask:
@@ -105,9 +117,8 @@ class DistillTask:
                     continue
                 loss_total += float(self._loss(draft_sel, target_sel))
                 n += 1
-                dense = densify_topk(target_sel, self.vocab) if isinstance(target_sel, SparseTargetLogprobs) \
-                    else target_sel
-                sums_here = heldout_sums(draft_sel[0], dense[0], mask.cpu(), self.d.eval_gamma, self.draft_vocab)
+                sums_here = heldout_sums(draft_sel[0], _first_row(target_sel, self.vocab), mask.cpu(),
+                                         self.d.eval_gamma, self.draft_vocab)
                 for k, v in sums_here.items():
                     sums[k] = sums.get(k, 0.0) + v
         out = heldout_means(sums, self.d.eval_gamma)
@@ -151,10 +162,12 @@ def distill_loop(cfg: DistillLoopConfig) -> None:
     d = cfg.distill
     torch.manual_seed(d.train.seed)
     model = start_model(cfg)
+    # A reduced head's support: the pool sends the target's log-probs on it alone (V/V' less).
+    support = None if (ids := draft_vocab_ids(model)) is None else tuple(int(i) for i in ids)
     if d.target_pool.in_process:
-        target = LocalTarget(cfg.target, d.target_pool, cfg.cache_dir)
+        target = LocalTarget(cfg.target, d.target_pool, cfg.cache_dir, support)
     else:
-        target = TargetPool(cfg.target, d.target_pool, cfg.death_marker, cfg.cache_dir)
+        target = TargetPool(cfg.target, d.target_pool, cfg.death_marker, cfg.cache_dir, support)
     task = DistillTask(cfg, target, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("holdout"),
                        model.config.vocab_size)
     task.draft_vocab = draft_vocab_ids(model)

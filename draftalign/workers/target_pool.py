@@ -3,8 +3,10 @@ log-probs to a train worker.
 
 Wire format, per request: only the positions the loss uses travel. For a batch with loss
 mask [B, T] and N = mask.sum(), the reply holds ``logprobs`` [N, V] (full vocabulary, in
-``wire_dtype``), or with ``top_k``: ``values`` [N, K] and ``indices`` [N, K] (int32), which the
-loss densifies with the tail mass spread uniformly (see losses.densify_topk).
+``wire_dtype``); for a drafter with a reduced vocabulary S, ``support_logprobs`` [N, V'] (p on S
+only, V/V' times smaller: all its losses read; losses.SupportTargetLogprobs); or with ``top_k``:
+``values`` [N, K] and ``indices`` [N, K] (int32), which the loss densifies with the tail mass
+spread uniformly (see losses.densify_topk).
 
 Guarantees: the client keeps every batch it sent until its reply arrives, in order, so a
 batch is used once and never skipped. Ray restarts a dead actor (``max_restarts``) and
@@ -17,7 +19,7 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,13 @@ from draftalign.cluster.resources import target_actor
 from draftalign.config import TargetPoolConfig
 from draftalign.errors import DraftalignError
 from draftalign.training.distillation import masked_logits, trim_padding
+from draftalign.training.losses import on_support
 
 _WIRE = {"float16": torch.float16, "float32": torch.float32}
 # A micro-batch's input_ids, attention_mask and loss_mask (numpy from Ray Data, or torch tensors).
 TokenBatch = dict[str, "np.ndarray | torch.Tensor"]
-# Log-probs ("logprobs", or top-k "values" and "indices"), plus cached_rows, pid and compute_s on the way back.
+# Log-probs ("logprobs"; "support_logprobs" on a reduced draft vocabulary; or top-k "values" and
+# "indices"), plus cached_rows, pid and compute_s on the way back.
 Reply = dict[str, "np.ndarray | int | float"]
 
 
@@ -48,8 +52,13 @@ def load_target(path: str, precision: str, use_gpu: bool, trust_remote_code: boo
 
 
 @torch.inference_mode()
-def target_logprobs(model, batch: TokenBatch, top_k: int | None, wire_dtype: str) -> dict[str, np.ndarray]:
-    """Next-token log-probs of the target at the masked positions of a batch (see module doc)."""
+def target_logprobs(model, batch: TokenBatch, top_k: int | None, wire_dtype: str,
+                    support: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Next-token log-probs of the target at the masked positions of a batch (see module doc).
+
+    With `support` (a reduced draft vocabulary's ids [V']) only those columns go back, still
+    normalised over the full vocabulary: every loss on such a drafter reads nothing else.
+    """
     device = next(model.parameters()).device
     # Arrays from Ray's object store are read-only; torch warns on wrapping them, so copy (ints, small).
     batch = trim_padding({k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")})
@@ -57,6 +66,8 @@ def target_logprobs(model, batch: TokenBatch, top_k: int | None, wire_dtype: str
     mask = mask.bool()
     logits = masked_logits(model, ids, attn, mask)
     logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V], normalised in float32
+    if support is not None:
+        return {"support_logprobs": on_support(logp, support).to(_WIRE[wire_dtype]).cpu().numpy()}
     if top_k is None:
         # float16 keeps log-probs down to -65504; -inf (impossible tokens) stays -inf.
         return {"logprobs": logp.to(_WIRE[wire_dtype]).cpu().numpy()}
@@ -74,10 +85,12 @@ class LogprobCache:
     renamed, so a killed actor never leaves a half entry.
     """
 
-    def __init__(self, folder: str, cfg: TargetPoolConfig) -> None:
+    def __init__(self, folder: str, cfg: TargetPoolConfig, support: Sequence[int] | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.salt = f"{cfg.top_k}-{cfg.wire_dtype}".encode()
+        if support is not None:
+            self.salt += b"-support-" + np.asarray(support, np.int64).tobytes()
         self.hits = 0
 
     def _path(self, ids: np.ndarray, mask: np.ndarray) -> Path:
@@ -117,12 +130,13 @@ class LogprobCache:
 class TargetComputer:
     """batch -> reply: the target's log-probs, through the disk cache when there is one."""
 
-    def __init__(self, model, cfg: TargetPoolConfig, cache_dir: str | None) -> None:
-        self.model, self.cfg = model, cfg
-        self.cache = LogprobCache(cache_dir, cfg) if cache_dir else None
+    def __init__(self, model, cfg: TargetPoolConfig, cache_dir: str | None,
+                 support: Sequence[int] | None = None) -> None:
+        self.model, self.cfg, self.support = model, cfg, support
+        self.cache = LogprobCache(cache_dir, cfg, support) if cache_dir else None
 
     def _compute(self, batch: TokenBatch) -> dict[str, np.ndarray]:
-        return target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype)
+        return target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype, self.support)
 
     def __call__(self, batch: TokenBatch) -> Reply:
         """The reply, plus `cached_rows`: how many of the batch's rows came from the cache."""
@@ -137,14 +151,14 @@ class TargetActor:
     """One replica of the target; Ray restarts it when it dies (see TargetPool)."""
 
     def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, support: Sequence[int] | None = None) -> None:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model = load_target(path, cfg.precision, cfg.use_gpu)
         self.cfg = cfg
         self.requests = 0
         self.death_marker = death_marker
-        self.compute = TargetComputer(self.model, cfg, cache_dir)
+        self.compute = TargetComputer(self.model, cfg, cache_dir, support)
 
     def logprobs(self, batch: TokenBatch) -> Reply:
         self.requests += 1
@@ -179,14 +193,15 @@ class PoolStats:
         self.requests += 1
         self.compute_s += compute_s
         self.cached_rows += int(reply.get("cached_rows", 0))
-        self.positions += int(np.asarray(reply.get("logprobs", reply.get("values"))).shape[0])
+        rows = next(reply[k] for k in ("logprobs", "support_logprobs", "values") if k in reply)
+        self.positions += int(np.asarray(rows).shape[0])
 
 
 class TargetPool:
     """Actors beside this train worker, fed round-robin, at most ``prefetch`` batches ahead."""
 
     def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, support: Sequence[int] | None = None) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -199,7 +214,7 @@ class TargetPool:
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts,
             # Beside the train worker: the log-probs are the largest thing on the wire.
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True))
-        self.actors = [actor_cls.remote(path, cfg, death_marker, cache_dir) for _ in range(cfg.actors)]
+        self.actors = [actor_cls.remote(path, cfg, death_marker, cache_dir, support) for _ in range(cfg.actors)]
         self._next = 0
         self._pids: dict[int, int] = {}
 
@@ -251,11 +266,12 @@ class TargetPool:
 class LocalTarget:
     """The baseline: the same target computed inside the train worker, no pipelining."""
 
-    def __init__(self, path: str, cfg: TargetPoolConfig, cache_dir: str | None = None) -> None:
+    def __init__(self, path: str, cfg: TargetPoolConfig, cache_dir: str | None = None,
+                 support: Sequence[int] | None = None) -> None:
         self.model = load_target(path, cfg.precision, cfg.use_gpu)
         self.cfg = cfg
         self.stats = PoolStats()
-        self.compute = TargetComputer(self.model, cfg, cache_dir)
+        self.compute = TargetComputer(self.model, cfg, cache_dir, support)
 
     def stream(self, items: Iterable[tuple[Any, TokenBatch]]) -> Iterator[tuple[Any, dict, dict]]:
         for tag, batch in items:
