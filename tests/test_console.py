@@ -55,6 +55,25 @@ def test_library_logging_goes_to_the_log_file_not_the_terminal(tmp_path):
         lg.removeHandler(own)
 
 
+def test_deepspeeds_own_handler_set_up_after_setup_stays_off_the_terminal(tmp_path):
+    # DeepSpeed puts up a stdout handler of its own when imported, which may be after setup().
+    console.setup(tmp_path)
+    lg = logging.getLogger("DeepSpeed")
+    stream = io.StringIO()
+    own = logging.StreamHandler(stream)
+    lg.addHandler(own)
+    lg.setLevel(logging.INFO)
+    try:
+        lg.warning("Setting accelerator to CPU")
+        lg.error("a real failure")
+        assert "accelerator" not in stream.getvalue() and "a real failure" in stream.getvalue()
+        assert "Setting accelerator to CPU" in (tmp_path / "logs" / console.LOG_NAME).read_text()
+    finally:
+        lg.removeHandler(own)
+    console.reset()
+    assert not lg.filters  # reset() undoes it: verbose or API use sees DeepSpeed as it is
+
+
 def test_no_logs_folder_until_something_is_logged(tmp_path):
     console.setup(tmp_path / "run")
     assert not (tmp_path / "run" / "logs").exists()
@@ -148,3 +167,36 @@ def test_ray_cluster_messages_go_to_the_log(tmp_path, capsys, monkeypatch):
                            "is_err": False}, ignore_prefix=False)
     assert capsys.readouterr().out == ""
     assert "(raylet) WARNING: 8 PYTHON worker" in (tmp_path / "logs" / console.LOG_NAME).read_text()
+
+
+def test_at_a_terminal_native_writes_to_fd_2_go_to_the_log_and_python_keeps_the_terminal(tmp_path):
+    # Ray's core worker writes its own lines straight to fd 2 ("core_worker.cc:... Actor with class
+    # name ..."); at a terminal they belong in the log file, while draftalign's bars and error line
+    # (Python's sys.stderr) stay on screen.
+    import os
+    import pty
+    import subprocess
+
+    code = ("import os, sys\nfrom draftalign.util import console\n"
+            f"console.setup({str(tmp_path)!r})\nconsole._native_stderr_to_log()\n"
+            "os.write(2, b'core_worker.cc: native chatter\\n')\n"
+            "print('draftalign: error: for the user', file=sys.stderr, flush=True)\n")
+    main, child = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=child, timeout=120)
+        os.close(child)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # the pty's other end is closed: all was read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(main)
+    assert proc.returncode == 0
+    assert b"draftalign: error: for the user" in seen and b"native chatter" not in seen
+    assert "core_worker.cc: native chatter" in (tmp_path / "logs" / console.LOG_NAME).read_text()

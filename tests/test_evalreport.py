@@ -109,6 +109,26 @@ def test_the_comparison_table_has_a_column_per_drafter_and_marks_the_best(tmp_pa
     assert "comparison.png" in files and best_row in (tmp_path / "report.md").read_text()
 
 
+def test_the_speedup_table_shows_each_drafters_fastest_gamma(tmp_path):
+    from draftalign.evaluation.report import speedup_table, write_report
+
+    def rec(drafter, gamma, speedup, task="open_ended", t=0.0):
+        return {"drafter": drafter, "task": task, "engine": "reference", "gamma": gamma, "temperature": t,
+                "block_efficiency": 1.0 + gamma / 10, "speedup": speedup, "draft_acceptance_rate": 0.5,
+                "mbsu": 1.0, "tokens_per_s_spec": None, "tokens_per_s_ar": None,
+                "acceptance_per_position": [0.5] * gamma}
+
+    records = [rec("start", 1, 0.8), rec("start", 3, 0.6), rec("kl", 1, 1.05), rec("kl", 3, 1.12),
+               rec("kl", 3, 0.9, t=1.0), rec("kl", 1, None, t=1.0), rec("start", 1, None, task="translate")]
+    lines = speedup_table(records).splitlines()
+    assert lines[0] == "| task | engine | T | start | kl |"
+    assert lines[2] == "| open_ended | reference | 0 | 0.80× (γ=1, τ 1.10) | 1.12× (γ=3, τ 1.30) |"
+    assert lines[3] == "| open_ended | reference | 1 | – | 0.90× (γ=3, τ 1.30) |"  # untimed cells are skipped
+    assert len(lines) == 4 and speedup_table([rec("kl", 1, None)]) == ""
+    write_report(tmp_path, records, plots=False)
+    assert lines[2] in (tmp_path / "report.md").read_text()
+
+
 def test_the_eval_row_has_the_schemas_columns_in_order():
     # EvalRow restates EVAL_SCHEMA's columns as fields: the two must not drift apart.
     from dataclasses import fields

@@ -303,6 +303,35 @@ def comparison_table(records: Sequence[dict], metric: str = "block_efficiency") 
     return "\n".join(lines) + "\n" + _ci_note(records)
 
 
+def fastest_gammas(records: Sequence[dict]) -> dict[tuple, dict]:
+    """(drafter, task, engine, T) -> the record of the γ with the highest measured speed-up over the
+    target alone (wall clock, the same prompts); only where a speed-up was measured."""
+    best: dict[tuple, dict] = {}
+    for r in records:
+        if r.get("speedup") is None:
+            continue
+        key = (r["drafter"], r["task"], r["engine"], r["temperature"])
+        if key not in best or r["speedup"] > best[key]["speedup"]:
+            best[key] = r
+    return best
+
+
+def speedup_table(records: Sequence[dict]) -> str:
+    """How much faster the target answers with each drafter: a row per task × engine × T, a column
+    per drafter, "speed-up× at the fastest γ (its τ)". Empty where nothing was timed."""
+    best = fastest_gammas(records)
+    if not best:
+        return ""
+    drafters = list(dict.fromkeys(k[0] for k in best))
+    rows = list(dict.fromkeys(k[1:] for k in best))
+    lines = [f"| task | engine | T | {' | '.join(drafters)} |", "|---|---|---:|" + "---:|" * len(drafters)]
+    for task, engine, temp in rows:
+        cells = [(f"{r['speedup']:.2f}× (γ={r['gamma']}, τ {r['block_efficiency']:.2f})"
+                  if (r := best.get((d, task, engine, temp))) else "–") for d in drafters]
+        lines.append(f"| {task} | {engine} | {temp:g} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _yerr(recs: Sequence[dict | None]) -> list[list[float]] | None:
     """matplotlib's asymmetric yerr, [[below], [above]], from the records' τ intervals (None without them)."""
     if not any(r and r.get("block_efficiency_ci_low") is not None for r in recs):
@@ -432,6 +461,10 @@ def write_report(out: str | Path, records: Sequence[dict], header: str = "", plo
         comparison = "\n## Block efficiency τ by drafter (bold: best; =: tied)\n\n" + comparison
     if pairs:
         comparison += "\n## Paired differences of τ, every pair of drafters\n\n" + pairs_table(pairs)
+    speed = speedup_table(records)
+    if speed:
+        comparison += ("\n## Speed-up over the target alone, at each drafter's fastest γ (wall clock)\n\n"
+                       + speed)
     body = (header + comparison + "\n## Every cell\n\n" + markdown_table(records)
             + "".join(f"\n![{p}]({p})\n" for p in pngs))
     write_text_atomic(out / "report.md", body)

@@ -27,6 +27,7 @@ from draftalign.evaluation.report import (
     comparison_table,
     markdown_table,
     paired_differences,
+    speedup_table,
     summarize_rows,
     write_report,
 )
@@ -415,6 +416,10 @@ def _print_table(records: list[SummaryRecord], out: Path) -> None:
               "block efficiency τ by drafter (**bold**: best; =: tied):\n" + comparison, end="", flush=True)
     else:
         print(markdown_table(records), end="", flush=True)
+    speed = speedup_table(records)
+    if speed and comparison:
+        print("how much faster the target answers (wall clock, each drafter at its fastest γ):\n" + speed,
+              end="", flush=True)
 
 
 def _track(tracking: TrackingRun, cfg: Config, records: list[dict]) -> None:

@@ -72,6 +72,7 @@ class _State:
         self.bars: dict[str, tqdm] = {}
         self.cells_total: int | None = None
         self.cells_last = 0.0
+        self.terminal = None  # the terminal's stderr once fd 2 goes to the log file
 
 
 _S = _State()
@@ -144,7 +145,52 @@ def setup(run_output: str | Path, verbose_flag: bool = False) -> None:
         llm = logging.getLogger("ray.llm")
         if not llm.handlers:
             llm.addHandler(logging.NullHandler())
+        # DeepSpeed gives its logger a stdout handler of its own on import (whenever that is):
+        # a filter set now sends its records below ERROR to the log file instead.
+        ds = logging.getLogger("DeepSpeed")
+        if not any(isinstance(f, _LogFileOnly) for f in ds.filters):
+            ds.addFilter(_LogFileOnly())
     _route_loggers()
+
+
+class _LogFileOnly(logging.Filter):
+    """A logger filter: records below ERROR go to RUN/logs/draftalign.log only, not to the
+    logger's own (terminal) handlers; errors pass as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or verbose():
+            return True
+        if _S.handler is not None and record.levelno >= _S.handler.level:
+            _S.handler.handle(record)
+        return False
+
+
+def _native_stderr_to_log() -> None:
+    """What native code writes to this process's fd 2 goes to the log file: Ray's core worker
+    ("core_worker.cc:... Actor with class name ... has constructor arguments in the object
+    store"), vLLM's and DeepSpeed's C++ parts; Python's sys.stderr keeps the terminal (bars,
+    warnings for the user, the error line). Only at a terminal: captured output (CI, tests,
+    a Ray job's log) keeps fd 2 as it is."""
+    if _S.log_dir is None or getattr(sys.stderr, "draftalign_terminal", False):
+        return
+    try:
+        if not os.isatty(2):
+            return
+        _S.log_dir.mkdir(parents=True, exist_ok=True)
+        log_fd = os.open(_S.log_dir / LOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None),
+                             errors="backslashreplace")
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+    except OSError:
+        return
+    terminal.draftalign_terminal = True  # type: ignore[attr-defined]
+    _S.terminal = sys.stderr = terminal
+
+
+def _terminal():
+    """Where bars go: the terminal's stderr (fd 2 itself, unless _native_stderr_to_log moved it)."""
+    return _S.terminal or sys.__stderr__
 
 
 def _route_loggers() -> None:
@@ -213,6 +259,8 @@ def ray_started() -> None:
             pass
     _link_session()
     _route_loggers()
+    if not verbose():
+        _native_stderr_to_log()
     _tell_once()
 
 
@@ -317,12 +365,12 @@ def _new_bar(desc: str, total: int | None, unit: str, initial: int = 0):
 
     _route_loggers()  # a library imported since may have put up its own terminal handler
     try:
-        shape = os.get_terminal_size(sys.__stderr__.fileno())
+        shape = os.get_terminal_size(_terminal().fileno())
     except (AttributeError, OSError, ValueError):
         shape = os.terminal_size((0, 0))
     # A terminal of no size (a pty nobody sized: `script` run from a job) made tqdm hide every bar.
     size = {"dynamic_ncols": True} if min(shape) > 0 else {"ncols": 100, "nrows": 24}
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.__stderr__, leave=True,
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=_terminal(), leave=True,
                 mininterval=0.5, smoothing=0.3, **size)
 
 
@@ -499,6 +547,9 @@ def reset() -> None:
             logging.getLogger(name).removeHandler(_S.handler)
     if _S.handler is not None:
         _S.handler.close()
+    ds = logging.getLogger("DeepSpeed")
+    for f in [f for f in ds.filters if isinstance(f, _LogFileOnly)]:
+        ds.removeFilter(f)
     _S.__init__()
 
 
