@@ -34,8 +34,8 @@ install: $(STAMP)
 demo: install
 	$(BIN)/draftalign run examples/smollm2.yaml
 
-# The embedded default at full size (about two hours here): more self-instructed data, answers at
-# two temperatures, more steps, γ 2-4.
+# The embedded default at full size (about an hour and a half here): more self-instructed data,
+# longer answers, more steps, γ 1-3 on both engines.
 demo-full: install
 	$(BIN)/draftalign run examples/smollm2-full.yaml
 

@@ -339,7 +339,8 @@ class TargetPoolConfig(Strict):
     # the run's, so the target's own set is scored once for every round.
     cache_dir: str | None = None
     # Memoise each sequence's log-probs on local disk (wire_dtype, V values per trained position:
-    # 98 KB for a 49k vocabulary), so later passes and the other losses cost only the drafter.
+    # 98 KB for a 49k vocabulary; V' for a reduced draft vocabulary, 16 KB at 8,192), so later
+    # passes and the other losses cost only the drafter.
     # Off by default: for a large set and vocabulary it is terabytes.
     cache: bool = False
     # Chaos testing: the first actor exits (os._exit) on this request number, once.
