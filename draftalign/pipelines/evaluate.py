@@ -153,6 +153,7 @@ def _prompts(cfg: Config, tok: Any, context: int, log) -> dict[str, list[dict]]:
 
     ev = cfg.evaluate
     out: dict[str, list[dict]] = {}
+    said = []
     for task in ev.tasks:
         # read a few extra rows so that prompts dropped as too long can be replaced
         rows = load_task_prompts(task, (task.max_prompts or ev.max_prompts) * 2)
@@ -168,8 +169,9 @@ def _prompts(cfg: Config, tok: Any, context: int, log) -> dict[str, list[dict]]:
             raise ConfigError(f"task {task.name!r}: every prompt is longer than the context ({context}) "
                               f"minus evaluate.max_new_tokens ({ev.max_new_tokens})")
         out[task.name] = keep
-        log(f"[evaluate] task {task.name} ({task.kind}): {len(keep)} prompts"
-            + (f", {too_long} skipped as too long for the context" if too_long else ""))
+        said.append(f"{task.name} ({task.kind}) {len(keep)}"
+                    + (f" ({too_long} skipped as too long for the context)" if too_long else ""))
+    log(f"[evaluate] prompts per task: {', '.join(said)}")
     return out
 
 
@@ -260,8 +262,10 @@ def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: lis
         params[d["name"]] = step_weights(draft)
         if check:
             check_transformers(engine.target, draft, target, d["path"], prompt[:16])
-            log(f"[evaluate] export check: {d['name']} ({d['path']}) runs as transformers' assistant_model")
         del draft
+    if check:
+        log(f"[evaluate] export check: {', '.join(d['name'] for d in drafters)} "
+            f"{'runs' if len(drafters) == 1 else 'run'} as transformers' assistant_model")
     return step_weights(engine.target), params
 
 
@@ -365,8 +369,9 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
     if "vllm" in ev.engines:
         context = min(context, ev.vllm.max_model_len)
     prompts = _prompts(cfg, tok, context, log)
-    console.expect_cells(len(drafters) * len(prompts) * len(ev.gammas)
-                         * sum(len(ev.engine_temperatures(e)) for e in ev.engines))
+    console.expect_cells(len(prompts) * sum(len(ev.engine_temperatures(e)) * (len(drafters) * len(ev.gammas)
+                                                                            + _times_target_alone(ev, e))
+                                            for e in ev.engines))
     write_run_info(out, cfg, "evaluate", {"drafters": drafters})  # after every input check: a refusal writes nothing
     if _vllm_sampled(ev):
         log(f"[evaluate] {VLLM_SAMPLED_NOTE}")
@@ -405,6 +410,12 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
     _write_cards(drafters, records, log)
     _track(tracking, cfg, records)
     return records
+
+
+def _times_target_alone(ev, engine: str) -> int:
+    """1 when `engine` also runs the target alone (a cell per task and T: the speed-up baseline)."""
+    sweep = ev.reference if engine == "reference" else ev.vllm
+    return int(sweep.measure_autoregressive)
 
 
 def _print_table(records: list[SummaryRecord], out: Path) -> None:

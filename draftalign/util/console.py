@@ -41,7 +41,8 @@ LIBRARIES = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "deepspeed
 # A training progress line as workers/trainer.py prints it: "[pretrain target] step 20/60 {...}".
 TRAIN_LINE = re.compile(r"^\[(?P<name>(?:pretrain|distill)\b[^\]]*)\] (?P<msg>.*)$")
 STEP = re.compile(r"^step (?P<n>\d+)/(?P<total>\d+)(?: (?P<metrics>\{.*\}))?$")
-CELL_LINE = re.compile(r"^\[evaluate\] (reference|vllm) .+ γ=\d+ T=")
+# A sweep cell's line, or the target alone's on a task ("... autoregressive / task T=0: ..."): each is a cell of the bar.
+CELL_LINE = re.compile(r"^\[evaluate\] (reference|vllm) (.+ γ=\d+|autoregressive / \S+) T=")
 _FLOAT = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 
 
