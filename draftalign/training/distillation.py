@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from draftalign.data.split import is_holdout
-from draftalign.training.losses import SupportTargetLogprobs, expected_acceptance, on_support
+from draftalign.training.losses import SupportTargetLogprobs, expected_acceptance, on_support, support_log_p
 
 SEQUENCE_COLUMNS = ("input_ids", "attention_mask", "loss_mask")
 
@@ -109,9 +109,7 @@ def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor | Sup
     if isinstance(target_logprobs, SupportTargetLogprobs):
         if draft_vocab is None:
             raise ValueError("target log-probs on a draft vocabulary need that draft_vocab")
-        on_s = target_logprobs.logprobs.float()
-        # float16 rounding on the wire can make p(S) exceed 1 slightly (see losses._prepare_on_support).
-        log_p = on_s - torch.logsumexp(on_s, -1, keepdim=True).clamp_min(0.0)
+        log_p = support_log_p(target_logprobs.logprobs.float())
     else:
         log_p = torch.log_softmax(target_logprobs.float(), -1)
         if draft_vocab is not None:

@@ -61,6 +61,12 @@ def on_support(target_logprobs: torch.Tensor, draft_vocab) -> torch.Tensor:
     return target_logprobs.index_select(-1, torch.as_tensor(draft_vocab, device=target_logprobs.device))
 
 
+def support_log_p(on_s: torch.Tensor) -> torch.Tensor:
+    """log p on S [..., V'] as sent, made exact to use: rows whose p(S) rounding on the wire
+    (float16) pushed above 1 are scaled back to p(S) = 1; others are left as they are."""
+    return on_s - torch.logsumexp(on_s, dim=-1, keepdim=True).clamp_min(0.0)
+
+
 def sparsify_topk(target_logprobs: torch.Tensor, k: int) -> SparseTargetLogprobs:
     """Keep the k largest entries of dense target log-probs [B, T, V] -> SparseTargetLogprobs [B, T, k]."""
     values, indices = target_logprobs.topk(k, dim=-1)
@@ -163,11 +169,9 @@ def _prepare_on_support(draft_logits, support_logprobs, loss_mask, draft_vocab):
         raise ValueError(f"loss_mask {tuple(mask.shape)} != draft [B, T] {tuple(draft_logits.shape[:-1])}")
     dtype = torch.promote_types(torch.promote_types(draft_logits.dtype, support_logprobs.dtype), torch.float32)
     log_q = F.log_softmax(draft_logits.to(dtype), dim=-1)
-    # Padded rows: uniform on S, never NaN (see _prepare). Rounding on the wire (float16) can
-    # make p(S) exceed 1 slightly; scale such rows back to p(S) = 1, as log_softmax does in _prepare.
+    # Padded rows: uniform on S, never NaN (see _prepare); wire rounding repaired as log_softmax does there.
     target = torch.where(mask[..., None], support_logprobs.detach().to(dtype), 0.0)
-    log_p = target - torch.logsumexp(target, dim=-1, keepdim=True).clamp_min(0.0)
-    return log_q, log_p, mask
+    return log_q, support_log_p(target), mask
 
 
 def _on_support(log_p: torch.Tensor, draft_vocab) -> torch.Tensor:

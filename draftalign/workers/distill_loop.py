@@ -17,8 +17,14 @@ from draftalign.cluster.metrics import record
 from draftalign.config import DistillConfig, LossConfig
 from draftalign.models.draftvocab import draft_vocab_ids, install_reduced_head, load_draft_model
 from draftalign.training.distillation import heldout_means, heldout_sums, masked_logits, trim_padding
-from draftalign.training.losses import (SparseTargetLogprobs, SupportTargetLogprobs, densify_topk, get_loss,
-                                       loss_options, masked_mean)
+from draftalign.training.losses import (
+    SparseTargetLogprobs,
+    SupportTargetLogprobs,
+    densify_topk,
+    get_loss,
+    loss_options,
+    masked_mean,
+)
 from draftalign.training.tracking import TrackingRun
 from draftalign.training.trainreport import TrainReport
 from draftalign.workers.target_pool import Reply
