@@ -499,6 +499,9 @@ class ReferenceEvalConfig(Strict):
     measure_autoregressive: bool = True  # also time plain target decoding (the speed-up baseline)
     warmup_tokens: int = Field(8, ge=0)  # an untimed run first, so one-off start-up costs stay out
     temperatures: list[float] | None = None  # this engine's subset; None: evaluate.temperatures
+    # This engine's drafters, by name; None: all of evaluate's. Batch-1 reference decoding is slow:
+    # let vLLM (batched) carry every drafter's τ and time here only the drafters that matter.
+    drafters: list[str] | None = Field(None, min_length=1)
 
 
 class VllmEvalConfig(Strict):
@@ -524,6 +527,7 @@ class VllmEvalConfig(Strict):
     # sampling with draft_sample_method probabilistic (the default here); on CPU only with
     # draftalign's vLLM plugin installed (workers/vllm_plugin.py, vllm-project/vllm#55005).
     temperatures: list[float] | None = None
+    drafters: list[str] | None = Field(None, min_length=1)  # this engine's subset by name; None: all
 
 
 def _default_eval_tasks() -> list[EvalTaskConfig]:
@@ -563,6 +567,18 @@ class EvaluateConfig(Strict):
                 raise ValueError(f"{what} names must be unique: {names}")
         return self
 
+
+    def engine_drafters(self, engine: str, drafters: list[dict]) -> list[dict]:
+        """The drafters (resolved, {"name", "path", ...}) `engine` runs: all, or those its own list names."""
+        own = getattr(self, engine).drafters
+        if own is None:
+            return drafters
+        names = [d["name"] for d in drafters]
+        unknown = [n for n in own if n not in names]
+        if unknown:
+            raise ConfigError(f"evaluate.{engine}.drafters names {unknown}, which are not among this "
+                              f"evaluation's drafters {names}")
+        return [d for d in drafters if d["name"] in own]
 
     def engine_temperatures(self, engine: str) -> list[float]:
         """The temperatures `engine` runs: evaluate.temperatures, or those its own list keeps."""

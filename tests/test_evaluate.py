@@ -259,3 +259,20 @@ def test_a_batch_time_is_shared_by_generated_tokens():
     assert share_seconds(3.0, [10, 20]) == pytest.approx([1.0, 2.0])
     assert share_seconds(2.0, [0, 0]) == [1.0, 1.0]
     assert share_seconds(0.5, [7]) == [0.5]
+
+
+def test_an_engine_runs_only_the_drafters_it_names_and_refuses_unknown_names(models, tmp_path):
+    # vLLM (batched) may carry every drafter's τ while the slow batch-1 reference engine times a few.
+    from draftalign.pipelines.evaluate import describe_evaluate, run_evaluate
+
+    both = (f"evaluate.drafters=[{{name: rand, path: {models['draft']}}}, "
+            f"{{name: self, path: {models['target']}}}]")
+    base = [f"models.target={models['target']}", f"evaluate.output={tmp_path / 'ev'}", "evaluate.max_prompts=1",
+            "evaluate.max_new_tokens=4", "evaluate.gammas=[2]", "evaluate.temperatures=[0]",
+            "evaluate.tasks=[{name: open_ended, kind: open_ended}]", both]
+    cfg = load_config(TINY, [*base, "evaluate.reference.drafters=[self]"])
+    assert describe_evaluate(cfg)["cells"].startswith("reference: 1 ")
+    records = run_evaluate(cfg, log=lambda _: None)
+    assert [(r["drafter"], r["engine"]) for r in records] == [("self", "reference")]
+    with pytest.raises(ConfigError, match=r"evaluate.reference.drafters names \['gone'\]"):
+        describe_evaluate(load_config(TINY, [*base, "evaluate.reference.drafters=[gone]"]))

@@ -131,7 +131,9 @@ def describe_evaluate(cfg: Config) -> EvaluatePlan:
     drafters = resolve_drafters(cfg, strict=False)
     tasks = [{"name": t.name, "kind": t.kind, "data": t.data or str(bundled_path(t.kind)),
               "max_prompts": t.max_prompts or ev.max_prompts} for t in ev.tasks]
-    cells = {e: len(drafters) * len(ev.tasks) * len(ev.gammas) * len(ev.engine_temperatures(e)) for e in ev.engines}
+    drafters_of = {e: ev.engine_drafters(e, drafters) for e in ev.engines}
+    cells = {e: len(drafters_of[e]) * len(ev.tasks) * len(ev.gammas) * len(ev.engine_temperatures(e))
+             for e in ev.engines}
     plan: EvaluatePlan = {
         "target": cfg.target_path(), "output": ev.output,
         "drafters": [{"name": d["name"], "path": d["path"], "exists": d["exists"]} for d in drafters],
@@ -143,7 +145,7 @@ def describe_evaluate(cfg: Config) -> EvaluatePlan:
     if "vllm" in ev.engines:
         v = ev.vllm
         per = vllm_eval_engine(v)
-        plan["vllm"] = {"engines": len(drafters) * len(ev.gammas) + int(v.measure_autoregressive),
+        plan["vllm"] = {"engines": len(drafters_of["vllm"]) * len(ev.gammas) + int(v.measure_autoregressive),
                         "one_at_a_time": True, "per_engine": per, "engine_kwargs": engine_kwargs(v)}
     return plan
 
@@ -335,7 +337,10 @@ def _cells_fingerprint(cfg: Config, target: str, prompts: dict[str, list[dict]])
     """What determines every evaluation cell: the settings, the target, the prompts. Each
     drafter's export is in its own cells' key (`_with_identities`), so adding a drafter to a
     comparison leaves the other drafters' cells in place."""
-    ev = cfg.evaluate.model_dump(mode="json", exclude={"output", "plots", "export_check", "drafters"})
+    # Which drafters run (evaluate.drafters, each engine's subset) is not: each has its own cells.
+    ev = cfg.evaluate.model_dump(mode="json", exclude={"output": True, "plots": True, "export_check": True,
+                                                       "drafters": True, "reference": {"drafters"},
+                                                       "vllm": {"drafters"}})
     return fingerprint(ev, target_identity(target)["target_hash"],
                        {task: [(p["id"], p["token_ids"]) for p in rows] for task, rows in prompts.items()})
 
@@ -368,8 +373,9 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
     context = load_model_config(target, cfg.models.trust_remote_code).get_text_config().max_position_embeddings
     if "vllm" in ev.engines:
         context = min(context, ev.vllm.max_model_len)
+    drafters_of = {e: ev.engine_drafters(e, drafters) for e in ev.engines}
     prompts = _prompts(cfg, tok, context, log)
-    console.expect_cells(len(prompts) * sum(len(ev.engine_temperatures(e)) * (len(drafters) * len(ev.gammas)
+    console.expect_cells(len(prompts) * sum(len(ev.engine_temperatures(e)) * (len(drafters_of[e]) * len(ev.gammas)
                                                                             + _times_target_alone(ev, e))
                                             for e in ev.engines))
     write_run_info(out, cfg, "evaluate", {"drafters": drafters})  # after every input check: a refusal writes nothing
@@ -393,10 +399,10 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
                                measure_ar=ev.reference.measure_autoregressive,
                                warmup_tokens=ev.reference.warmup_tokens, target_model=target)
         cells = CellStore(out, _cells_fingerprint(cfg, target, prompts))
-        rows += reference_rows(ref_engine, _with_identities(drafters), prompts, sweep, log, cells)
+        rows += reference_rows(ref_engine, _with_identities(drafters_of["reference"]), prompts, sweep, log, cells)
     del ref_engine
     if "vllm" in ev.engines:
-        rows += _vllm_rows(cfg, target, drafters, prompts, log)
+        rows += _vllm_rows(cfg, target, drafters_of["vllm"], prompts, log)
     write_parquet_atomic(eval_table(rows), out / "rows.parquet")
     records = summarize_rows(rows, params, target_params)
     for r in records:
