@@ -129,6 +129,22 @@ def test_the_speedup_table_shows_each_drafters_fastest_gamma(tmp_path):
     assert lines[2] in (tmp_path / "report.md").read_text()
 
 
+def test_tau_on_both_engines_is_shown_side_by_side_and_disagreement_is_flagged():
+    from draftalign.evaluation.report import engine_agreement_table
+
+    def rec(engine, tau, lo, hi, drafter="kl", task="open_ended"):
+        return {"drafter": drafter, "task": task, "engine": engine, "gamma": 3, "temperature": 0.0,
+                "block_efficiency": tau, "block_efficiency_ci_low": lo, "block_efficiency_ci_high": hi}
+
+    records = [rec("reference", 1.40, 1.30, 1.50), rec("vllm", 1.45, 1.35, 1.55),
+               rec("reference", 1.20, 1.15, 1.25, task="translate"), rec("vllm", 1.40, 1.30, 1.50, task="translate"),
+               rec("vllm", 1.1, 1.0, 1.2, drafter="start")]  # one engine only: not compared
+    lines = engine_agreement_table(records).splitlines()
+    assert lines[2] == "| kl | open_ended | 3 | 0 | 1.40 [1.30, 1.50] | 1.45 [1.35, 1.55] | yes |"
+    assert lines[3] == "| kl | translate | 3 | 0 | 1.20 [1.15, 1.25] | 1.40 [1.30, 1.50] | no |"
+    assert len(lines) == 4 and engine_agreement_table(records[-1:]) == ""
+
+
 def test_the_eval_row_has_the_schemas_columns_in_order():
     # EvalRow restates EVAL_SCHEMA's columns as fields: the two must not drift apart.
     from dataclasses import fields

@@ -332,6 +332,29 @@ def speedup_table(records: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def engine_agreement_table(records: Sequence[dict]) -> str:
+    """τ of the same drafter, task, γ and T on both engines, with their intervals: τ does not
+    depend on the engine, so the two must agree within their intervals ("no" flags a cell to
+    look at). Empty unless some cell ran on both engines."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        by_key.setdefault((r["drafter"], r["task"], r["gamma"], r["temperature"]), {})[r["engine"]] = r
+    lines = ["| drafter | task | γ | T | τ reference | τ vLLM | intervals overlap |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for (drafter, task, gamma, temp), pair in by_key.items():
+        ref, vl = pair.get("reference"), pair.get("vllm")
+        if ref is None or vl is None:
+            continue
+        overlap = "–"
+        if ref.get("block_efficiency_ci_low") is not None and vl.get("block_efficiency_ci_low") is not None:
+            apart = (ref["block_efficiency_ci_high"] < vl["block_efficiency_ci_low"]
+                     or vl["block_efficiency_ci_high"] < ref["block_efficiency_ci_low"])
+            overlap = "no" if apart else "yes"
+        lines.append(f"| {drafter} | {task} | {gamma} | {temp:g} | {_tau_ci(ref, 'block_efficiency')} | "
+                     f"{_tau_ci(vl, 'block_efficiency')} | {overlap} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def _yerr(recs: Sequence[dict | None]) -> list[list[float]] | None:
     """matplotlib's asymmetric yerr, [[below], [above]], from the records' τ intervals (None without them)."""
     if not any(r and r.get("block_efficiency_ci_low") is not None for r in recs):
@@ -465,6 +488,9 @@ def write_report(out: str | Path, records: Sequence[dict], header: str = "", plo
     if speed:
         comparison += ("\n## Speed-up over the target alone, at each drafter's fastest γ (wall clock)\n\n"
                        + speed)
+    agreement = engine_agreement_table(records)
+    if agreement:
+        comparison += "\n## τ on both engines (the same prompts: they should agree)\n\n" + agreement
     body = (header + comparison + "\n## Every cell\n\n" + markdown_table(records)
             + "".join(f"\n![{p}]({p})\n" for p in pngs))
     write_text_atomic(out / "report.md", body)
