@@ -115,6 +115,15 @@ def test_terminal_mode_draws_bars_and_prints_other_lines(tmp_path, capsys, monke
     assert capsys.readouterr().out == "" and not console._S.bars and "3/3" in bars.getvalue()
 
 
+def test_flags_may_stand_between_overrides():
+    from draftalign.cli import parse
+
+    args = parse(["pretrain", "examples/tiny.yaml", "a=1", "-v", "b=2", "--plan", "c=3"])
+    assert args.verbose and args.plan and args.overrides == ["a=1", "b=2", "c=3"]  # in order: later wins
+    with pytest.raises(SystemExit):
+        parse(["pretrain", "examples/tiny.yaml", "-v", "not-an-override"])
+
+
 def test_verbose_flag_reaches_the_console(tmp_path, capsys):
     args = build_parser().parse_args(["run", "examples/tiny.yaml", "-v"])
     assert args.verbose and not build_parser().parse_args(["pretrain", "x.yaml", "a=1"]).verbose
