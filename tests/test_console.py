@@ -1,5 +1,6 @@
 """draftalign/util/console.py: the quiet terminal, its plain mode off a terminal, -v, the error line."""
 
+import contextlib
 import io
 import logging
 import sys
@@ -39,37 +40,37 @@ def test_plain_mode_passes_only_training_lines_and_logs_everything(tmp_path, cap
     assert "DeepSpeed chatter" in log and "Reporting training result 1" in log and STEP in log
 
 
-def test_library_logging_goes_to_the_log_file_not_the_terminal(tmp_path):
-    lg = logging.getLogger("vllm")
+@contextlib.contextmanager
+def _terminal_handler(name: str):
+    """A library's logger with a terminal handler of its own (a StringIO here), as vLLM and DeepSpeed set up."""
+    lg = logging.getLogger(name)
     stream = io.StringIO()
     own = logging.StreamHandler(stream)
     lg.addHandler(own)
     lg.setLevel(logging.INFO)
     try:
+        yield lg, stream
+    finally:
+        lg.removeHandler(own)
+
+
+def test_library_logging_goes_to_the_log_file_not_the_terminal(tmp_path):
+    with _terminal_handler("vllm") as (lg, stream):
         console.setup(tmp_path)
         lg.info("engine start-up chatter")
         lg.error("a real failure")
         assert "chatter" not in stream.getvalue() and "a real failure" in stream.getvalue()
         assert "engine start-up chatter" in (tmp_path / "logs" / console.LOG_NAME).read_text()
-    finally:
-        lg.removeHandler(own)
 
 
 def test_deepspeeds_own_handler_set_up_after_setup_stays_off_the_terminal(tmp_path):
     # DeepSpeed puts up a stdout handler of its own when imported, which may be after setup().
     console.setup(tmp_path)
-    lg = logging.getLogger("DeepSpeed")
-    stream = io.StringIO()
-    own = logging.StreamHandler(stream)
-    lg.addHandler(own)
-    lg.setLevel(logging.INFO)
-    try:
+    with _terminal_handler("DeepSpeed") as (lg, stream):
         lg.warning("Setting accelerator to CPU")
         lg.error("a real failure")
         assert "accelerator" not in stream.getvalue() and "a real failure" in stream.getvalue()
         assert "Setting accelerator to CPU" in (tmp_path / "logs" / console.LOG_NAME).read_text()
-    finally:
-        lg.removeHandler(own)
     console.reset()
     assert not lg.filters  # reset() undoes it: verbose or API use sees DeepSpeed as it is
 

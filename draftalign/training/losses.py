@@ -142,6 +142,17 @@ def _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab=None):
         raise ValueError(f"target {tuple(target_logprobs.shape)} != draft {tuple(draft_logits.shape)}")
     if draft_vocab is not None and len(draft_vocab) != draft_logits.shape[-1]:
         raise ValueError(f"draft_vocab has {len(draft_vocab)} ids but the draft gives {draft_logits.shape[-1]} logits")
+    log_q, target, mask = _draft_and_masked_target(draft_logits, target_logprobs, loss_mask)
+    # log_softmax is the identity on normalised log-probs; it repairs bf16 rounding (Σp ≠ 1).
+    log_p = F.log_softmax(target, dim=-1)
+    if draft_vocab is not None:
+        log_p = on_support(log_p, draft_vocab)
+    return log_q, log_p, mask
+
+
+def _draft_and_masked_target(draft_logits, target_logprobs, loss_mask):
+    """(log q, the target with padded rows zeroed, mask bool [B,T]) in the compute dtype: float32
+    at least (float64 if both inputs are)."""
     mask = loss_mask.bool()
     if mask.shape != draft_logits.shape[:-1]:
         raise ValueError(f"loss_mask {tuple(mask.shape)} != draft [B, T] {tuple(draft_logits.shape[:-1])}")
@@ -150,11 +161,7 @@ def _prepare(draft_logits, target_logprobs, loss_mask, draft_vocab=None):
     # Padded rows may carry garbage targets (all -inf, NaN); a NaN there would reach the
     # gradient through 0 * NaN even though the loss is masked, so make them uniform instead.
     target = torch.where(mask[..., None], target_logprobs.detach().to(dtype), 0.0)
-    # log_softmax is the identity on normalised log-probs; it repairs bf16 rounding (Σp ≠ 1).
-    log_p = F.log_softmax(target, dim=-1)
-    if draft_vocab is not None:
-        log_p = log_p.index_select(-1, torch.as_tensor(draft_vocab, device=log_p.device))
-    return log_q, log_p, mask
+    return log_q, target, mask
 
 
 def _prepare_on_support(draft_logits, support_logprobs, loss_mask, draft_vocab):
@@ -164,13 +171,8 @@ def _prepare_on_support(draft_logits, support_logprobs, loss_mask, draft_vocab):
     if support_logprobs.shape != draft_logits.shape or len(draft_vocab) != draft_logits.shape[-1]:
         raise ValueError(f"target on S {tuple(support_logprobs.shape)}, draft {tuple(draft_logits.shape)} "
                          f"and draft_vocab ({len(draft_vocab)} ids) must agree")
-    mask = loss_mask.bool()
-    if mask.shape != draft_logits.shape[:-1]:
-        raise ValueError(f"loss_mask {tuple(mask.shape)} != draft [B, T] {tuple(draft_logits.shape[:-1])}")
-    dtype = torch.promote_types(torch.promote_types(draft_logits.dtype, support_logprobs.dtype), torch.float32)
-    log_q = F.log_softmax(draft_logits.to(dtype), dim=-1)
-    # Padded rows: uniform on S, never NaN (see _prepare); wire rounding repaired as log_softmax does there.
-    target = torch.where(mask[..., None], support_logprobs.detach().to(dtype), 0.0)
+    log_q, target, mask = _draft_and_masked_target(draft_logits, support_logprobs, loss_mask)
+    # Wire rounding repaired as log_softmax does in _prepare (p on S is not normalised on S).
     return log_q, support_log_p(target), mask
 
 

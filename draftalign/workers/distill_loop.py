@@ -169,14 +169,15 @@ def distill_loop(cfg: DistillLoopConfig) -> None:
     torch.manual_seed(d.train.seed)
     model = start_model(cfg)
     # A reduced head's support: the pool sends the target's log-probs on it alone (V/V' less).
-    support = None if (ids := draft_vocab_ids(model)) is None else tuple(int(i) for i in ids)
+    draft_vocab = draft_vocab_ids(model)
+    support = None if draft_vocab is None else tuple(int(i) for i in draft_vocab)
     if d.target_pool.in_process:
         target = LocalTarget(cfg.target, d.target_pool, cfg.cache_dir, support)
     else:
         target = TargetPool(cfg.target, d.target_pool, cfg.death_marker, cfg.cache_dir, support)
     task = DistillTask(cfg, target, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("holdout"),
                        model.config.vocab_size)
-    task.draft_vocab = draft_vocab_ids(model)
+    task.draft_vocab = draft_vocab
     try:
         params = {"distill": d.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),
                   "target": cfg.target, "init_from": cfg.init_from}
