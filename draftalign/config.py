@@ -288,6 +288,9 @@ class LossConfig(Strict):
     name: str = "tvd++"  # one of LOSS_NAMES
     variant: Literal["vocab", "exact", "sampled"] = "vocab"  # tvd++ only (paper-spec 5.3)
     eta: float = Field(LK_ETA, gt=0)  # lk_hybrid only: λ = exp(−η α) weighs KL against TVD
+    # This loss's training seed (the shuffle and any sampling), over distill.train.seed; named in
+    # the drafter's label (`forward_kl-seed1`), so one run can train a loss under several seeds.
+    seed: int | None = None
 
     @field_validator("name")
     @classmethod
@@ -308,8 +311,10 @@ class LossConfig(Strict):
     def label(self) -> str:
         """The drafter's name in reports: the loss, plus the variant or η when not the default."""
         if self.variant != "vocab":
-            return f"{self.name}-{self.variant}"
-        return self.name if self.eta == LK_ETA else f"{self.name}-eta{self.eta:g}"
+            base = f"{self.name}-{self.variant}"
+        else:
+            base = self.name if self.eta == LK_ETA else f"{self.name}-eta{self.eta:g}"
+        return base if self.seed is None else f"{base}-seed{self.seed}"
 
     @property
     def folder(self) -> str:
@@ -528,6 +533,9 @@ class VllmEvalConfig(Strict):
     # draftalign's vLLM plugin installed (workers/vllm_plugin.py, vllm-project/vllm#55005).
     temperatures: list[float] | None = None
     drafters: list[str] | None = Field(None, min_length=1)  # this engine's subset by name; None: all
+    # Environment variables of each engine's actor, as generate.engine.env: on a small CPU host
+    # VLLM_CPU_NUM_OF_RESERVED_CPU=0 lets vLLM's worker use every core the actor has.
+    env: dict[str, str] = Field(default_factory=dict)
 
 
 def _default_eval_tasks() -> list[EvalTaskConfig]:

@@ -56,3 +56,35 @@ def test_eta_belongs_to_lk_hybrid_and_names_its_folder_when_not_the_default():
         ("lk_hybrid", "lk_hybrid"), ("lk_hybrid-eta1.5", "lk_hybrid-eta1.5"), ("lk", "lk")]
     with pytest.raises(ConfigError, match="eta=1.5 applies to lk_hybrid only, not to tvd"):
         load_config(TINY, ["distill.losses=[{name: tvd, eta: 1.5}]"])
+
+
+def test_a_loss_seed_names_its_drafter_and_folder():
+    cfg = load_config(TINY, ["distill.losses=[{name: tvd++}, {name: tvd++, seed: 1}, "
+                             "{name: tvd++, variant: exact, seed: 2}]"])
+    assert [(loss.label, loss.folder) for loss in cfg.distill.losses] == [
+        ("tvd++", "tvdpp"), ("tvd++-seed1", "tvdpp-seed1"), ("tvd++-exact-seed2", "tvdpp-exact-seed2")]
+    with pytest.raises(ConfigError, match="lists a loss twice"):
+        load_config(TINY, ["distill.losses=[{name: tvd, seed: 1}, {name: tvd, seed: 1}]"])
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_a_loss_seed_reaches_the_trainer_and_the_fingerprint(monkeypatch, tmp_path, seed):
+    # The sensitivity runs train one loss under several seeds: each must shuffle and train with its
+    # own, and must not reuse another seed's drafter.
+    from types import SimpleNamespace
+
+    import draftalign.cluster.session as session
+    import draftalign.pipelines.distill as distill
+
+    cfg = load_config(TINY, [f"run.output={tmp_path}", "distill.train.seed=7"])
+    loss = cfg.distill.losses[0].model_copy(update={"seed": seed})
+    seen = {}
+    monkeypatch.setattr(session, "init_ray", lambda ray_cfg: None)
+    monkeypatch.setattr(distill, "_split", lambda inputs, d, pad_id: (seen.setdefault("split", d.train.seed), None))
+    monkeypatch.setattr(distill, "fit", lambda loop, loop_config, train, *rest: loop_config)
+    inputs = SimpleNamespace(target="t", init_from="d", draft_vocab=None, pad_id=0, identity=("a", "b"),
+                             files=[], on_policy_files=())
+    loop_config = distill._fit(cfg, loss, inputs, tmp_path)
+    assert seen["split"] == loop_config.distill.train.seed == (7 if seed is None else seed)
+    unseeded = cfg.distill.losses[0]
+    assert (distill._fingerprint(cfg, loss, inputs) == distill._fingerprint(cfg, unseeded, inputs)) == (seed is None)

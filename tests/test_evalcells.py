@@ -1,5 +1,6 @@
 """Evaluation cells written as they finish: a crash loses one cell, a rerun computes the rest."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from draftalign.evaluation.cells import CellStore
 from draftalign.workers.evaluate_reference import ReferenceSweep, reference_rows
 
+TINY = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
 SWEEP = ReferenceSweep(gammas=(1, 3), temperatures=(0.0, 1.0), top_p=1.0, max_new_tokens=3, eos=2, seed=0,
                        measure_ar=True, warmup_tokens=0, target_model="t")
 PROMPTS = {"open_ended": [{"id": "a", "kind": "open_ended", "token_ids": [1, 5]},
@@ -88,3 +90,47 @@ def test_a_drafters_identity_follows_its_weights_and_name(tmp_path):
     assert _with_identities([{**d, "name": "fkl"}])[0]["identity"] != before["identity"]
     (tmp_path / "model.safetensors").write_bytes(b"two")
     assert _with_identities([d])[0]["identity"] != before["identity"]
+
+
+class FakeVllm:
+    """VllmEngine's interface with canned results; counts the engines started and their calls."""
+
+    started: list = []
+
+    def __init__(self, draft, gamma) -> None:
+        self.draft, self.gamma = draft, gamma
+        FakeVllm.started.append((draft, gamma))
+
+    def generate(self, prompts, temperature, top_p, max_tokens, seed, warmup_tokens, batch_size):
+        acc = 1 if self.draft else 0
+        return [{"id": p["id"], "tokens": [7, 8, 9], "seconds": 0.5, "num_drafts": 2,
+                 "num_draft_tokens": 2 * self.gamma, "num_accepted": acc, "accepted_per_pos": [acc] + [0] * (self.gamma - 1)}
+                if self.draft else {"id": p["id"], "tokens": [7, 8, 9], "seconds": 1.0} for p in prompts]
+
+    def close(self) -> None:
+        pass
+
+
+def _vllm_sweep(tmp_path, store: str, drafters: list[dict], fingerprint: str = "fp"):
+    from draftalign.config import load_config
+    from draftalign.pipelines.evaluate import VllmSweep
+
+    ev = load_config(TINY, ["evaluate.engines=[vllm]", "evaluate.gammas=[1, 3]"]).evaluate
+    FakeVllm.started = []
+    sweep = VllmSweep(ev, "t", PROMPTS, CellStore(tmp_path / store, fingerprint), FakeVllm, lambda m: None)
+    sweep.baselines()
+    return [r for d in drafters for g in ev.gammas for r in sweep.drafter_rows(d, g)]
+
+
+def test_vllm_cells_are_kept_so_a_drafter_added_later_starts_only_its_own_engines(tmp_path):
+    first = [{**DRAFTERS[0], "identity": "p1"}]
+    _vllm_sweep(tmp_path, "run", first)
+    assert FakeVllm.started == [(None, 0), ("p", 1), ("p", 3)]  # the target alone, then one engine per γ
+    both = [*first, {**DRAFTERS[1], "identity": "q1"}]
+    rows = _vllm_sweep(tmp_path, "run", both)
+    assert FakeVllm.started == [("q", 1), ("q", 3)]  # pretrained's cells and the baselines were kept
+    fresh = _vllm_sweep(tmp_path, "fresh", both)
+    assert rows == fresh and len(rows) == 2 * 2 * 2 * 2  # drafters x γ x T x prompts
+    assert {r.ar_seconds for r in rows} == {1.0} and {r.matches_autoregressive for r in rows} == {True, None}
+    _vllm_sweep(tmp_path, "run", both, fingerprint="another config")
+    assert len(FakeVllm.started) == 5  # nothing of another config's cells is read

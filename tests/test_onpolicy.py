@@ -224,7 +224,7 @@ def test_distill_mixes_a_drafter_set_and_fingerprints_it(distill_until_ray, tmp_
         "train": {"inject_failure_at_step", "max_failures"}, "target_pool": {"inject_actor_death_at_request", "cache",
                                                                             "cache_dir"}})
     assert _fingerprint(cfg, loss, off) == fingerprint(
-        before, loss.model_dump(mode="json", exclude={"eta"}), [(f.name, f.stat().st_size) for f in off.files],
+        before, loss.model_dump(mode="json", exclude={"eta", "seed"}), [(f.name, f.stat().st_size) for f in off.files],
         *off.identity)
     assert "on_policy" not in before and "cache_dir" not in before["target_pool"]
 
@@ -296,3 +296,17 @@ def test_the_example_config_extends_the_demo_with_two_half_and_half_rounds():
     assert (op.fraction, op.rounds, [s.name for s in op.sampling]) == (0.5, 2, ["greedy"])
     assert cfg.run.output == demo.run.output and cfg.generate == demo.generate  # reuses the demo's set
     assert cfg.distill.losses == demo.distill.losses and cfg.evaluate.output != demo.evaluate.output
+
+
+def test_the_comparisons_runs_share_one_evaluation_and_the_on_policy_example():
+    # make compare's three runs add their drafters to one report: any difference in their evaluate
+    # settings would change the cells' fingerprint and drop the cells of the runs before.
+    compare, mixture, onpolicy = (load_config(ROOT / "examples" / f"smollm2-compare{s}.yaml")
+                                  for s in ("", "-mixture", "-onpolicy"))
+    assert compare.evaluate == mixture.evaluate == onpolicy.evaluate
+    example = load_config(ROOT / "examples" / "smollm2-onpolicy.yaml").distill
+    for cfg, fraction in ((mixture, 0.5), (onpolicy, 1.0)):
+        d = cfg.distill
+        assert (d.losses, d.train, d.on_policy.rounds, d.on_policy.sampling) == (
+            example.losses, example.train, example.on_policy.rounds, example.on_policy.sampling)
+        assert d.on_policy.fraction == fraction and cfg.run.output == compare.run.output

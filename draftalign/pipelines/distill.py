@@ -271,7 +271,9 @@ def _fingerprint(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> str:
                              "train": {"inject_failure_at_step", "max_failures"},
                              "target_pool": {"inject_actor_death_at_request", "cache", "cache_dir"}}
     # eta only where it means something: the other losses keep the fingerprints they had before it.
-    loss_fields = loss.model_dump(mode="json", exclude=None if loss.name == "lk_hybrid" else {"eta"})
+    # seed likewise only when set (distill.train.seed, in the config above, is its default).
+    loss_fields = loss.model_dump(mode="json", exclude=({"seed"} if loss.seed is None else set())
+                                  | (set() if loss.name == "lk_hybrid" else {"eta"}))
     # Likewise on_policy: off, it is left out, so drafters distilled before it existed are reused.
     on_policy: list[Any] = []
     if cfg.distill.on_policy.active:
@@ -323,6 +325,8 @@ def _fit(cfg: Config, loss: LossConfig, inputs: DistillInputs, job_dir: Path):
     from draftalign.workers.distill_loop import DistillLoopConfig, distill_loop
 
     d = cfg.distill
+    if loss.seed is not None:  # the loss's own seed shuffles its rows and seeds its trainer
+        d = d.model_copy(update={"train": d.train.model_copy(update={"seed": loss.seed})})
     init_ray(cfg.ray)
     train_ds, holdout_ds = _split(inputs, d, inputs.pad_id)
     folder = d.drafter_label(loss).replace("+", "p")  # the round too: each round is its own job

@@ -19,8 +19,8 @@ from typing import Any, TypedDict
 
 from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import vllm_eval_engine
-from draftalign.config import Config, ConfigError
-from draftalign.evaluation.cells import CellStore
+from draftalign.config import Config, ConfigError, EvaluateConfig
+from draftalign.evaluation.cells import Baseline, CellStore
 from draftalign.evaluation.metrics import acceptance_rate, block_efficiency
 from draftalign.evaluation.report import (
     SummaryRecord,
@@ -177,64 +177,135 @@ def _prompts(cfg: Config, tok: Any, context: int, log) -> dict[str, list[dict]]:
     return out
 
 
-def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str, list[dict]],
-               log) -> list[EvalRow]:
-    import ray
+class _RayVllmEngine:
+    """A VllmEngine in a Ray actor, called like the engine itself; `close` stops and kills it."""
 
-    from draftalign.cluster.session import init_ray
-    from draftalign.workers.evaluate_reference import progress_line
-    from draftalign.workers.evaluate_vllm import VllmEngine
+    def __init__(self, cfg: Config, target: str, draft: str | None, gamma: int) -> None:
+        import ray
 
-    ev, v = cfg.evaluate, cfg.evaluate.vllm
-    init_ray(cfg.ray)
-    per = vllm_eval_engine(v)
-    actor_cls = ray.remote(num_cpus=per["CPU"], **({"num_gpus": per["GPU"]} if "GPU" in per else {}))(VllmEngine)
-    target_model, target = target, absolute_model_path(target)
+        from draftalign.cluster.session import init_ray
+        from draftalign.workers.evaluate_vllm import VllmEngine
 
-    def sweep(draft: str | None, gamma: int, what: str) -> dict[tuple, dict]:
-        actor = actor_cls.remote(target, draft, gamma, v)
+        v = cfg.evaluate.vllm
+        init_ray(cfg.ray)
+        per = vllm_eval_engine(v)
+        options = {"num_cpus": per["CPU"], **({"num_gpus": per["GPU"]} if "GPU" in per else {}),
+                   **({"runtime_env": {"env_vars": dict(v.env)}} if v.env else {})}
+        self.actor = ray.remote(**options)(VllmEngine).remote(target, draft, gamma, v)
+
+    def generate(self, *args) -> list[dict]:
+        import ray
+
+        return ray.get(self.actor.generate.remote(*args))
+
+    def close(self) -> None:
+        import ray
+
+        try:  # let vLLM stop its engine-core process before the actor goes
+            ray.get(self.actor.close.remote(), timeout=60)
+        except Exception:
+            pass
+        ray.kill(self.actor)
+
+
+class VllmSweep:
+    """The `vllm` engine's cells: one engine per (drafter, γ), started only when one of its cells
+    is not in the cell store yet, so a comparison that gains drafters runs only theirs; the target
+    alone first, once per (task, T), when the speed-up is measured.
+
+    start(draft folder or None, γ) -> an engine with VllmEngine's generate and close."""
+
+    def __init__(self, ev: EvaluateConfig, target_model: str, prompts: dict[str, list[dict]], cells: CellStore,
+                 start, log) -> None:
+        self.ev, self.target_model, self.prompts, self.cells, self.start, self.log = \
+            ev, target_model, prompts, cells, start, log
+        self.ar: dict[tuple, Baseline] = {}
+
+    def cells_of(self) -> list[tuple[str, float]]:
+        return [(task, temp) for task in self.prompts for temp in self.ev.engine_temperatures("vllm")]
+
+    def baselines(self) -> None:
+        """The target alone on every prompt of every (task, T), read back when written earlier."""
+        missing = []
+        for task, temp in self.cells_of():
+            if self.cells.baseline("vllm-autoregressive", task, temp) is None:
+                missing.append((task, temp))
+            else:
+                self.log(f"[evaluate] vllm autoregressive / {task} T={temp:g}: written earlier")
+        if missing:
+            self._with_engine(None, 0, "the target", lambda engine: [self._baseline(engine, *c) for c in missing])
+        for task, temp in self.cells_of():
+            base = self.cells.baseline("vllm-autoregressive", task, temp)
+            self.ar.update({(task, temp, pid): (list(tokens), secs) for pid, (tokens, secs) in base.items()})
+
+    def _baseline(self, engine, task: str, temp: float) -> None:
+        t0 = time.time()
+        got = self._generate(engine, task, temp)
+        self.cells.put_baseline({g["id"]: (g["tokens"], g["seconds"]) for g in got}, "vllm-autoregressive", task, temp)
+        n, s = sum(len(g["tokens"]) for g in got), sum(g["seconds"] for g in got)
+        self.log(f"[evaluate] vllm autoregressive / {task} T={temp:g}: {n / s:.1f} tokens/s "
+                 f"({len(got)} prompts, {time.time() - t0:.1f} s)")
+
+    def drafter_rows(self, d: dict, gamma: int) -> list[EvalRow]:
+        """Every (task, T) cell of drafter `d` ({"name", "path", "identity"?}) at γ: from the store,
+        or from one engine for the missing ones."""
+        from draftalign.workers.evaluate_reference import progress_line
+
+        keys = {cell: ("vllm", d["name"], d.get("identity", ""), cell[0], gamma, cell[1]) for cell in self.cells_of()}
+        done = {cell: self.cells.rows(*key) for cell, key in keys.items()}
+        missing = [cell for cell, rows in done.items() if rows is None]
+        for (task, temp), rows in done.items():
+            if rows is not None:
+                self.log(progress_line("vllm", d["name"], task, gamma, temp, rows, 0.0) + " (written earlier)")
+        if not missing:
+            return [r for cell in self.cells_of() for r in done[cell]]
+        self.log(f"[evaluate] vllm: starting an engine for {d['name']} γ={gamma}")
+        draft = absolute_model_path(d["path"])
+
+        def run(engine) -> None:
+            for task, temp in missing:
+                t0 = time.time()
+                rows = _rows_from_vllm(d["name"], draft, task, self.prompts[task], gamma, temp,
+                                       self._generate(engine, task, temp), self.ar, self.ev.top_p, self.target_model)
+                self.cells.put_rows(rows, *keys[(task, temp)])
+                done[(task, temp)] = rows
+                self.log(progress_line("vllm", d["name"], task, gamma, temp, rows, time.time() - t0))
+
+        self._with_engine(draft, gamma, f"drafter {d['name']!r} ({draft}) as vLLM draft_model", run)
+        return [r for cell in self.cells_of() for r in done[cell]]
+
+    def _generate(self, engine, task: str, temp: float) -> list[dict]:
+        ev = self.ev
+        return engine.generate([{"id": p["id"], "token_ids": p["token_ids"]} for p in self.prompts[task]], temp,
+                               ev.top_p, ev.max_new_tokens, ev.seed, ev.vllm.warmup_tokens, ev.vllm.batch_size)
+
+    def _with_engine(self, draft: str | None, gamma: int, role: str, work) -> None:
+        import ray
+
+        engine = self.start(draft, gamma)
         try:
-            res = {}
-            for task, rows in prompts.items():
-                for temp in ev.engine_temperatures("vllm"):
-                    t0 = time.time()
-                    got = ray.get(actor.generate.remote(
-                        [{"id": p["id"], "token_ids": p["token_ids"]} for p in rows], temp, ev.top_p,
-                        ev.max_new_tokens, ev.seed, v.warmup_tokens, v.batch_size))
-                    res.update({(task, temp, g["id"]): g for g in got})
-                    if draft is None:
-                        n, s = sum(len(g["tokens"]) for g in got), sum(g["seconds"] for g in got)
-                        log(f"[evaluate] vllm autoregressive / {task} T={temp:g}: {n / s:.1f} tokens/s "
-                            f"({len(rows)} prompts, {time.time() - t0:.1f} s)")
-                    else:
-                        vllm_rows.extend(_rows_from_vllm(what, draft, task, rows, gamma, temp, got, ar, ev.top_p,
-                                                         target_model))
-                        log(progress_line("vllm", what, task, gamma, temp, vllm_rows[-len(rows):], time.time() - t0))
-            return res
+            work(engine)
         except ray.exceptions.RayError as exc:
-            role = f"drafter {what!r} ({draft}) as vLLM draft_model" if draft else "the target"
-            raise RuntimeError(f"vLLM could not serve {role} for target {target!r}: {exc}") from exc
+            raise RuntimeError(f"vLLM could not serve {role} for target {self.target_model!r}: {exc}") from exc
         finally:
-            try:  # let vLLM stop its engine-core process before the actor goes
-                ray.get(actor.close.remote(), timeout=60)
-            except Exception:
-                pass
-            ray.kill(actor)
+            engine.close()
 
-    vllm_rows: list[EvalRow] = []
-    ar: dict[tuple, dict] = sweep(None, 0, "target") if v.measure_autoregressive else {}
-    for d in drafters:
-        for gamma in ev.gammas:
-            log(f"[evaluate] vllm: starting an engine for {d['name']} γ={gamma}")
-            sweep(absolute_model_path(d["path"]), gamma, d["name"])
-    return vllm_rows
+
+def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str, list[dict]], cells: CellStore,
+               log) -> list[EvalRow]:
+    path = absolute_model_path(target)
+    sweep = VllmSweep(cfg.evaluate, target, prompts, cells,
+                      lambda draft, gamma: _RayVllmEngine(cfg, path, draft, gamma), log)
+    if cfg.evaluate.vllm.measure_autoregressive:
+        sweep.baselines()
+    return [r for d in drafters for gamma in cfg.evaluate.gammas for r in sweep.drafter_rows(d, gamma)]
 
 
 def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: int, temp: float, got: list[dict],
-                    ar: dict[tuple, dict], top_p: float, target_model: str) -> list[EvalRow]:
+                    ar: dict[tuple, Baseline], top_p: float, target_model: str) -> list[EvalRow]:
     out = []
     for p, g in zip(rows, got, strict=True):
-        base = ar.get((task, temp, p["id"]))
+        base_tokens, base_seconds = ar.get((task, temp, p["id"]), (None, None))
         out.append(EvalRow(
             drafter=name, drafter_path=draft, task=task, task_kind=p["kind"], prompt_id=p["id"],
             engine="vllm", gamma=gamma, temperature=float(temp), top_p=float(top_p),
@@ -243,9 +314,9 @@ def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: i
             num_accepted=g["num_accepted"], accepted_per_pos=g["accepted_per_pos"],
             block_efficiency=block_efficiency(g["num_accepted"], g["num_drafts"], gamma),
             acceptance_rate=acceptance_rate(g["num_accepted"], g["num_draft_tokens"]),
-            spec_seconds=g["seconds"], ar_seconds=base["seconds"] if base else None,
-            ar_generated_tokens=len(base["tokens"]) if base else None,
-            matches_autoregressive=(g["tokens"] == base["tokens"]) if base and temp == 0 else None,
+            spec_seconds=g["seconds"], ar_seconds=base_seconds,
+            ar_generated_tokens=len(base_tokens) if base_tokens is not None else None,
+            matches_autoregressive=(g["tokens"] == base_tokens) if base_tokens is not None and temp == 0 else None,
             generated_token_ids=g["tokens"], target_model=target_model,
         ))
     return out
@@ -290,7 +361,7 @@ def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, in
              f"Command: `{shlex.join(['draftalign', *redact_argv(sys.argv[1:])])}`", "",
              f"Target: `{target}` ({target_params / 1e6:.1f}M weights read per step). "
              f"Tasks: {', '.join(t.name for t in ev.tasks)}. γ: {ev.gammas}; temperatures: {ev.temperatures}; "
-             f"top-p {ev.top_p}; at most {ev.max_new_tokens} new tokens per prompt, batch 1.", ""]
+             f"top-p {ev.top_p}; at most {ev.max_new_tokens} new tokens per prompt, {_batch_note(ev)}.", ""]
     for d in drafters:
         c = params[d["name"]] / target_params
         lines.append(f"- drafter `{d['name']}`: `{d['path']}` ({params[d['name']] / 1e6:.1f}M weights read per step, "
@@ -302,6 +373,15 @@ def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, in
     if _vllm_sampled(ev):
         lines += [VLLM_SAMPLED_NOTE, ""]
     return "\n".join(lines)
+
+
+def _batch_note(ev) -> str:
+    """The batch each engine decodes at: vLLM's prompts go evaluate.vllm.batch_size at a time
+    (τ and acceptance are per prompt either way; tokens/s is then a batch's)."""
+    if "vllm" not in ev.engines or ev.vllm.batch_size == 1:
+        return "batch 1"
+    ref = "the reference engine at batch 1, " if "reference" in ev.engines else ""
+    return f"{ref}vLLM {ev.vllm.batch_size} prompts at a time (its tokens/s is a batch's)"
 
 
 def _vllm_sampled(ev) -> bool:
@@ -393,16 +473,16 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
         target_params = step_weights_of(target, cfg.models.trust_remote_code)
         params = {d["name"]: step_weights_of(d["path"], cfg.models.trust_remote_code) for d in drafters}
     rows: list[EvalRow] = []
+    cells = CellStore(out, _cells_fingerprint(cfg, target, prompts))  # both engines' finished cells
     if "reference" in ev.engines:
         sweep = ReferenceSweep(gammas=tuple(ev.gammas), temperatures=tuple(ev.engine_temperatures("reference")),
                                top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, eos=tok.eos_token_id, seed=ev.seed,
                                measure_ar=ev.reference.measure_autoregressive,
                                warmup_tokens=ev.reference.warmup_tokens, target_model=target)
-        cells = CellStore(out, _cells_fingerprint(cfg, target, prompts))
         rows += reference_rows(ref_engine, _with_identities(drafters_of["reference"]), prompts, sweep, log, cells)
     del ref_engine
     if "vllm" in ev.engines:
-        rows += _vllm_rows(cfg, target, drafters_of["vllm"], prompts, log)
+        rows += _vllm_rows(cfg, target, _with_identities(drafters_of["vllm"]), prompts, cells, log)
     write_parquet_atomic(eval_table(rows), out / "rows.parquet")
     records = summarize_rows(rows, params, target_params)
     for r in records:
