@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from transformers import LlamaConfig
 
@@ -72,3 +74,24 @@ def test_packing_drops_only_the_incomplete_tail():
     assert pack_documents([[3]], seq_len=4, bos_id=None, eos_id=None).shape == (0, 4)
     with pytest.raises(ValueError):
         pack_documents([[3]], seq_len=1, bos_id=None, eos_id=None)
+
+
+def test_a_drafters_fingerprint_does_not_depend_on_the_folder_its_target_was_read_from(monkeypatch):
+    # A target imported into a clone's .cache/ names that folder in the config it was read from;
+    # a run folder copied to another clone must still be reused, not refused as another config.
+    from transformers import LlamaConfig
+
+    import draftalign.pipelines.pretrain as pretrain
+    from draftalign.config import load_config
+
+    monkeypatch.setattr(pretrain, "vocab_fingerprint", lambda tok: "vocab")
+    cfg = load_config(Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml")
+    name, job = pretrain.selected_jobs(cfg)[0]
+    prints = []
+    for folder in ("/tmp/one/.cache/target", "/tmp/two/.cache/target"):
+        mc = LlamaConfig(hidden_size=64, num_hidden_layers=2)
+        mc._name_or_path = folder
+        prints.append(pretrain._job_fingerprint(cfg, job, mc, None))
+    assert prints[0] == prints[1]
+    other = LlamaConfig(hidden_size=64, num_hidden_layers=3)
+    assert pretrain._job_fingerprint(cfg, job, other, None) != prints[0]

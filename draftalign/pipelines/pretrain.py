@@ -188,8 +188,11 @@ def _read_files(paths: list[Path], corpus: CorpusConfig, bytes_to_text):
 
 
 def _job_fingerprint(cfg: Config, job: PretrainJob, model_config: Any, tok) -> str:
-    return fingerprint(job.model_dump(mode="json"), cfg.pretrain.corpus.model_dump(mode="json"),
-                       model_config.to_dict(), vocab_fingerprint(tok))
+    # Without the folder the config was read from (`_name_or_path`: a target imported into this
+    # clone's .cache/): a run folder moved to another clone or machine is still reused.
+    arch = {k: v for k, v in model_config.to_dict().items() if k != "_name_or_path"}
+    return fingerprint(job.model_dump(mode="json"), cfg.pretrain.corpus.model_dump(mode="json"), arch,
+                       vocab_fingerprint(tok))
 
 
 @locked_output("pretrain", lambda cfg: cfg.pretrain.output)
