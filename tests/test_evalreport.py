@@ -107,6 +107,13 @@ def test_the_comparison_table_has_a_column_per_drafter_and_marks_the_best(tmp_pa
     assert comparison_table([r for r in records if r["drafter"] == "tvd"]) == ""  # one drafter: no comparison
     files = write_report(tmp_path, records, "# header\n")
     assert "comparison.png" in files and best_row in (tmp_path / "report.md").read_text()
+    # Many drafters: a row per drafter, a column per task × T, the verdicts in the last row.
+    more = [*records, *(rec(f"lk{i}", task, 1.0, 4 + i) for i in range(4) for task in ("open_ended", "translate"))]
+    lines = comparison_table(more).splitlines()
+    assert lines[0] == "| drafter | open_ended T=0 | translate T=0 |"
+    assert lines[4] == "| tvd++ | **2.50 [2.40, 2.60]** | = 1.40 [1.30, 1.50] |"
+    assert lines[9] == ("| verdict | best: Δ(tvd++ − tvd) = +0.25 [+0.10, +0.40] "
+                        "| tied: Δ(pretrained − tvd++) = +0.00 [-0.15, +0.15] |")
 
 
 def test_the_speedup_table_shows_each_drafters_fastest_gamma(tmp_path):

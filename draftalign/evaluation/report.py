@@ -283,7 +283,7 @@ def _ci_note(records: Sequence[dict]) -> str:
 
 def comparison_table(records: Sequence[dict], metric: str = "block_efficiency") -> str:
     """The paper's layout: a row per task × engine × γ × T, a column per drafter ("τ [low, high]"), and
-    the verdict. The leader is in bold only when "best" (summarize_rows: its paired interval against
+    the verdict; with more drafters than such rows, transposed (a row per drafter). The leader is in bold only when "best" (summarize_rows: its paired interval against
     the runner-up excludes 0); tied leaders are marked "="; records without a verdict mark nothing.
     Empty when there is one drafter: nothing to compare."""
     drafters = list(dict.fromkeys(r["drafter"] for r in records))
@@ -292,15 +292,37 @@ def comparison_table(records: Sequence[dict], metric: str = "block_efficiency") 
     cells: dict[tuple, dict[str, dict]] = {}
     for r in records:
         cells.setdefault(tuple(r[k] for k in _GROUP), {})[r["drafter"]] = r
+    if len(drafters) > max(len(cells), WIDE):  # many drafters read down, a drafter per row
+        return _drafter_rows(drafters, cells, metric) + _ci_note(records)
     lines = [f"| task | engine | γ | T | {' | '.join(drafters)} | verdict |",
              "|---|---|---:|---:|" + "---:|" * len(drafters) + "---|"]
     for (task, engine, gamma, temp), row in cells.items():
-        shown = []
-        for d in drafters:
-            text, verdict = _tau_ci(row.get(d), metric), (row.get(d) or {}).get("verdict")
-            shown.append(f"**{text}**" if verdict == "best" else f"= {text}" if verdict == "tied" else text)
+        shown = [_marked(row.get(d), metric) for d in drafters]
         lines.append(f"| {task} | {engine} | {gamma} | {temp:g} | {' | '.join(shown)} | {_verdict_cell(row)} |")
     return "\n".join(lines) + "\n" + _ci_note(records)
+
+
+WIDE = 6  # drafters a comparison_table shows as columns at most, unless it has as many rows
+
+
+def _marked(r: dict | None, metric: str) -> str:
+    """A comparison cell: "τ [low, high]", in bold when best, after "=" when tied."""
+    text, verdict = _tau_ci(r, metric), (r or {}).get("verdict")
+    return f"**{text}**" if verdict == "best" else f"= {text}" if verdict == "tied" else text
+
+
+def _drafter_rows(drafters: list[str], cells: dict[tuple, dict[str, dict]], metric: str) -> str:
+    """comparison_table transposed: a row per drafter, a column per task × engine × γ × T (engine and
+    γ named only where they vary), and a last row with each column's verdict."""
+    keys = list(cells)
+    varies = [len({k[i] for k in keys}) > 1 for i in range(len(_GROUP))]
+    names = [" ".join([task] + [f"{engine}"] * varies[1] + [f"γ={gamma}"] * varies[2] + [f"T={temp:g}"])
+             for task, engine, gamma, temp in keys]
+    lines = [f"| drafter | {' | '.join(names)} |", "|---|" + "---:|" * len(keys)]
+    for d in drafters:
+        lines.append(f"| {d} | {' | '.join(_marked(cells[k].get(d), metric) for k in keys)} |")
+    lines.append(f"| verdict | {' | '.join(_verdict_cell(cells[k]) for k in keys)} |")
+    return "\n".join(lines) + "\n"
 
 
 def fastest_gammas(records: Sequence[dict]) -> dict[tuple, dict]:
