@@ -237,3 +237,30 @@ def test_a_tracked_run_logs_every_log_step_and_draws_its_curves(tmp_path, backen
     history = json.loads((tmp_path / "export" / HISTORY_FILE).read_text())["points"]
     assert [p["step"] for p in history] == [0, 1, 2] and "loss" not in history[0]
     assert (tmp_path / "export" / CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("free_mib,named", [(10, True), (50_000, False)])
+def test_a_checkpoint_that_fails_on_a_nearly_full_disk_says_so(monkeypatch, free_mib, named):
+    # torch reports a full disk as "unexpected pos ..."; the run must name the disk and what to do.
+    import shutil
+    from collections import namedtuple
+
+    from draftalign.workers.pretrain_loop import PretrainTask
+    from draftalign.workers.trainer import Trainer
+
+    job = PretrainJob(arch={"preset": None}, train=_train(), optim=OptimConfig(lr=1e-2, warmup_steps=0))
+    rows = _rows(8, 0)
+    task = PretrainTask(FakeShard({"input_ids": rows["input_ids"]}), FakeShard({"input_ids": rows["input_ids"]}), job)
+    trainer = Trainer("pulse disk", job.train, job.optim, _llama(0, 32), task, FakeSession())
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 141574592 vs 141574480")
+
+    monkeypatch.setattr(trainer.engine, "save_checkpoint", full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, free_mib << 20))
+    with pytest.raises((OSError, RuntimeError)) as err:
+        trainer.save({"step": 1})
+    text = str(err.value)
+    assert ("the disk is nearly full" in text and f"{free_mib} MiB free" in text) == named
+    assert "unexpected pos" in text

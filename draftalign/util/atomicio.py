@@ -11,7 +11,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["write_text_atomic", "write_json_atomic", "write_parquet_atomic"]
+__all__ = ["write_text_atomic", "write_json_atomic", "write_parquet_atomic", "LOW_DISK_BYTES", "explain_write_error"]
+
+# Below this much free space a failed write is put down to the disk: a checkpoint of the demo's
+# drafter is about 200 MB, and torch's own error for a full disk reads "unexpected pos ...".
+LOW_DISK_BYTES = 1 << 30
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -56,3 +60,20 @@ def write_parquet_atomic(table: pa.Table, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def explain_write_error(exc: BaseException, what: str, folder: str | Path) -> BaseException:
+    """`exc`, raised while writing `what` under `folder`, as an error that names a full disk when
+    the disk is nearly full (torch and DeepSpeed report one as "iostream error" or "unexpected
+    pos"); otherwise `exc` itself."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return exc
+    if free >= LOW_DISK_BYTES:
+        return exc
+    return OSError(f"could not write {what} under {folder}: the disk is nearly full ({free / 2**20:.0f} MiB free); "
+                   f"free some space (old run folders, checkpoints under RUN/*/ray/) and rerun: the run resumes "
+                   f"from its last checkpoint ({type(exc).__name__}: {exc})")

@@ -27,6 +27,7 @@ from draftalign.models.draftvocab import draft_vocab_ids, export_state_dict, wri
 from draftalign.training.plots import curve_point, write_curves
 from draftalign.training.tracking import TrackingRun, open_tracker
 from draftalign.training.trainreport import Metrics, Scalar, TrainReport
+from draftalign.util.atomicio import explain_write_error
 
 # Ray Train v2 hands each report to its controller, which polls every couple of seconds; a
 # report made sooner than that blocks the step. Progress is printed at every log step anyway.
@@ -310,6 +311,15 @@ class Trainer:
         self.last_report = time.perf_counter()
 
     def save(self, metrics: Metrics, export: bool = False) -> None:
+        try:
+            self._save(metrics, export)
+        except (OSError, RuntimeError) as exc:
+            err = explain_write_error(exc, f"the checkpoint of step {self.state.step}", tempfile.gettempdir())
+            if err is exc:
+                raise
+            raise err from exc
+
+    def _save(self, metrics: Metrics, export: bool) -> None:
         with tempfile.TemporaryDirectory() as d:
             if export:
                 self.export(Path(d) / "hf")
