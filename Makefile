@@ -57,6 +57,7 @@ compare: install
 	$(BIN)/draftalign run examples/smollm2-compare-mixture.yaml
 	$(BIN)/draftalign run examples/smollm2-compare-onpolicy.yaml
 
+# The training-seed sensitivity of the comparison's two best losses and TVD++ (after `make compare`).
 compare-seeds: install
 	$(BIN)/draftalign run examples/smollm2-compare-seeds.yaml
 
