@@ -387,8 +387,9 @@ def _yerr(recs: Sequence[dict | None]) -> list[list[float]] | None:
 
 
 def _comparison_plot(out: Path, records: Sequence[dict], plt) -> list[str]:
-    """τ per drafter, grouped by task, at each temperature, for the γ the paper reports (3, else
-    the middle one), with the 95% bootstrap interval as error bars: the comparison table at a glance."""
+    """τ per drafter, grouped by task, a panel per temperature (stacked), for the γ the paper
+    reports (3, else the middle one), with the 95% bootstrap interval as error bars: the comparison
+    table at a glance. The y axis spans the intervals, not 1..γ+1: drafters differ by tenths."""
     drafters = list(dict.fromkeys(r["drafter"] for r in records))
     if len(drafters) < 2:
         return []
@@ -396,20 +397,23 @@ def _comparison_plot(out: Path, records: Sequence[dict], plt) -> list[str]:
     gamma = 3 if 3 in gammas else gammas[len(gammas) // 2]
     temps = sorted({r["temperature"] for r in records})
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    fig, axes = plt.subplots(1, len(temps), figsize=(1.2 + 0.9 * len(tasks) * len(drafters) / 2.5 * len(temps), 3.8),
-                             squeeze=False, sharey=True)
+    shown = [r for r in records if r["gamma"] == gamma]
+    top = max(r.get("block_efficiency_ci_high") or r["block_efficiency"] for r in shown)
+    colors = plt.get_cmap("tab20" if len(drafters) > 10 else "tab10").colors  # one color per drafter
+    fig, axes = plt.subplots(len(temps), 1, figsize=(2.5 + len(tasks) * max(2.0, 0.3 * len(drafters)),
+                                                     0.8 + 2.6 * len(temps)), squeeze=False, sharex=True)
     width = 0.8 / len(drafters)
-    for ax, temp in zip(axes[0], temps, strict=True):
+    for ax, temp in zip(axes[:, 0], temps, strict=True):
         for j, drafter in enumerate(drafters):
-            recs = [next((r for r in records if r["task"] == task and r["drafter"] == drafter
-                          and r["gamma"] == gamma and r["temperature"] == temp), None) for task in tasks]
+            recs = [next((r for r in shown if r["task"] == task and r["drafter"] == drafter
+                          and r["temperature"] == temp), None) for task in tasks]
             vals = [r["block_efficiency"] if r else 0.0 for r in recs]
             ax.bar([i + j * width for i in range(len(tasks))], vals, width, label=drafter, yerr=_yerr(recs),
-                   capsize=2, error_kw={"elinewidth": 0.8})
-        ax.set(title=f"γ={gamma}, T={temp:g}", xticks=[i + 0.4 - width / 2 for i in range(len(tasks))],
-               xticklabels=tasks, ylim=(1, gamma + 1))
-    axes[0][0].set_ylabel("block efficiency τ")
-    axes[0][-1].legend(fontsize=7)
+                   capsize=2, error_kw={"elinewidth": 0.8}, color=colors[j % len(colors)])
+        ax.set(title=f"γ={gamma}, T={temp:g}", ylabel="block efficiency τ", ylim=(1, 1 + 1.08 * (top - 1) + 0.02),
+               xticks=[i + 0.4 - width / 2 for i in range(len(tasks))], xticklabels=tasks)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out / "comparison.png", dpi=110)
     plt.close(fig)
