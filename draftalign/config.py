@@ -309,7 +309,7 @@ class LossConfig(Strict):
 
     @property
     def label(self) -> str:
-        """The drafter's name in reports: the loss, plus the variant or η when not the default."""
+        """The drafter's name in reports: the loss, plus the variant or η when not the default and the seed when set."""
         if self.variant != "vocab":
             base = f"{self.name}-{self.variant}"
         else:
