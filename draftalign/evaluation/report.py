@@ -281,9 +281,13 @@ def _ci_note(records: Sequence[dict]) -> str:
             "of its lead over the runner-up lies above 0; =: tied leaders, where it does not.\n")
 
 
+WIDE = 6  # drafters a comparison_table shows as columns at most, unless it has as many rows
+
+
 def comparison_table(records: Sequence[dict], metric: str = "block_efficiency") -> str:
     """The paper's layout: a row per task × engine × γ × T, a column per drafter ("τ [low, high]"), and
-    the verdict; with more drafters than such rows, transposed (a row per drafter). The leader is in bold only when "best" (summarize_rows: its paired interval against
+    the verdict; with more than WIDE drafters and more drafters than rows, transposed (a row per
+    drafter). The leader is in bold only when "best" (summarize_rows: its paired interval against
     the runner-up excludes 0); tied leaders are marked "="; records without a verdict mark nothing.
     Empty when there is one drafter: nothing to compare."""
     drafters = list(dict.fromkeys(r["drafter"] for r in records))
@@ -300,9 +304,6 @@ def comparison_table(records: Sequence[dict], metric: str = "block_efficiency") 
         shown = [_marked(row.get(d), metric) for d in drafters]
         lines.append(f"| {task} | {engine} | {gamma} | {temp:g} | {' | '.join(shown)} | {_verdict_cell(row)} |")
     return "\n".join(lines) + "\n" + _ci_note(records)
-
-
-WIDE = 6  # drafters a comparison_table shows as columns at most, unless it has as many rows
 
 
 def _marked(r: dict | None, metric: str) -> str:

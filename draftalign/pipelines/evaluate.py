@@ -226,25 +226,27 @@ class VllmSweep:
 
     def baselines(self) -> None:
         """The target alone on every prompt of every (task, T), read back when written earlier."""
-        missing = []
-        for task, temp in self.cells_of():
-            if self.cells.baseline("vllm-autoregressive", task, temp) is None:
-                missing.append((task, temp))
-            else:
+        got = {cell: self.cells.baseline("vllm-autoregressive", *cell) for cell in self.cells_of()}
+        for (task, temp), base in got.items():
+            if base is not None:
                 self.log(f"[evaluate] vllm autoregressive / {task} T={temp:g}: written earlier")
+        missing = [cell for cell, base in got.items() if base is None]
         if missing:
-            self._with_engine(None, 0, "the target", lambda engine: [self._baseline(engine, *c) for c in missing])
-        for task, temp in self.cells_of():
-            base = self.cells.baseline("vllm-autoregressive", task, temp)
+            self._with_engine(None, 0, "the target",
+                              lambda engine: got.update({cell: self._baseline(engine, *cell) for cell in missing}))
+        for (task, temp), base in got.items():
             self.ar.update({(task, temp, pid): (list(tokens), secs) for pid, (tokens, secs) in base.items()})
 
-    def _baseline(self, engine, task: str, temp: float) -> None:
+    def _baseline(self, engine, task: str, temp: float) -> dict[str, Baseline]:
+        """The target alone on one (task, T), stored as it finishes: prompt id -> (tokens, seconds)."""
         t0 = time.time()
         got = self._generate(engine, task, temp)
-        self.cells.put_baseline({g["id"]: (g["tokens"], g["seconds"]) for g in got}, "vllm-autoregressive", task, temp)
+        base = {g["id"]: (g["tokens"], g["seconds"]) for g in got}
+        self.cells.put_baseline(base, "vllm-autoregressive", task, temp)
         n, s = sum(len(g["tokens"]) for g in got), sum(g["seconds"] for g in got)
         self.log(f"[evaluate] vllm autoregressive / {task} T={temp:g}: {n / s:.1f} tokens/s "
                  f"({len(got)} prompts, {time.time() - t0:.1f} s)")
+        return base
 
     def drafter_rows(self, d: dict, gamma: int) -> list[EvalRow]:
         """Every (task, T) cell of drafter `d` ({"name", "path", "identity"?}) at γ: from the store,
