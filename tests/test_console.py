@@ -35,9 +35,19 @@ def test_plain_mode_passes_only_training_lines_and_logs_everything(tmp_path, cap
     console._on_worker_output(_batch(STEP, "[2026-01-01 00:00:00,000] [INFO] DeepSpeed chatter",
                                      "Reporting training result 1: TrainingReport(checkpoint=None, metrics={})"))
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"(RayTrainWorker pid=12) {STEP}"]  # one line per step, as Ray printed it before
+    assert out == ["[pretrain target] step 2/6 loss=3.5 ppl=nan"]  # a short line per step, without Ray's prefix
     log = (tmp_path / "run" / "logs" / console.LOG_NAME).read_text()
-    assert "DeepSpeed chatter" in log and "Reporting training result 1" in log and STEP in log
+    assert "DeepSpeed chatter" in log and "Reporting training result 1" in log and STEP in log  # every metric
+
+
+def test_plain_mode_keeps_a_trainers_other_lines_whole(tmp_path, capsys):
+    console.setup(tmp_path / "run")
+    console._on_worker_output(_batch("[distill lk] before training: {'initial_holdout_tau_gamma3': 1.05}",
+                                     "[distill lk] step 40/160 {'loss': 2.5, 'holdout_expected_acceptance': 0.25, "
+                                     "'tokens_per_s': 1249.3, 'initial_holdout_tvd': 0.9}"))
+    assert capsys.readouterr().out.splitlines() == [
+        "[distill lk] before training: {'initial_holdout_tau_gamma3': 1.05}",
+        "[distill lk] step 40/160 loss=2.5 acc=0.25 tok/s=1249"]
 
 
 @contextlib.contextmanager
@@ -103,11 +113,11 @@ def test_terminal_mode_draws_bars_and_prints_other_lines(tmp_path, capsys, monke
     bars = io.StringIO()
     monkeypatch.setattr(sys, "__stderr__", bars)
     monkeypatch.setattr(console, "interactive", lambda: True)
-    console.training_line("pretrain target", STEP.split("] ", 1)[1], STEP)
-    console.training_line("pretrain target", "before training: {'initial_loss': 9.0}", "x")
+    console.training_line("pretrain target", STEP.split("] ", 1)[1])
+    console.training_line("pretrain target", "before training: {'initial_loss': 9.0}")
     assert "[pretrain target]:  33%" in bars.getvalue() and "2/6" in bars.getvalue() and "loss=3.5" in bars.getvalue()
     assert capsys.readouterr().out.splitlines() == ["[pretrain target] before training: {'initial_loss': 9.0}"]
-    console.training_line("pretrain target", "step 6/6 {'loss': 2.0, 'holdout_expected_acceptance': 0.61}", "x")
+    console.training_line("pretrain target", "step 6/6 {'loss': 2.0, 'holdout_expected_acceptance': 0.61}")
     assert "pretrain target" not in console._S.bars and "acc=0.61" in bars.getvalue()
     console.expect_cells(3)  # the target alone on a task is a cell of the bar too
     console.line("[evaluate] reference autoregressive / t T=0: 15.1 tokens/s (8 prompts, 17.0 s)")

@@ -5,8 +5,8 @@ step (training steps with loss and held-out acceptance, generated rows with toke
 cells), warnings and the final table. What Ray (driver and worker logs), Ray Data, Ray Train,
 DeepSpeed, vLLM and transformers print goes to `RUN/logs/draftalign.log`, and
 `RUN/logs/ray-session` points at Ray's own session logs. When stdout is not a terminal (CI, a
-Ray job's log) the bars become plain lines: one per training log step as before, at most one
-every PLAIN_EVERY_S seconds for rows. `-v/--verbose` (or DRAFTALIGN_VERBOSE=1) keeps everything
+Ray job's log) the bars become plain lines: one per training log step (loss, held-out
+acceptance, tokens/s), at most one every PLAIN_EVERY_S seconds for rows. `-v/--verbose` (or DRAFTALIGN_VERBOSE=1) keeps everything
 on the terminal, as it was.
 
 The hooks: `setup` (cli.py, once the config is read), `ray_started` (cluster/session.py, after
@@ -356,7 +356,7 @@ def _worker_output(data: RayLogBatch) -> None:
             continue
         m = TRAIN_LINE.match(line)
         if m:
-            training_line(m["name"], m["msg"], f"{prefix} {line}")
+            training_line(m["name"], m["msg"])
 
 
 # ---- the terminal ----------------------------------------------------------------------------
@@ -425,16 +425,17 @@ def step_postfix(metrics: StepMetrics) -> str:
     return " ".join(parts)
 
 
-def training_line(name: str, msg: str, plain: str) -> None:
-    """A trainer's line `[name] msg`: a bar update for a step (terminal), else the line itself."""
-    if not interactive():
-        emit(plain)
-        return
+def training_line(name: str, msg: str) -> None:
+    """A trainer's line `[name] msg`: a bar update for a step at a terminal, a short line for it
+    elsewhere (every metric stays in the log file and the tracker), any other line as it is."""
     m = STEP.match(msg)
     if not m:
         emit(f"[{name}] {msg}")
         return
     n, total = int(m["n"]), int(m["total"])
+    if not interactive():
+        emit(f"[{name}] step {n}/{total} {step_postfix(parse_metrics(m['metrics']))}".rstrip())
+        return
     with _S.lock:
         bar = _S.bars.get(name)
         if bar is None:
