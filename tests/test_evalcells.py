@@ -25,16 +25,19 @@ class FakeEngine:
     def __init__(self, die_at: int | None = None) -> None:
         self.spec_calls = self.ar_calls = 0
         self.die_at = die_at
+        self.calls: list[tuple] = []  # ("ar", T) and ("spec", draft, γ, T), in the order made
 
     def load_draft(self, path):
         return path
 
     def autoregressive(self, ids, temperature, top_p, n, eos, gen):
         self.ar_calls += 1
+        self.calls.append(("ar", temperature))
         return [ids[-1], 7, 8], 0.5
 
     def speculative(self, draft, ids, gamma, temperature, top_p, n, eos, gen):
         self.spec_calls += 1
+        self.calls.append(("spec", draft, gamma, temperature))
         if self.spec_calls == self.die_at:
             raise RuntimeError("killed")
         stats = SimpleNamespace(num_drafts=2, num_draft_tokens=2 * gamma, num_accepted=gamma + len(draft),
@@ -51,6 +54,20 @@ def test_a_sweep_killed_midway_resumes_from_its_finished_cells(tmp_path):
     resumed = reference_rows(again, DRAFTERS, PROMPTS, SWEEP, lambda m: None, CellStore(tmp_path, "fp"))
     assert resumed == whole
     assert again.spec_calls == 3 * 2 and again.ar_calls == 0  # the 3 unfinished cells; baselines were kept
+
+
+def test_the_target_alone_is_timed_right_before_the_cells_it_is_the_baseline_of():
+    engine = FakeEngine()
+    reference_rows(engine, DRAFTERS, PROMPTS, SWEEP, log=lambda m: None)
+    groups: list[list[tuple]] = []
+    for call in engine.calls:  # a group per baseline: its 2 prompts, then the cells measured against it
+        if call[0] == "ar" and (not groups or groups[-1][-1][0] != "ar"):
+            groups.append([])
+        groups[-1].append(call)
+    assert [g[:2] for g in groups] == [[("ar", 0.0)] * 2, [("ar", 1.0)] * 2]
+    for g in groups:
+        temp = g[0][1]
+        assert g[2:] == [("spec", d["path"], gamma, temp) for d in DRAFTERS for gamma in SWEEP.gammas for _ in "ab"]
 
 
 def test_cells_of_another_config_are_dropped_not_mixed(tmp_path):

@@ -1,8 +1,8 @@
 """The `reference` evaluation engine: draftalign.evaluation.specdecode at batch 1, timed against plain decoding.
 
-The target is loaded once; each drafter in turn. Plain autoregressive decoding of the target
-is timed once per (task, temperature, prompt) and shared by every drafter and γ, since it
-does not depend on them. Wall-clock figures are tokens/s of each run, so sampled runs of
+The target is loaded once, each drafter at its first cell. Plain autoregressive decoding of
+the target is timed once per (task, temperature, prompt), right before that pair's cells, and
+shared by every drafter and γ, since it does not depend on them. Wall-clock figures are tokens/s of each run, so sampled runs of
 different lengths still compare. An untimed warm-up run keeps one-off start-up costs (kernel
 selection, allocator growth) out of the first measurement.
 """
@@ -96,63 +96,82 @@ class ReferenceEngine:
 
 def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[str, list[dict]],
                    s: ReferenceSweep, log: Callable[[str], None] = print, cells: CellStore | None = None) -> list[EvalRow]:
-    """Per-prompt rows (EVAL_SCHEMA) for every drafter x task x γ x temperature.
+    """Per-prompt rows (EVAL_SCHEMA) for every task x temperature x drafter x γ.
 
     drafters: [{"name", "path", "identity"?}]; prompts: task name -> [{"id", "kind", "token_ids"}].
+    The target alone on a (task, temperature) is timed right before that pair's cells, so the
+    load of a shared machine, which drifts over a sweep, weighs on a speed-up's two sides alike.
     With `cells`, each finished cell is written at once and a cell written earlier is read back;
     a cell's key holds the drafter's `identity` (its export's digest), so another export of the
     same name never reads it.
     """
-    gen = lambda pid, temp: prompt_generator(s.seed, pid, temp, engine.device)  # noqa: E731
-    first = next(iter(prompts.values()))[0]["token_ids"]
-    if s.warmup_tokens:
-        engine.autoregressive(first, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
-    ar = _baselines(engine, prompts, s, gen, log, cells) if s.measure_ar else {}
+    sweep = _Sweep(engine, drafters, prompts, s, log, cells)
+    sweep.warm_up()
     out: list[EvalRow] = []
-    for d in drafters:
-        draft = None  # loaded on the first cell that has to be computed
-        for task, rows in prompts.items():
-            for gamma in s.gammas:
-                for temp in s.temperatures:
-                    key = ("reference", d["name"], d.get("identity", ""), task, gamma, temp)
-                    done = cells.rows(*key) if cells else None
-                    if done is not None:
-                        out.extend(done)
-                        log(progress_line("reference", d["name"], task, gamma, temp, done, 0.0) + " (written earlier)")
-                        continue
-                    if draft is None:
-                        draft = engine.load_draft(d["path"])
-                        if s.warmup_tokens:
-                            engine.speculative(draft, first, 2, 0.0, 1.0, s.warmup_tokens, None, gen("warmup", 0.0))
-                    t0 = time.time()
-                    batch = [_row(d, task, p, gamma, temp, s, ar, *engine.speculative(
-                        draft, p["token_ids"], gamma, temp, s.top_p, s.max_new_tokens, s.eos, gen(p["id"], temp)))
-                        for p in rows]
-                    if cells:
-                        cells.put_rows(batch, *key)
-                    out.extend(batch)
-                    log(progress_line("reference", d["name"], task, gamma, temp, batch, time.time() - t0))
-        del draft
+    for task, rows in prompts.items():
+        for temp in s.temperatures:
+            ar = sweep.baseline(task, rows, temp) if s.measure_ar else {}
+            for d in drafters:
+                for gamma in s.gammas:
+                    out.extend(sweep.cell(d, task, rows, gamma, temp, ar))
     return out
 
 
-def _baselines(engine: ReferenceEngine, prompts: dict[str, list[dict]], s: ReferenceSweep, gen, log,
-               cells: CellStore | None) -> dict[tuple[str, float, str], tuple[list[int], float]]:
-    """The target alone on every prompt, once per (task, temperature): the speed-up baseline."""
-    ar: dict[tuple[str, float, str], tuple[list[int], float]] = {}
-    for task, rows in prompts.items():
-        for temp in s.temperatures:
-            done = cells.baseline("autoregressive", task, temp) if cells else None
-            t0 = time.time()
-            got: dict[str, Baseline] = done or {p["id"]: engine.autoregressive(p["token_ids"], temp, s.top_p, s.max_new_tokens, s.eos,
-                                                          gen(p["id"], temp)) for p in rows}
-            if cells and done is None:
-                cells.put_baseline(got, "autoregressive", task, temp)
-            ar.update({(task, temp, pid): (list(tokens), secs) for pid, (tokens, secs) in got.items()})
-            n, secs = sum(len(t) for t, _ in got.values()), sum(x for _, x in got.values())
-            log(f"[evaluate] reference autoregressive / {task} T={temp:g}: {n / secs:.1f} tokens/s "
-                f"({len(rows)} prompts, {time.time() - t0:.1f} s)" + (" (written earlier)" if done else ""))
-    return ar
+class _Sweep:
+    """reference_rows' steps: the target alone on a (task, T), and one drafter's cell."""
+
+    def __init__(self, engine: ReferenceEngine, drafters: list[dict], prompts: dict[str, list[dict]],
+                 s: ReferenceSweep, log: Callable[[str], None], cells: CellStore | None) -> None:
+        self.engine, self.s, self.log, self.cells = engine, s, log, cells
+        self.first = next(iter(prompts.values()))[0]["token_ids"]
+        # Each drafter is loaded at its first computed cell and kept: the cells of a (task, T)
+        # take every drafter in turn. Small next to the target.
+        self.drafts: dict[str, Any] = {}
+
+    def gen(self, pid: str, temp: float) -> torch.Generator:
+        return prompt_generator(self.s.seed, pid, temp, self.engine.device)
+
+    def warm_up(self) -> None:
+        if self.s.warmup_tokens:
+            self.engine.autoregressive(self.first, 0.0, 1.0, self.s.warmup_tokens, None, self.gen("warmup", 0.0))
+
+    def baseline(self, task: str, rows: list[dict], temp: float) -> dict[tuple[str, float, str], tuple[list[int], float]]:
+        """The target alone on every prompt of (task, temp), or its timing written earlier."""
+        s, cells = self.s, self.cells
+        done = cells.baseline("autoregressive", task, temp) if cells else None
+        t0 = time.time()
+        got: dict[str, Baseline] = done or {p["id"]: self.engine.autoregressive(
+            p["token_ids"], temp, s.top_p, s.max_new_tokens, s.eos, self.gen(p["id"], temp)) for p in rows}
+        if cells and done is None:
+            cells.put_baseline(got, "autoregressive", task, temp)
+        n, secs = sum(len(t) for t, _ in got.values()), sum(x for _, x in got.values())
+        self.log(f"[evaluate] reference autoregressive / {task} T={temp:g}: {n / secs:.1f} tokens/s "
+                 f"({len(rows)} prompts, {time.time() - t0:.1f} s)" + (" (written earlier)" if done else ""))
+        return {(task, temp, pid): (list(tokens), x) for pid, (tokens, x) in got.items()}
+
+    def draft(self, d: dict) -> Any:
+        if d["name"] not in self.drafts:
+            draft = self.drafts[d["name"]] = self.engine.load_draft(d["path"])
+            if self.s.warmup_tokens:
+                self.engine.speculative(draft, self.first, 2, 0.0, 1.0, self.s.warmup_tokens, None,
+                                        self.gen("warmup", 0.0))
+        return self.drafts[d["name"]]
+
+    def cell(self, d: dict, task: str, rows: list[dict], gamma: int, temp: float, ar: dict) -> list[EvalRow]:
+        """One drafter's rows on (task, γ, temp): computed and written, or read back."""
+        key = ("reference", d["name"], d.get("identity", ""), task, gamma, temp)
+        done = self.cells.rows(*key) if self.cells else None
+        if done is not None:
+            self.log(progress_line("reference", d["name"], task, gamma, temp, done, 0.0) + " (written earlier)")
+            return done
+        s, draft, t0 = self.s, self.draft(d), time.time()
+        batch = [_row(d, task, p, gamma, temp, s, ar, *self.engine.speculative(
+            draft, p["token_ids"], gamma, temp, s.top_p, s.max_new_tokens, s.eos, self.gen(p["id"], temp)))
+            for p in rows]
+        if self.cells:
+            self.cells.put_rows(batch, *key)
+        self.log(progress_line("reference", d["name"], task, gamma, temp, batch, time.time() - t0))
+        return batch
 
 
 def _row(d: dict, task: str, p: dict, gamma: int, temp: float, s: ReferenceSweep, ar: dict, res,
