@@ -6,8 +6,8 @@ cells), warnings and the final table. What Ray (driver and worker logs), Ray Dat
 DeepSpeed, vLLM and transformers print goes to `RUN/logs/draftalign.log`, and
 `RUN/logs/ray-session` points at Ray's own session logs. When stdout is not a terminal (CI, a
 Ray job's log) the bars become plain lines: one per training log step (loss, held-out
-acceptance, tokens/s), at most one every PLAIN_EVERY_S seconds for rows. `-v/--verbose` (or DRAFTALIGN_VERBOSE=1) keeps everything
-on the terminal, as it was.
+acceptance, tokens/s), at most one every PLAIN_EVERY_S seconds for rows. `-v/--verbose` (or
+DRAFTALIGN_VERBOSE=1) keeps everything on the terminal, as it was.
 
 The hooks: `setup` (cli.py, once the config is read), `ray_started` (cluster/session.py, after
 `ray.init`), `track` (the generate pass's rows), `line`/`expect_cells` (evaluate's log) and

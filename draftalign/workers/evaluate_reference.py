@@ -2,9 +2,10 @@
 
 The target is loaded once, each drafter at its first cell. Plain autoregressive decoding of
 the target is timed once per (task, temperature, prompt), right before that pair's cells, and
-shared by every drafter and γ, since it does not depend on them. Wall-clock figures are tokens/s of each run, so sampled runs of
-different lengths still compare. An untimed warm-up run keeps one-off start-up costs (kernel
-selection, allocator growth) out of the first measurement.
+shared by every drafter and γ, since it does not depend on them. Wall-clock figures are
+tokens/s of each run, so sampled runs of different lengths still compare. An untimed warm-up
+run keeps one-off start-up costs (kernel selection, allocator growth) out of the first
+measurement.
 """
 
 from __future__ import annotations
@@ -105,23 +106,23 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
     a cell's key holds the drafter's `identity` (its export's digest), so another export of the
     same name never reads it.
     """
-    sweep = _Sweep(engine, drafters, prompts, s, log, cells)
-    sweep.warm_up()
+    runner = _CellRunner(engine, prompts, s, log, cells)
+    runner.warm_up()
     out: list[EvalRow] = []
     for task, rows in prompts.items():
         for temp in s.temperatures:
-            ar = sweep.baseline(task, rows, temp) if s.measure_ar else {}
+            ar = runner.baseline(task, rows, temp) if s.measure_ar else {}
             for d in drafters:
                 for gamma in s.gammas:
-                    out.extend(sweep.cell(d, task, rows, gamma, temp, ar))
+                    out.extend(runner.cell(d, task, rows, gamma, temp, ar))
     return out
 
 
-class _Sweep:
+class _CellRunner:
     """reference_rows' steps: the target alone on a (task, T), and one drafter's cell."""
 
-    def __init__(self, engine: ReferenceEngine, drafters: list[dict], prompts: dict[str, list[dict]],
-                 s: ReferenceSweep, log: Callable[[str], None], cells: CellStore | None) -> None:
+    def __init__(self, engine: ReferenceEngine, prompts: dict[str, list[dict]], s: ReferenceSweep,
+                 log: Callable[[str], None], cells: CellStore | None) -> None:
         self.engine, self.s, self.log, self.cells = engine, s, log, cells
         self.first = next(iter(prompts.values()))[0]["token_ids"]
         # Each drafter is loaded at its first computed cell and kept: the cells of a (task, T)
