@@ -296,10 +296,11 @@ def vllm_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     prompts = json.loads(Path(args.prompt_file).read_text())
     cfg = VllmEvalConfig(use_gpu=torch.cuda.is_available(), max_model_len=args.max_model_len)
-    model, draft, gamma = {"target": (args.target, None, 0), "draft": (args.draft, None, 0),
-                           "spec": (args.target, args.draft, args.gamma)}[args.worker]
+    spec = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": args.gamma}
+    model, speculative = {"target": (args.target, None), "draft": (args.draft, None),
+                          "spec": (args.target, spec)}[args.worker]
     t0 = time.perf_counter()
-    engine = VllmEngine(model, draft, gamma, cfg)
+    engine = VllmEngine(model, speculative, cfg)
     start_s = time.perf_counter() - t0
     rows = engine.generate(prompts, args.temperature, 1.0, args.max_new_tokens, args.seed,
                            warmup_tokens=cfg.warmup_tokens, batch_size=1)

@@ -132,7 +132,8 @@ def run_setting(args: argparse.Namespace) -> dict:
 
     cfg = VllmEvalConfig(use_gpu=torch.cuda.is_available(), max_model_len=args.max_model_len,
                          speculative_config=extra, warmup_tokens=0)
-    engine = VllmEngine(args.model, args.model, args.gamma, cfg)
+    engine = VllmEngine(args.model, {"method": "draft_model", "model": args.model,
+                                     "num_speculative_tokens": args.gamma}, cfg)
     spec = engine.llm.llm_engine.vllm_config.speculative_config
     rows = engine.generate(prompt_ids(args.model, args.prompts), temperature, 1.0, args.max_tokens, args.seed,
                            warmup_tokens=0)

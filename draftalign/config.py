@@ -63,6 +63,18 @@ class ModelsConfig(Strict):
     import_dir: str = ".cache/draftalign/models"  # on a cluster: storage every node sees
 
 
+class FeatureArchConfig(Strict):
+    """A feature drafter (EAGLE-3; draftalign/models/feature.py): one decoder layer on the target's
+    hidden states at `layers` and the next token's embedding, served by vLLM as method eagle3."""
+
+    # The target's hidden states it reads: the residual stream entering these decoder layers.
+    # None: a low, a middle and a high one, as EAGLE-3 and vLLM choose them (2, N // 2, N - 3).
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    decoder_layers: int = Field(1, ge=1)
+    # vLLM's option: the residual stream starts at the normed fused state (true) or the raw one.
+    norm_before_residual: bool = False
+
+
 class ArchConfig(Strict):
     """What to build: a named preset plus LlamaConfig field overrides, or a model to continue."""
 
@@ -75,14 +87,24 @@ class ArchConfig(Strict):
     # A drafter cut from the target (models.draft_from_target): its embeddings, these decoder
     # layers in this order, its final norm and its head. Replaces preset/overrides/init_from.
     target_layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    # A feature drafter built from the target (pretrain.jobs.feature); replaces everything else here.
+    feature: FeatureArchConfig | None = None
+
+    @property
+    def from_target(self) -> bool:
+        """Built from the target's own weights, with no corpus: a cut (target_layers) or a feature drafter."""
+        return self.target_layers is not None or self.feature is not None
 
     @model_validator(mode="after")
     def _target_layers_alone(self) -> ArchConfig:
-        if self.target_layers is not None:
+        if self.feature is not None and self.target_layers is not None:
+            raise ValueError("arch.feature and arch.target_layers build two kinds of drafter; keep one")
+        if self.target_layers is not None or self.feature is not None:
             clash = [k for k in ("preset", "init_from") if getattr(self, k) is not None]
             clash += ["overrides"] * bool(self.overrides) + ["init_embeddings"] * (self.init_embeddings != "random")
             if clash:
-                raise ValueError(f"arch.target_layers builds the drafter from the target's own weights; "
+                key = "target_layers" if self.target_layers is not None else "feature"
+                raise ValueError(f"arch.{key} builds the drafter from the target's own weights; "
                                  f"remove {', '.join(clash)}")
         return self
 
@@ -142,18 +164,31 @@ class PretrainJob(Strict):
 
     @model_validator(mode="after")
     def _something_to_do(self) -> PretrainJob:
-        if self.train is None and self.arch.target_layers is None:
+        if self.train is None and not self.arch.from_target:
             raise ValueError("train: null skips corpus pretraining, which only a drafter built from the "
                              "target can do: set arch.target_layers or give train settings")
+        if self.arch.feature is not None and self.train is not None:
+            raise ValueError("arch.feature builds a feature drafter from the target, with no corpus "
+                             "pretraining: set train: null (distillation trains it)")
         return self
 
 
 class PretrainConfig(Strict):
     output: str  # filled from run.output when absent
     corpus: CorpusConfig = CorpusConfig()
-    # Jobs run in order; "target" builds the embedded world's target, "draft" the drafter.
-    jobs: dict[Literal["target", "draft"], PretrainJob] = Field(default_factory=dict)
-    only: Literal["target", "draft"] | None = None  # run one job of the list
+    # Jobs run in order; "target" builds the embedded world's target, "draft" the drafter (the
+    # paper's standalone kind), "feature" a feature drafter (arch.feature) beside or instead of it.
+    jobs: dict[Literal["target", "draft", "feature"], PretrainJob] = Field(default_factory=dict)
+    only: Literal["target", "draft", "feature"] | None = None  # run one job of the list
+
+    @model_validator(mode="after")
+    def _feature_job(self) -> PretrainConfig:
+        for name, job in self.jobs.items():
+            if (name == "feature") != (job.arch.feature is not None):
+                raise ValueError("pretrain.jobs.feature, and only it, builds a feature drafter: set its "
+                                 f"arch.feature (pretrain.jobs.{name} is the wrong place for it)"
+                                 if name != "feature" else "pretrain.jobs.feature needs arch.feature")
+        return self
     overwrite: bool = False  # replace an output made from a different config
 
 
@@ -222,6 +257,19 @@ def default_sampling_settings(max_tokens: int = 1024, seed: int | None = None) -
     ]
 
 
+class SelfInstructKind(Strict):
+    """One kind of request self-instruct asks for: the target continues `opener` in the user turn
+    (Magpie with a seeded prefix), so the requests cover the kinds users ask, not only the target's favourite."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=64)  # the rows' `source` is SOURCE/NAME
+    # The start of the request, written for the target: "Write a Python function that",
+    # "Summarize the following text:\n\n". End it without a space: the target's next word brings its
+    # own. "" leaves the whole request to the target.
+    opener: str = ""
+    share: float = Field(1.0, gt=0.0)  # relative; requests are dealt out round-robin in proportion
+    max_tokens: int | None = Field(None, ge=1)  # None: self_instruct.max_tokens (a text to summarise runs longer)
+
+
 class SelfInstructConfig(Strict):
     """Instructions the target writes itself (Magpie): it gets only its chat template's user-turn
     prefix, writes a user request, and the kept requests are answered like seeds."""
@@ -234,12 +282,35 @@ class SelfInstructConfig(Strict):
     max_chars: int = Field(1000, ge=1)
     seed: int | None = None  # None: each request's seed comes from its index, still reproducible
     source: str = Field("self-instruct", min_length=1)  # the rows' `source`
+    # Kinds of request and their shares (questions, code, summaries, rewriting, translation, ...);
+    # None: one kind, wholly the target's choice (plain Magpie). min_chars counts what the target
+    # wrote after a kind's opener.
+    kinds: list[SelfInstructKind] | None = Field(None, min_length=1)
+    # A request sharing this share of its word 3-grams (Jaccard) with a seed or an earlier kept
+    # request is a near duplicate and dropped; null: exact duplicates (normalised text) only.
+    near_duplicate: float | None = Field(0.6, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _bounds(self) -> SelfInstructConfig:
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars {self.min_chars} > max_chars {self.max_chars}: nothing could be kept")
+        names = [k.name for k in self.kinds or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"kinds: names must be unique: {names}")
         return self
+
+
+class ExcludeEvalConfig(Strict):
+    """Evaluation prompts kept out of the distillation set: a seed or self-instructed request that
+    copies a prompt of evaluate.tasks, or nearly does, is dropped before the target answers it."""
+
+    enabled: bool = True  # false: no check, and the evaluation sets are not read
+    # A request copies an evaluation prompt when it holds this share of the prompt's word 3-grams
+    # (and of its input's, for a prompt with one: the instruction of a task is shared by all its prompts).
+    threshold: float = Field(0.5, gt=0.0, le=1.0)
+    # Rows read per evaluation task (at least those the evaluate stage reads): a later evaluation
+    # with more prompts than this run's stays clean too.
+    max_prompts: int = Field(1000, ge=1)
 
 
 class GenerateConfig(Strict):
@@ -249,6 +320,8 @@ class GenerateConfig(Strict):
     seeds: str | None = None  # may be None when self_instruct makes the instructions
     # Instructions the target writes itself, added to the seeds (or instead of them).
     self_instruct: SelfInstructConfig | None = None
+    # Seeds and self-instructed requests that copy an evaluation prompt never reach the set.
+    exclude_eval: ExcludeEvalConfig = ExcludeEvalConfig()
     hf_config: str | None = None
     hf_split: str = "train"
     fields: SeedFields = SeedFields()
@@ -291,6 +364,10 @@ class LossConfig(Strict):
     # This loss's training seed (the shuffle and any sampling), over distill.train.seed; named in
     # the drafter's label (`forward_kl-seed1`), so one run can train a loss under several seeds.
     seed: int | None = None
+    # Which drafter this loss trains: "draft" (pretrain.jobs.draft or models.draft, the paper's
+    # standalone drafter) or "feature" (pretrain.jobs.feature, with the training-time test of
+    # distill.ttt_steps); a feature drafter's label starts with "feature-".
+    drafter_kind: Literal["draft", "feature"] = "draft"
 
     @field_validator("name")
     @classmethod
@@ -314,6 +391,7 @@ class LossConfig(Strict):
             base = f"{self.name}-{self.variant}"
         else:
             base = self.name if self.eta == LK_ETA else f"{self.name}-eta{self.eta:g}"
+        base = base if self.drafter_kind == "draft" else f"{self.drafter_kind}-{base}"
         return base if self.seed is None else f"{base}-seed{self.seed}"
 
     @property
@@ -421,6 +499,11 @@ class DistillConfig(Strict):
     # Weights kept as they start: "embeddings" (the input embeddings; with a tied, full head the
     # head too) and "head" (the output layer). A drafter cut from the target keeps the target's.
     freeze: list[Literal["embeddings", "head"]] = Field(default_factory=list)
+    # Feature drafters (losses with drafter: feature) train with the training-time test: unrolled
+    # ttt_steps drafts on their own outputs, step j's loss weighted ttt_decay^(j-1) (SpecForge's
+    # 0.8): later drafts count only if the earlier ones were accepted. Their embeddings stay frozen.
+    ttt_steps: int = Field(3, ge=1, le=16)
+    ttt_decay: float = Field(0.8, gt=0.0, le=1.0)
 
     def drafter_label(self, loss: LossConfig) -> str:
         """The drafter's name in reports: the loss's label, plus λ and the round when on-policy
@@ -510,7 +593,8 @@ class ReferenceEvalConfig(Strict):
 
 
 class VllmEvalConfig(Strict):
-    """vLLM engines with speculative_config method draft_model, one per (drafter, γ), in Ray actors."""
+    """vLLM engines, one per (drafter, γ), in Ray actors: speculative_config method draft_model for a
+    model folder, ngram for the n-gram baseline."""
 
     use_gpu: bool = False
     cpus_per_engine: float = Field(1.0, gt=0)
@@ -520,8 +604,9 @@ class VllmEvalConfig(Strict):
     # Passed to vllm.LLM as they are. On CPU the generate stage's defaults apply (256 MiB KV
     # cache, enforce_eager, float32) unless set here.
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    # Extra speculative_config keys, over method/model/num_speculative_tokens and
-    # draft_sample_method: probabilistic (standard speculative sampling; "greedy" is vLLM's own default).
+    # Extra speculative_config keys, over every drafter's method/model/num_speculative_tokens and
+    # draft_sample_method: probabilistic (standard speculative sampling; "greedy" is vLLM's own
+    # default), the n-gram baseline's too (method/prompt_lookup_*; it has no draft_sample_method).
     speculative_config: dict[str, Any] = Field(default_factory=dict)
     measure_autoregressive: bool = True  # also run the target alone for the tokens/s baseline
     warmup_tokens: int = Field(8, ge=0)  # an untimed request first in each engine, as for the reference engine
@@ -540,6 +625,25 @@ class VllmEvalConfig(Strict):
 
 def _default_eval_tasks() -> list[EvalTaskConfig]:
     return [EvalTaskConfig(name=k, kind=k) for k in ("open_ended", "summarize", "translate")]
+
+
+class NgramEvalConfig(Strict):
+    """The n-gram (prompt lookup) baseline drafter, the free drafter a user would try first: it
+    proposes the tokens that followed an earlier occurrence of the sequence's last n tokens, in the
+    prompt or the answer so far (vLLM's `method: ngram` rule; draftalign/evaluation/ngram.py). It has
+    no weights: c = 0, so its MBSU is its τ."""
+
+    # The shortest n-gram it looks up (vLLM's speculative_config key of the same name).
+    prompt_lookup_min: int = Field(2, ge=1)
+    # The longest; it tries the longest n first, and of its occurrences the earliest.
+    prompt_lookup_max: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> NgramEvalConfig:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min={self.prompt_lookup_min} must be <= "
+                             f"prompt_lookup_max={self.prompt_lookup_max}")
+        return self
 
 
 class EvaluateConfig(Strict):
@@ -562,9 +666,15 @@ class EvaluateConfig(Strict):
     plots: bool = True
     reference: ReferenceEvalConfig = ReferenceEvalConfig()
     vllm: VllmEvalConfig = VllmEvalConfig()
+    # The n-gram baseline, a row named `ngram` in every table, on every engine (an engine's own
+    # `drafters` list keeps it only if it names `ngram`); null: no such row.
+    ngram: NgramEvalConfig | None = NgramEvalConfig()
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:
+        if self.ngram is not None and any(d.name == "ngram" for d in self.drafters or []):
+            raise ValueError("evaluate.drafters names a drafter `ngram`, the n-gram baseline's name: "
+                             "rename it, or set evaluate.ngram=null")
         for engine in self.engines:
             if not self.engine_temperatures(engine):
                 raise ValueError(f"evaluate.{engine}.temperatures {getattr(self, engine).temperatures} "
@@ -641,6 +751,16 @@ class Config(Strict):
 
     def draft_path(self) -> str:
         return self.models.draft or str(Path(self.pretrain.output) / "draft" / "model")
+
+    def feature_path(self) -> str:
+        """The feature drafter pretrain.jobs.feature builds."""
+        return str(Path(self.pretrain.output) / "feature" / "model")
+
+    def start_path(self, loss: LossConfig) -> str:
+        """The drafter `loss` starts from: distill.init_from (the draft's), or its pretrain export."""
+        if loss.drafter_kind == "feature":
+            return self.feature_path()
+        return self.distill.init_from or self.draft_path()
 
     def start_name(self) -> str:
         """The undistilled drafter's name in reports: "start" when it is cut from the target and

@@ -27,8 +27,8 @@ class FakeEngine:
         self.die_at = die_at
         self.calls: list[tuple] = []  # ("ar", T) and ("spec", draft, γ, T), in the order made
 
-    def load_draft(self, path):
-        return path
+    def load_drafter(self, d):
+        return d["path"] or "n"  # the n-gram baseline has no path
 
     def autoregressive(self, ids, temperature, top_p, n, eos, gen):
         self.ar_calls += 1
@@ -113,10 +113,13 @@ class FakeVllm:
     """VllmEngine's interface with canned results; counts the engines started and their calls."""
 
     started: list = []
+    specs: list = []
 
-    def __init__(self, draft, gamma) -> None:
-        self.draft, self.gamma = draft, gamma
-        FakeVllm.started.append((draft, gamma))
+    def __init__(self, speculative) -> None:
+        self.draft = speculative.get("model", speculative["method"]) if speculative else None
+        self.gamma = speculative["num_speculative_tokens"] if speculative else 0
+        FakeVllm.started.append((self.draft, self.gamma))
+        FakeVllm.specs.append(speculative)
 
     def generate(self, prompts, temperature, top_p, max_tokens, seed, warmup_tokens, batch_size):
         acc = 1 if self.draft else 0
@@ -133,7 +136,7 @@ def _vllm_sweep(tmp_path, store: str, drafters: list[dict], fingerprint: str = "
     from draftalign.pipelines.evaluate import VllmSweep
 
     ev = load_config(TINY, ["evaluate.engines=[vllm]", "evaluate.gammas=[1, 3]"]).evaluate
-    FakeVllm.started = []
+    FakeVllm.started, FakeVllm.specs = [], []
     sweep = VllmSweep(ev, "t", PROMPTS, CellStore(tmp_path / store, fingerprint), FakeVllm, lambda m: None)
     sweep.baselines()
     return [r for d in drafters for g in ev.gammas for r in sweep.drafter_rows(d, g)]
@@ -151,3 +154,50 @@ def test_vllm_cells_are_kept_so_a_drafter_added_later_starts_only_its_own_engine
     assert {r.ar_seconds for r in rows} == {1.0} and {r.matches_autoregressive for r in rows} == {True, None}
     _vllm_sweep(tmp_path, "run", both, fingerprint="another config")
     assert len(FakeVllm.started) == 5  # nothing of another config's cells is read
+
+
+NGRAM = {"name": "ngram", "path": None, "exists": True, "method": "ngram", "prompt_lookup_min": 2,
+         "prompt_lookup_max": 4}
+
+
+def test_the_ngram_baselines_identity_is_its_window(tmp_path):
+    from draftalign.pipelines.evaluate import _with_identities
+
+    [one] = _with_identities([NGRAM])
+    assert _with_identities([NGRAM])[0]["identity"] == one["identity"]
+    assert _with_identities([{**NGRAM, "prompt_lookup_max": 3}])[0]["identity"] != one["identity"]
+    # its cells are kept beside a model drafter's, and a new window recomputes its own only
+    reference_rows(FakeEngine(), [one], PROMPTS, SWEEP, lambda m: None, CellStore(tmp_path, "fp"))
+    again = FakeEngine()
+    reference_rows(again, _with_identities([{**NGRAM, "prompt_lookup_max": 3}]), PROMPTS, SWEEP, lambda m: None,
+                   CellStore(tmp_path, "fp"))
+    assert again.spec_calls == 4 * 2
+
+
+def test_the_ngram_baseline_runs_on_vllm_as_method_ngram_with_no_model(tmp_path):
+    rows = _vllm_sweep(tmp_path, "run", [{**NGRAM, "identity": "n1"}])
+    assert FakeVllm.specs == [None] + [{"method": "ngram", "num_speculative_tokens": g, "prompt_lookup_max": 4,
+                                        "prompt_lookup_min": 2} for g in (1, 3)]
+    assert {(r.drafter, r.drafter_path) for r in rows} == {("ngram", "")}
+
+
+def test_a_vllm_engine_adds_draft_sampling_for_a_model_only(monkeypatch):
+    """Standard speculative sampling asks a drafter model for its draft probabilities; the n-gram
+    lookup has none (vLLM's rejection sampler takes its q one-hot)."""
+    import sys
+
+    from draftalign.config import VllmEvalConfig
+    from draftalign.workers.evaluate_vllm import VllmEngine, speculative_config
+
+    made: list[dict] = []
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=lambda model, **kwargs: made.append(kwargs)))
+    extra = VllmEvalConfig(speculative_config={"rejection_sample_method": "standard"})
+    VllmEngine("t", speculative_config({"name": "d", "path": "/nowhere/d"}, 3), extra)
+    VllmEngine("t", speculative_config(NGRAM, 2), extra)
+    assert [m["speculative_config"] for m in made] == [
+        {"method": "draft_model", "model": "/nowhere/d", "num_speculative_tokens": 3,
+         "draft_sample_method": "probabilistic", "rejection_sample_method": "standard"},
+        {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
+         "rejection_sample_method": "standard"}]
+    with pytest.raises(ValueError, match="no speculative method 'medusa'"):
+        speculative_config({**NGRAM, "method": "medusa"}, 2)

@@ -113,14 +113,18 @@ def test_a_listed_drafter_that_does_not_exist_is_an_error(models, tmp_path):
                              f"evaluate.drafters=[{{name: gone, path: {tmp_path / 'nope'}}}]"])
     with pytest.raises(ConfigError, match="do not exist: gone"):
         resolve_drafters(cfg)
-    plan = describe_evaluate(cfg)  # --plan still describes it, marked missing
-    assert plan["drafters"] == [{"name": "gone", "path": str(tmp_path / "nope"), "exists": False}]
+    plan = describe_evaluate(cfg)  # --plan still describes it, marked missing; then the n-gram baseline
+    assert plan["drafters"] == [{"name": "gone", "path": str(tmp_path / "nope"), "exists": False},
+                                {"name": "ngram", "path": None, "exists": True, "method": "ngram",
+                                 "prompt_lookup_min": 2, "prompt_lookup_max": 4}]
     # default drafters: the pretrained one plus distilled exports that exist; a plan also lists
     # the one the configured distillation will make
     cfg = load_config(TINY, [f"run.output={tmp_path}", f"models.draft={models['draft']}"])
     assert [d["name"] for d in resolve_drafters(cfg)] == ["pretrained"]
     assert [(d["name"], d["exists"]) for d in describe_evaluate(cfg)["drafters"]] == [
-        ("pretrained", True), ("tvd++", False)]
+        ("pretrained", True), ("tvd++", False), ("ngram", True)]
+    off = load_config(TINY, [f"run.output={tmp_path}", f"models.draft={models['draft']}", "evaluate.ngram=null"])
+    assert [d["name"] for d in describe_evaluate(off)["drafters"]] == ["pretrained", "tvd++"]
     (tmp_path / "distill" / "tvdpp" / "model").mkdir(parents=True)
     assert [d["name"] for d in resolve_drafters(cfg)] == ["pretrained", "tvd++"]
 
@@ -151,7 +155,7 @@ def test_report_files_are_written_and_readable(report):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     records = json.loads((out / "summary.json").read_text())
     assert records == json.loads(json.dumps(report["records"]))
-    assert len(records) == 2 * 3 * 2 * 2  # drafters x tasks x γ x T
+    assert len(records) == 3 * 3 * 2 * 2  # drafters (rand, self, the n-gram baseline) x tasks x γ x T
     for r in records:
         for key in ("drafter", "task", "engine", "gamma", "temperature", "block_efficiency", "draft_acceptance_rate",
                     "mbsu", "num_prompts", "acceptance_per_position", "tokens_per_s_spec", "tokens_per_s_ar",
@@ -180,13 +184,57 @@ def test_rows_parquet_matches_its_schema(report):
 
     table = pq.read_table(report["out"] / "rows.parquet")
     check_table(table, EVAL_SCHEMA)
-    assert table.num_rows == 2 * 3 * 2 * 2 * 2  # cells x prompts
+    assert table.num_rows == 3 * 3 * 2 * 2 * 2  # cells x prompts
     rows = table.to_pylist()
     for r in rows:
         assert len(r["accepted_per_pos"]) == r["gamma"] and sum(r["accepted_per_pos"]) == r["num_accepted"]
         assert 1 <= r["num_generated_tokens"] <= 6 and r["schema_version"] == 1
     with pytest.raises(ValueError, match="missing column 'gamma'"):
         check_table(table.drop_columns(["gamma"]), EVAL_SCHEMA)
+
+
+def _copier(folder: Path) -> Path:
+    """A target that answers by repeating its last token: its layers add nothing to the residual
+    stream and its output layer is its embedding table, so the greedy next token is the input
+    token (64 dimensions of random embeddings: its own inner product beats the 32k others')."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(_llama(folder, 3, layers=1))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_the_ngram_baseline_is_a_row_of_every_table_with_tau_from_decoding(models, tmp_path):
+    """The n-gram baseline drafts for a target whose answers repeat: real lookups, accepted, lossless."""
+    import pyarrow.parquet as pq
+
+    from draftalign.evaluation.report import pooled_block_efficiency
+    from draftalign.evaluation.rows import read_eval_rows
+    from draftalign.pipelines.evaluate import run_evaluate
+
+    target, out = _copier(tmp_path / "copier"), tmp_path / "evaluate"
+    cfg = load_config(TINY, [f"models.target={target}", f"evaluate.output={out}", "evaluate.max_prompts=1",
+                             "evaluate.max_new_tokens=24", "evaluate.gammas=[3]", "evaluate.temperatures=[0]",
+                             f"evaluate.drafters=[{{name: rand, path: {models['draft']}}}]"])
+    records = run_evaluate(cfg, log=lambda _: None)
+    ngram = [r for r in records if r["drafter"] == "ngram"]
+    assert sorted(r["task"] for r in ngram) == ["open_ended", "summarize", "translate"]
+    rows = [r for r in read_eval_rows(out / "rows.parquet") if r.drafter == "ngram"]
+    for r in ngram:
+        mine = [row for row in rows if row.task == r["task"]]
+        assert r["block_efficiency"] == pooled_block_efficiency(mine) > 1.5  # the lookup drafts the repeats
+        assert r["num_accepted"] > 0 and r["greedy_match_rate"] == 1.0  # lossless: the target's own answer
+        assert r["param_ratio"] == 0 and r["mbsu"] == r["block_efficiency"] and r["drafter_path"] == ""
+    assert pq.read_table(out / "rows.parquet").num_rows == 2 * 3  # (rand, ngram) x tasks, one prompt each
+    md = (out / "report.md").read_text()
+    assert "- drafter `ngram`: n-gram prompt lookup (vLLM's method `ngram`, n from 2 to 4)" in md
+    assert "| task | engine | γ | T | rand | ngram | verdict |" in md
 
 
 def test_weights_that_would_need_unpickling_are_refused(models, tmp_path):
@@ -251,6 +299,15 @@ def test_vllm_per_request_metrics_become_the_reference_engines_counts():
     # A request that never speculated (finished at once) counts nothing.
     assert request_counts(None, 2) == {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted": 0,
                                        "accepted_per_pos": [0, 0]}
+    # A model drafts at every decode step: 1 (prefill) + 5 steps + 7 accepted = 13 tokens, none added;
+    # fewer tokens (the budget cut the last block) add none either.
+    assert request_counts(metrics, 3, generated=13) == counts == request_counts(metrics, 3, generated=11)
+    # An n-gram lookup that found nothing in 3 more steps: vLLM did not count them, the reference
+    # engine does (each a target call that emitted one token), so τ stays tokens per target call.
+    plain = request_counts(metrics, 3, generated=16)
+    assert plain == {**counts, "num_drafts": 8}
+    assert block_efficiency(plain["num_accepted"], plain["num_drafts"], 3) == pytest.approx(15 / 8)
+    assert request_counts(None, 2, generated=4)["num_drafts"] == 3
 
 
 def test_a_batch_time_is_shared_by_generated_tokens():

@@ -126,3 +126,15 @@ def test_config_and_errors_import_nothing_above_them():
     graph = _graph()
     assert graph["draftalign.errors"] == set()
     assert graph["draftalign.config"] <= {"draftalign.errors"}
+
+
+def test_docs_layout_names_every_module_and_only_modules_that_exist():
+    """docs/layout.md is the map of the package: a module missing from it is one a reader cannot find."""
+    import re
+
+    page = (PKG.parent / "docs" / "layout.md").read_text(encoding="utf-8")
+    block = page.split("```")[1]  # the tree
+    named = set(re.findall(r"^  ([\w/]+\.py)\s", block, flags=re.MULTILINE))
+    actual = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") if p.name != "__init__.py"}
+    assert not actual - named, f"modules docs/layout.md does not name: {sorted(actual - named)}"
+    assert not named - actual, f"docs/layout.md names modules that do not exist: {sorted(named - actual)}"

@@ -218,13 +218,15 @@ def test_distill_mixes_a_drafter_set_and_fingerprints_it(distill_until_ray, tmp_
     # Off, the fingerprint is what it was before on-policy data existed: finished drafters are reused.
     from draftalign.util.runinfo import fingerprint
 
-    # (draft_vocab and freeze, unset, are left out the same way: they came later still.)
+    # (draft_vocab and freeze, unset, are left out the same way: they came later still; so are the
+    # feature drafter's training-time test and a loss's drafter_kind, for the standalone drafter.)
     before = cfg.distill.model_dump(mode="json", exclude={
         "output": True, "overwrite": True, "losses": True, "on_policy": True, "draft_vocab": True, "freeze": True,
+        "ttt_steps": True, "ttt_decay": True,
         "train": {"inject_failure_at_step", "max_failures"}, "target_pool": {"inject_actor_death_at_request", "cache",
                                                                             "cache_dir"}})
     assert _fingerprint(cfg, loss, off) == fingerprint(
-        before, loss.model_dump(mode="json", exclude={"eta", "seed"}), [(f.name, f.stat().st_size) for f in off.files],
+        before, loss.model_dump(mode="json", exclude={"eta", "seed", "drafter_kind"}), [(f.name, f.stat().st_size) for f in off.files],
         *off.identity)
     assert "on_policy" not in before and "cache_dir" not in before["target_pool"]
 

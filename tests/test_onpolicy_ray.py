@@ -136,7 +136,8 @@ def test_the_target_scored_the_drafters_sequences_of_training_seeds_only(two_rou
 def test_evaluate_lists_every_round_and_a_rerun_reuses_them(two_rounds):
     root, first = two_rounds
     summary = json.loads((root / "run" / "evaluate" / "summary.json").read_text())
-    assert {s["drafter"] for s in summary} == {"pretrained", "tvd++-onpolicy0.5-round1", "tvd++-onpolicy0.5-round2"}
+    assert {s["drafter"] for s in summary} == {"pretrained", "tvd++-onpolicy0.5-round1", "tvd++-onpolicy0.5-round2",
+                                              "ngram"}
     chain = json.loads((root / "run" / "distill" / "rounds" / "tvdpp-onpolicy0.5.json").read_text())
     assert chain["drafter"] == "tvd++-onpolicy0.5" and [e["status"] for e in chain["rounds"]] == ["done", "done"]
     before = {r: (_round(root, r) / "model" / "draftalign_model.json").read_text() for r in (1, 2)}

@@ -10,12 +10,15 @@ import pytest
 from draftalign.config import ConfigError, load_config
 from draftalign.data.selfinstruct import (
     SENTINEL,
+    Asking,
+    Filters,
     as_seeds,
     clean_request,
     drop_reason,
     instruction_id,
     request_seed,
     requests,
+    schedule,
     select,
     summary,
     user_turn,
@@ -84,7 +87,7 @@ def test_select_dedupes_by_normalised_text_and_against_the_seeds():
            {"index": 2, "text": "Tell me a long story about", "ended": False},
            {"index": 4, "text": "  ", "ended": True},
            {"index": 5, "text": "Sort a list in Python please", "ended": True}]
-    records = select(raw, "", 16, 1000, "self-instruct", taken=["sort a list in python please"])
+    records = select(raw, "", Filters(16, 1000), "self-instruct", taken={"a seed": "Sort a list in Python please"})
     assert [r["index"] for r in records] == [0, 1, 2, 3, 4, 5]
     assert [r["kept"] for r in records] == [True, True, False, False, False, False]
     assert records[3]["detail"] == "duplicate: same normalised text as request 0"
@@ -102,20 +105,25 @@ def test_select_dedupes_by_normalised_text_and_against_the_seeds():
     assert summary(records, generated=0, seconds=None)["instructions_per_min"] is None
 
 
+def _plain(text="P", ids=(1, 2)):
+    return [Asking(None, "", 1.0, text, list(ids))]
+
+
 def test_requests_get_distinct_seeds_and_the_turns_stops():
     sampling = {"name": "", "temperature": 1.0, "top_p": 1.0, "max_tokens": 32, "seed": 7}
-    reqs = requests(3, "P", [1, 2], sampling, "<|im_end|>", [2])
+    reqs = requests(3, _plain(), sampling, "<|im_end|>", [2])
     assert [r["row_key"] for r in reqs] == ["q0/self-instruct", "q1/self-instruct", "q2/self-instruct"]
     assert len({r["sampling"]["seed"] for r in reqs}) == 3 and reqs[0]["sampling"]["seed"] == request_seed(7, 0)
     assert reqs[0]["stop"] == ["<|im_end|>"] and reqs[0]["stop_token_ids"] == [2]
-    assert requests(1, "P", [1], {**sampling, "seed": None}, "", [])[0]["sampling"]["seed"] is None
+    assert reqs[0]["source"] == "self-instruct" and reqs[0]["instruction"] == "" and reqs[0]["prompt_text"] == "P"
+    assert requests(1, _plain(ids=[1]), {**sampling, "seed": None}, "", [])[0]["sampling"]["seed"] is None
 
 
 def test_preprocess_passes_the_stops_to_vllm():
     from draftalign.workers.generate_engine import _preprocess
 
     sampling = {"name": "", "temperature": 1.0, "top_p": 1.0, "max_tokens": 32, "seed": None}
-    row = _preprocess(requests(1, "P", [1, 5], sampling, "[/INST]", [])[0])
+    row = _preprocess(requests(1, _plain(ids=[1, 5]), sampling, "[/INST]", [])[0])
     assert row["sampling_params"]["stop"] == ["[/INST]"] and "stop_token_ids" not in row["sampling_params"]
     assert "stop" not in row
 
@@ -225,3 +233,158 @@ def test_pipeline_refuses_a_template_without_a_user_turn_before_any_engine(monke
         pg.run_generate(load_config(TINY, [f"run.output={tmp_path}", f"models.target={model}",
                                            "generate.self_instruct.count=3"]))
     assert calls == []
+
+
+# Kinds of request (Magpie with a seeded opener), near duplicates and evaluation prompts.
+
+def test_schedule_deals_kinds_by_share_and_keeps_earlier_requests_kinds():
+    order = schedule([2, 1, 1], 40)
+    assert [order.count(k) for k in range(3)] == [20, 10, 10]
+    assert order[:4] in ([0, 1, 2, 0], [0, 1, 0, 2])  # interleaved, not all of one kind first
+    assert schedule([2, 1, 1], 7) == order[:7]  # asking for more later keeps the kinds already asked
+    assert schedule([1.5, 0.5], 8).count(0) == 6
+
+
+def test_requests_ask_each_kind_with_its_opener():
+    sampling = {"name": "", "temperature": 1.0, "top_p": 1.0, "max_tokens": 32, "seed": None}
+    askings = [Asking("question", "", 1.0, "P", [1]), Asking("code", "Write a Python function that", 1.0,
+                                                          "PWrite a Python function that", [1, 9, 9])]
+    reqs = requests(4, askings, sampling, "[/INST]", [])
+    assert [r["source"] for r in reqs] == ["self-instruct/question", "self-instruct/code"] * 2
+    assert reqs[1]["instruction"] == "Write a Python function that" and reqs[1]["prompt_token_ids"] == [1, 9, 9]
+    assert reqs[0]["prompt_text"] == "P" and reqs[0]["instruction"] == ""
+
+
+def test_select_with_openers_near_duplicates_and_evaluation_prompts():
+    from draftalign.data.overlap import HeldOutPrompt, HeldOutPrompts
+
+    code, q = {"kind": "code", "opener": "Write a Python function that"}, {"kind": "question", "opener": ""}
+    raw = [{"index": 0, "text": " reverses a string.", "ended": True, **code},
+           {"index": 1, "text": "Explain how a hash map works in simple terms.", "ended": True, **q},
+           {"index": 2, "text": "", "ended": True, **code},  # the opener alone: the target wrote nothing
+           {"index": 3, "text": " sorts.", "ended": True, **code},  # too short, counted after the opener
+           {"index": 4, "text": "explain how a HASH map works in simple terms, please", "ended": True, **q},
+           {"index": 5, "text": "Which parts of the standard library should a beginner learn first?", "ended": True,
+            **q},
+           {"index": 6, "text": " reverses a list.", "ended": True, **code}]
+    held = HeldOutPrompts([HeldOutPrompt("open_ended/open-004", "Which parts of the standard library should a "
+                                         "beginner learn first, and why?")], 0.5)
+    records = select(raw, "", Filters(8, 1000, near_duplicate=0.6, held_out=held), "self-instruct")
+    assert [r["reason"] for r in records] == [None, None, "empty", "too short", "near duplicate",
+                                              "evaluation prompt", None]
+    assert records[0]["instruction"] == "Write a Python function that reverses a string."
+    assert records[0]["source"] == "self-instruct/code" and records[1]["source"] == "self-instruct/question"
+    assert records[3]["detail"] == "too short: 6 characters after the opener < min_chars 8"
+    assert records[4]["detail"].startswith("near duplicate: 0.88 of word 3-grams shared with request 1")
+    assert "open_ended/open-004" in records[5]["detail"]
+    stats = summary(records, 7, 1.0, ["question", "code", "translate"])
+    assert stats["asked_by_kind"] == {"question": 3, "code": 4, "translate": 0}
+    assert stats["kept_by_kind"] == {"question": 1, "code": 2, "translate": 0}
+    assert stats["dropped_by_reason"] == {"empty": 1, "too short": 1, "evaluation prompt": 1, "near duplicate": 1}
+    # Without kinds the mix is empty and near duplicates can be turned off.
+    plain = select([{"index": i, "text": t, "ended": True} for i, t in enumerate(
+        ["Explain how a hash map works in simple terms.", "explain how a HASH map works in simple terms, please"])],
+        "", Filters(8, 1000), "self-instruct")
+    assert [r["kept"] for r in plain] == [True, True] and summary(plain, 0, None)["kept_by_kind"] == {}
+
+
+def test_config_kinds_and_filters():
+    cfg = load_config(TINY, ["generate.self_instruct={count: 4, kinds: [{name: code, opener: 'Write a function that', "
+                             "share: 2}, {name: question}]}"])
+    si = cfg.generate.self_instruct
+    assert [(k.name, k.opener, k.share) for k in si.kinds] == [("code", "Write a function that", 2.0), ("question", "", 1.0)]
+    assert si.near_duplicate == 0.6 and cfg.generate.exclude_eval.enabled and cfg.generate.exclude_eval.threshold == 0.5
+    assert load_config(TINY, ["generate.self_instruct={count: 4}"]).generate.self_instruct.kinds is None
+    with pytest.raises(ConfigError, match="names must be unique"):
+        load_config(TINY, ["generate.self_instruct={count: 4, kinds: [{name: a}, {name: a}]}"])
+    with pytest.raises(ConfigError, match="share"):
+        load_config(TINY, ["generate.self_instruct={count: 4, kinds: [{name: a, share: 0}]}"])
+    for example in ("smollm2.yaml", "smollm2-full.yaml"):
+        kinds = load_config(TINY.parent / example).generate.self_instruct.kinds
+        assert {"question", "code", "summarize", "rewrite", "translate"} <= {k.name for k in kinds}, example
+
+
+# The pipeline with kinds and the evaluation prompts kept out, the engine stubbed to answer everything.
+
+EVAL = Path(__file__).resolve().parent.parent / "examples" / "data" / "eval"
+KINDS = ("generate.self_instruct={count: 6, min_chars: 4, max_tokens: 16, kinds: [{name: question, share: 2}, "
+         "{name: code, opener: 'Write a Python function that', share: 1}]}")
+# By index; the schedule of shares 2:1 asks question, code, question, question, code, question.
+KIND_ANSWERS = ["What are some good habits for naming variables, functions and classes in Python?",  # open-001
+                " reverses a string.", "Explain how a hash map works in simple terms.",
+                "explain how a HASH map works in simple terms, please", "", "How do I read a CSV file?"]
+
+
+def _eval_texts() -> list[str]:
+    rows = [json.loads(line) for f in sorted(EVAL.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    return [(r["instruction"] + "\n\n" + (r.get("input") or "")).strip() for r in rows]
+
+
+def _answer_all(cfg, todo, data_dir, ident, eos, template_hash):
+    """run_passes that answers every request: self-instruct ones from KIND_ANSWERS, the rest with "ok"."""
+    from draftalign.data.schemas import DISTILL_SCHEMA, to_table
+    from draftalign.util.atomicio import write_parquet_atomic
+    from draftalign.workers.generate_engine import chunk_file
+    from draftalign.workers.generate_rows import distill_row
+
+    rows = []
+    for r in todo:
+        text = KIND_ANSWERS[int(r["id"][1:])] if r["row_key"].endswith("/self-instruct") else "ok"
+        rows.append(distill_row(r, [5, 2], text, eos_token_id=eos, target_model="t", target_hash="h",
+                                template_hash=template_hash))
+    if rows:
+        write_parquet_atomic(to_table(rows, DISTILL_SCHEMA), chunk_file(data_dir, rows[0]["row_key"]))
+    return {"failed": [], "rows_written": len(rows), "tokens": 0, "seconds": 1.0, "passes": 1}
+
+
+def test_pipeline_reports_the_mix_and_keeps_evaluation_prompts_out(monkeypatch, tmp_path, target):
+    import draftalign.pipelines.generate as pg
+    from draftalign.data.datasetinfo import format_summary
+    from draftalign.data.datasetinfo import summarize as inspect_summary
+    from draftalign.data.overlap import HeldOutPrompt, HeldOutPrompts
+    from draftalign.data.seeds import normalize_text
+
+    monkeypatch.setattr(pg, "run_passes", _answer_all)
+    summarize = json.loads((EVAL / "summarize.jsonl").read_text().splitlines()[2])
+    seeds = tmp_path / "seeds.jsonl"  # the second seed is an evaluation prompt, reworded at its edges
+    seeds.write_text("".join(json.dumps(s) + "\n" for s in [
+        {"id": "g0", "instruction": "Add the numbers 1 and 2."},
+        {"id": "g1", "instruction": "Please summarize this passage in one or two sentences.", "input": summarize["input"]},
+        {"id": "g2", "instruction": "Write a haiku about the sea."}]))
+    overrides = [f"run.output={tmp_path}", f"models.target={target}", f"generate.seeds={seeds}", KINDS,
+                 "generate.fields={instruction: instruction, input: input, id: id}", "generate.engine.max_model_len=1024",
+                 "generate.sampling=[{name: greedy, temperature: 0, max_tokens: 8}]"]
+    # First without the check: the copies are answered, as a set made before it would hold them.
+    leaky = pg.run_generate(load_config(TINY, [*overrides, "generate.exclude_eval.enabled=false"]))
+    assert leaky["exclude_eval"] is None and leaky["counts"]["rows_in_data"] == 3 + 4
+    manifest = pg.run_generate(load_config(TINY, overrides))
+    si, ex = manifest["self_instruct"], manifest["exclude_eval"]
+    assert si["asked_by_kind"] == {"question": 4, "code": 2} and si["kept_by_kind"] == {"question": 2, "code": 1}
+    assert si["dropped_by_reason"] == {"empty": 1, "evaluation prompt": 1, "near duplicate": 1}
+    assert ex["tasks"] == ["open_ended", "summarize", "translate"] and ex["prompts"] == len(_eval_texts())
+    assert ex["seeds_dropped"] == 1 and ex["self_instruct_dropped"] == 1 and ex["rows_removed"] == 2
+    assert manifest["counts"]["errors_by_reason"] == {"evaluation prompt": 1}
+    out = tmp_path / "generate"
+    errors = pq.read_table(out / "errors" / "seeds.parquet").to_pylist()
+    assert [e["id"] for e in errors] == ["g1"] and f"summarize/{summarize['id']}" in errors[0]["reason"]
+    rows = pq.read_table(out / "data").to_pylist()
+    assert sorted(r["source"] for r in rows) == ["seeds.jsonl", "seeds.jsonl", "self-instruct/code",
+                                                 "self-instruct/question", "self-instruct/question"]
+    # What the test holds the set to: no row's conversation equals or nearly copies an evaluation prompt.
+    evals = _eval_texts()
+    held = HeldOutPrompts([HeldOutPrompt(str(i), t) for i, t in enumerate(evals)], 0.5)
+    exact = {normalize_text(t) for t in evals}
+    for r in rows:
+        text = "\n".join(m["content"] for m in r["messages"])
+        assert normalize_text(text) not in exact and held.match(text) is None, text
+    code = next(r for r in rows if r["source"] == "self-instruct/code")
+    assert code["instruction"] == "Write a Python function that reverses a string."
+    records = pq.read_table(out / "instructions" / "instructions.parquet").to_pylist()
+    assert [r["kind"] for r in records] == ["question", "code", "question", "question", "code", "question"]
+    text = format_summary(inspect_summary(out, rows=0))
+    data_part, instructions = text.split("\n== data:")[1].split("\n== ")[0], text.split("== instructions:")[1]
+    assert f"{2:>8}  self-instruct/question" in data_part and f"{1:>8}  self-instruct/code" in data_part
+    assert "kind:" in instructions and f"{4:>8}  question" in instructions and "evaluation prompt" in instructions
+    # Other kinds would ask otherwise: refused, not mixed with the requests already written.
+    with pytest.raises(ConfigError, match="kinds"):
+        pg.run_generate(load_config(TINY, [*overrides[:3], KINDS.replace("share: 1}", "share: 3}"), *overrides[4:]]))

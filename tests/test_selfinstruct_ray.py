@@ -90,7 +90,7 @@ def test_count_filters_and_the_manifest(world):
         elif r["reason"] == "not ending the turn":
             assert not r["ended"]
         else:
-            assert r["reason"] in ("empty", "too short", "too long", "duplicate"), r["detail"]
+            assert r["reason"] in ("empty", "too short", "too long", "duplicate", "near duplicate"), r["detail"]
             assert r["reason"] != "too short" or len(r["instruction"]) < 12
             assert r["reason"] != "too long" or len(r["instruction"]) > 40
     kinds = {r["reason"] for r in records if not r["kept"]}

@@ -106,12 +106,12 @@ def test_submit_runs_the_whole_pipeline_as_a_ray_job_and_its_metrics_reach_prome
         ("generate", "done"), ("distill", "done"), ("evaluate", "done")]
     summary = json.loads((run / "evaluate" / "summary.json").read_text())
     assert {(r["drafter"], r["task"]) for r in summary} == {
-        (d, t) for d in ("pretrained", "tvd++") for t in ("open_ended", "summarize", "translate")}
+        (d, t) for d in ("pretrained", "tvd++", "ngram") for t in ("open_ended", "summarize", "translate")}
     for r in summary:
         assert r["engine"] == "reference" and r["gamma"] == 2 and r["num_prompts"] == 1
         assert 1.0 <= r["block_efficiency"] <= 3.0 and 0.0 <= r["draft_acceptance_rate"] <= 1.0 and r["mbsu"] > 0
     # The run ends by printing the drafters' τ side by side (every cell is in report.md).
-    assert "| task | engine | γ | T | pretrained | tvd++ | verdict |" in logs.stdout
+    assert "| task | engine | γ | T | pretrained | tvd++ | ngram | verdict |" in logs.stdout
     assert "| translate | reference | 2 |" in logs.stdout
 
     names = ("draftalign_generated_tokens_total", "draftalign_distill_loss", "draftalign_target_tokens_total",

@@ -97,3 +97,33 @@ def test_target_on_a_draft_vocabulary_sends_those_columns_and_caches_apart(tmp_p
     assert reduced["cached_rows"] == 0 and whole["cached_rows"] == 0
     assert whole["logprobs"].shape == (6, 64) and reduced["support_logprobs"].shape == (6, 5)
     assert TargetComputer(model, cfg, str(tmp_path), support)(batch)["cached_rows"] == 2
+
+
+class FeatureTarget(CountingTarget):
+    """CountingTarget plus features: attended position t of a row gets (row sum, t)."""
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        feats = [[ids.sum(), t] for ids, attn in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+                 for t in np.flatnonzero(attn)]
+        return {**out, "features": np.array(feats, dtype=np.float16)}
+
+
+def test_features_are_cached_per_attended_position_and_log_probs_are_shared_with_a_standalone_drafter(tmp_path):
+    batch = _batch([[1, 2, 3, 0], [4, 5, 6, 7]], [[0, 1, 1, 0], [0, 0, 1, 1]])
+    target = FeatureTarget()
+    want = target(batch)
+    target.rows_computed = 0
+    featured = LogprobCache(str(tmp_path), TargetPoolConfig(), feature_layers=[2, 5])
+    got = featured.logprobs(target, batch)
+    assert np.array_equal(got["features"], want["features"]) and np.array_equal(got["logprobs"], want["logprobs"])
+    again = featured.logprobs(target, batch)  # a second pass: all from disk
+    assert np.array_equal(again["features"], want["features"]) and target.rows_computed == 2
+    # a standalone drafter on the same set reads the log-probs the feature pass left, not the features
+    plain = LogprobCache(str(tmp_path), TargetPoolConfig())
+    only = plain.logprobs(CountingTarget(), batch)
+    assert set(only) == {"logprobs"} and plain.hits == 2 and np.array_equal(only["logprobs"], want["logprobs"])
+    # other layers are other features: computed again
+    other = LogprobCache(str(tmp_path), TargetPoolConfig(), feature_layers=[1, 5])
+    other.logprobs(target, batch)
+    assert other.hits == 0 and target.rows_computed == 4

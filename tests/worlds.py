@@ -4,8 +4,8 @@ import random
 from pathlib import Path
 
 
-def tiny_llama(path: Path, seed: int, hidden: int) -> None:
-    """A 1-layer random Llama with the embedded 32k tokenizer saved beside it."""
+def tiny_llama(path: Path, seed: int, hidden: int, layers: int = 1) -> None:
+    """A random Llama (1 layer unless told) with the embedded 32k tokenizer saved beside it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -14,7 +14,7 @@ def tiny_llama(path: Path, seed: int, hidden: int) -> None:
     materialize_tokenizer("embedded", path)
     torch.manual_seed(seed)
     LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=2 * hidden,
-                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
                                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2)).save_pretrained(path)
 
 

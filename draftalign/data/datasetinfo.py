@@ -28,8 +28,9 @@ IDS_SHOWN = 8  # token ids shown of a sample list
 TOP_VALUES = 10  # values listed per count column; the rest are summed up
 MANIFEST_KEYS = 15  # manifest keys shown; it is a reminder of the run, not the point
 # Label columns whose value counts are worth a glance; `source`/`stage` help read error sets.
+# kept, kind: self-instructed requests (instructions/): how many were kept, and the mix asked for.
 COUNT_COLUMNS = ("schema_version", "finish_reason", "sampling_name", "reason", "stage", "source",
-                 "task", "drafter", "engine", "kept")  # kept: self-instructed requests (instructions/)
+                 "task", "drafter", "engine", "kept", "kind")
 _NUM_TOKENS = re.compile(r"^num_(\w+_)?tokens$")
 
 

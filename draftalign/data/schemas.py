@@ -10,7 +10,8 @@ Distillation set (`DISTILL_SCHEMA`), one row per (seed, sampling setting):
 
 - `id` (string): the seed id, from the seed file's id column or `s-` + sha256 of its text.
 - `row_key` (string): `"{id}/{sampling.name}"`, unique per row; resume skips keys already written.
-- `source` (string): where the seed came from (file or data set name).
+- `source` (string): where the seed came from (file or data set name; `self-instruct/KIND` for
+  a self-instructed request of a kind, generate.self_instruct.kinds).
 - `instruction` (string): the seed instruction (the last user turn for message seeds).
 - `input` (string, nullable): the seed's optional context, appended to the instruction.
 - `messages` (list<struct<role: string, content: string>>): the conversation sent to the target.
@@ -186,7 +187,8 @@ ERROR_SCHEMA = _schema(
 # Per-prompt rows of the `evaluate` stage (EVAL_SCHEMA, schema_version 1), one per
 # (drafter, task, prompt, engine, γ, temperature):
 #
-# - `drafter` (string), `drafter_path` (string): the drafter's report name and its folder or hub name.
+# - `drafter` (string), `drafter_path` (string): the drafter's report name and its folder or hub name
+#   ("" for the n-gram baseline `ngram`, which has no model).
 # - `task` (string), `task_kind` (string): the task name and its kind (open_ended, summarize, translate).
 # - `prompt_id` (string): the evaluation row's id.
 # - `engine` (string): "reference" (draftalign.evaluation.specdecode) or "vllm".

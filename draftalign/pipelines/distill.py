@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from typing_extensions import NotRequired
+
 from draftalign.cluster.resources import DistillResources, distill_resources
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
 from draftalign.data.schemas import check_table, distill_schema_for
+from draftalign.errors import VocabMismatchError
 from draftalign.models.arch import check_compatible, count_parameters, load_model_config
 from draftalign.models.draftvocab import (
     DraftVocabInfo,
@@ -26,6 +29,7 @@ from draftalign.models.draftvocab import (
     top_tokens,
     write_draft_vocab,
 )
+from draftalign.models.feature import feature_parameters, is_feature_drafter, load_feature_spec
 from draftalign.models.identity import absolute_model_path, check_target_folder, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
@@ -94,6 +98,7 @@ class DistillPlan(TypedDict):
 
     data: str
     init_from: str
+    feature_init_from: NotRequired[str]  # where a loss trains the feature drafter
     target: str
     on_policy: dict[str, Any]
     losses: list[dict[str, Any]]
@@ -104,9 +109,12 @@ def describe_distill(cfg: Config) -> DistillPlan:
     d = cfg.distill
     losses = [{**loss.model_dump(), "drafter": d.drafter_label(loss), "output": cfg.distilled_path(loss),
                **({"rounds": cfg.round_paths(loss)} if d.on_policy.rounds else {})} for loss in d.losses]
-    return {"data": cfg.distill_data_path(), "init_from": d.init_from or cfg.draft_path(),
-            "target": cfg.target_path(), "on_policy": d.on_policy.model_dump(mode="json"),
-            "losses": losses, "resources": distill_resources(d)}
+    plan: DistillPlan = {"data": cfg.distill_data_path(), "init_from": d.init_from or cfg.draft_path(),
+                         "target": cfg.target_path(), "on_policy": d.on_policy.model_dump(mode="json"),
+                         "losses": losses, "resources": distill_resources(d)}
+    if any(loss.drafter_kind == "feature" for loss in d.losses):
+        plan["feature_init_from"] = cfg.feature_path()
+    return plan
 
 
 def _train_keys(files: list[Path], frac: float) -> set[str]:
@@ -179,16 +187,34 @@ class DistillInputs:
     draft_vocab_info: DraftVocabInfo | None = None  # its size, source and held-out coverage
 
 
-def _inputs(cfg: Config) -> DistillInputs:
+def _start_config(cfg: Config, loss: LossConfig, init_from: str, target_cfg) -> tuple[Any, int]:
+    """(the start's config, its parameters), checked against the target's vocabulary."""
+    if loss.drafter_kind == "feature":
+        if not is_feature_drafter(init_from):
+            raise ConfigError(f"distill.losses[{loss.label}] trains the feature drafter, but {init_from!r} is not "
+                              "one: run `draftalign pretrain` with pretrain.jobs.feature first")
+        spec = load_feature_spec(init_from)
+        target_vocab = target_cfg.get_text_config().vocab_size
+        if spec.vocab_size != target_vocab:
+            raise VocabMismatchError(f"the feature drafter {init_from!r} was built for a {spec.vocab_size}-token "
+                                     f"vocabulary, the target has {target_vocab}: build it again from this target")
+        per = len(spec.target_layers) * spec.hidden * (2 if cfg.distill.target_pool.wire_dtype == "float16" else 4)
+        print(f"[distill] feature drafter: the target pool streams its hidden states at layers {spec.target_layers} "
+              f"beside its log-probs, {per:,} bytes a position ({cfg.distill.target_pool.wire_dtype})", flush=True)
+        return spec, feature_parameters(spec)["parameters"]
+    draft_cfg = _model_config(cfg, "drafter to start from", init_from, "distill.init_from")
+    check_compatible(target_cfg, draft_cfg)
+    return draft_cfg, count_parameters(draft_cfg)
+
+
+def _inputs(cfg: Config, loss: LossConfig) -> DistillInputs:
     from draftalign.data.tokenization import load_tokenizer
 
-    d = cfg.distill
-    target, init_from = (absolute_model_path(p) for p in (cfg.target_path(), d.init_from or cfg.draft_path()))
+    target, init_from = (absolute_model_path(p) for p in (cfg.target_path(), cfg.start_path(loss)))
     target_cfg = _model_config(cfg, "target", target, "models.target")
     if Path(target).is_dir():
         check_target_folder(Path(target))  # the target actors load safetensors only
-    draft_cfg = _model_config(cfg, "drafter to start from", init_from, "distill.init_from")
-    check_compatible(target_cfg, draft_cfg)
+    draft_cfg, parameters = _start_config(cfg, loss, init_from, target_cfg)
     files = data_files(cfg.distill_data_path())
     _check_schema(files)
     target_hash = target_identity(target)["target_hash"]
@@ -196,7 +222,7 @@ def _inputs(cfg: Config) -> DistillInputs:
     tok = load_tokenizer(init_from)
     on_files, plan = _on_policy_inputs(cfg, files, target, target_hash)
     ids, info = _draft_vocab(cfg, files, init_from, draft_cfg.vocab_size, tok)
-    return DistillInputs(target, init_from, files, tok.pad_token_id or 0, tok, count_parameters(draft_cfg),
+    return DistillInputs(target, init_from, files, tok.pad_token_id or 0, tok, parameters,
                          (target_hash, target_identity(init_from)["target_hash"]), on_files, plan, ids, info)
 
 
@@ -260,8 +286,10 @@ def run_distill(cfg: Config) -> list[Path]:
         raise ConfigError(f"distill.on_policy.rounds={cfg.distill.on_policy.rounds}: each round generates with "
                           "vLLM, so the rounds run in `draftalign run`; `draftalign distill` trains one drafter "
                           "(set distill.on_policy.rounds=0 and distill.on_policy.data to a drafter-generated set)")
-    inputs = _inputs(cfg)
-    return [_distill_one(cfg, loss, inputs) for loss in cfg.distill.losses]
+    # Every loss of one drafter kind shares its inputs (checked once, before Ray starts).
+    inputs = {kind: _inputs(cfg, next(loss for loss in cfg.distill.losses if loss.drafter_kind == kind))
+              for kind in dict.fromkeys(loss.drafter_kind for loss in cfg.distill.losses)}
+    return [_distill_one(cfg, loss, inputs[loss.drafter_kind]) for loss in cfg.distill.losses]
 
 
 def _fingerprint(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> str:
@@ -272,8 +300,12 @@ def _fingerprint(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> str:
                              "target_pool": {"inject_actor_death_at_request", "cache", "cache_dir"}}
     # eta only where it means something: the other losses keep the fingerprints they had before it.
     # seed likewise only when set (distill.train.seed, in the config above, is its default).
+    # drafter likewise only for a feature drafter, and the training-time test's keys only there.
     loss_fields = loss.model_dump(mode="json", exclude=({"seed"} if loss.seed is None else set())
-                                  | (set() if loss.name == "lk_hybrid" else {"eta"}))
+                                  | (set() if loss.name == "lk_hybrid" else {"eta"})
+                                  | ({"drafter_kind"} if loss.drafter_kind == "draft" else set()))
+    if loss.drafter_kind == "draft":
+        chaos.update(ttt_steps=True, ttt_decay=True)
     # Likewise on_policy: off, it is left out, so drafters distilled before it existed are reused.
     on_policy: list[Any] = []
     if cfg.distill.on_policy.active:

@@ -1,6 +1,7 @@
 """`draftalign evaluate`: speculative decoding of held-out prompts with each drafter.
 
-The driver resolves the drafters, refuses any that cannot draft for the target (vocabulary,
+The driver resolves the drafters (model folders, plus the n-gram prompt-lookup baseline
+`ngram`, which has none), refuses any model that cannot draft for the target (vocabulary,
 then a few tokens as transformers' assistant_model), renders every task's prompts with the
 target's chat template, and runs the sweep drafter x task x γ x temperature on each engine:
 `reference` (draftalign.evaluation.specdecode, exact, batch 1, in this process) and `vllm` (one engine
@@ -48,10 +49,33 @@ def _exists(path: str) -> bool:
     return Path(path).expanduser().is_dir() or not looks_local(path)
 
 
-class Drafter(TypedDict):
+class _DrafterBase(TypedDict):
     name: str
-    path: str
+    path: str | None  # a model folder or hub name; None: the n-gram baseline, which has no model
     exists: bool
+
+
+class Drafter(_DrafterBase, total=False):
+    """A drafter the sweep runs. `method` is its vLLM speculative method, absent for a model
+    folder ("draft_model"); the n-gram baseline has `method` "ngram" and its lookup window."""
+
+    method: str
+    prompt_lookup_min: int
+    prompt_lookup_max: int
+
+
+def has_model(d: dict) -> bool:
+    """Whether a drafter is a model folder (weights to load, count, check and describe)."""
+    return d.get("path") is not None
+
+
+def _with_baselines(ev: EvaluateConfig, drafters: list[Drafter]) -> list[Drafter]:
+    """The drafters, then the n-gram baseline (evaluate.ngram), which every table shows unless off."""
+    if ev.ngram is None:
+        return drafters
+    return [*drafters, {"name": "ngram", "path": None, "exists": True, "method": "ngram",
+                        "prompt_lookup_min": ev.ngram.prompt_lookup_min,
+                        "prompt_lookup_max": ev.ngram.prompt_lookup_max}]
 
 
 class VllmPlan(TypedDict):
@@ -128,7 +152,7 @@ def _distilled_drafters(cfg: Config) -> dict[str, str]:
 def describe_evaluate(cfg: Config) -> EvaluatePlan:
     """The --plan view: drafters, tasks, the sweep and the engines, offline and without Ray."""
     ev = cfg.evaluate
-    drafters = resolve_drafters(cfg, strict=False)
+    drafters = _with_baselines(ev, resolve_drafters(cfg, strict=False))
     tasks = [{"name": t.name, "kind": t.kind, "data": t.data or str(bundled_path(t.kind)),
               "max_prompts": t.max_prompts or ev.max_prompts} for t in ev.tasks]
     drafters_of = {e: ev.engine_drafters(e, drafters) for e in ev.engines}
@@ -136,7 +160,7 @@ def describe_evaluate(cfg: Config) -> EvaluatePlan:
              for e in ev.engines}
     plan: EvaluatePlan = {
         "target": cfg.target_path(), "output": ev.output,
-        "drafters": [{"name": d["name"], "path": d["path"], "exists": d["exists"]} for d in drafters],
+        "drafters": list(drafters),
         "tasks": tasks, "engines": ev.engines, "gammas": ev.gammas, "temperatures": ev.temperatures,
         "engine_temperatures": {e: ev.engine_temperatures(e) for e in ev.engines},
         "top_p": ev.top_p, "max_new_tokens": ev.max_new_tokens,
@@ -180,7 +204,7 @@ def _prompts(cfg: Config, tok: Any, context: int, log) -> dict[str, list[dict]]:
 class _RayVllmEngine:
     """A VllmEngine in a Ray actor, called like the engine itself; `close` stops and kills it."""
 
-    def __init__(self, cfg: Config, target: str, draft: str | None, gamma: int) -> None:
+    def __init__(self, cfg: Config, target: str, speculative: dict[str, Any] | None) -> None:
         import ray
 
         from draftalign.cluster.session import init_ray
@@ -191,7 +215,7 @@ class _RayVllmEngine:
         per = vllm_eval_engine(v)
         options = {"num_cpus": per["CPU"], **({"num_gpus": per["GPU"]} if "GPU" in per else {}),
                    **({"runtime_env": {"env_vars": dict(v.env)}} if v.env else {})}
-        self.actor = ray.remote(**options)(VllmEngine).remote(target, draft, gamma, v)
+        self.actor = ray.remote(**options)(VllmEngine).remote(target, speculative, v)
 
     def generate(self, *args) -> list[dict]:
         import ray
@@ -213,7 +237,7 @@ class VllmSweep:
     is not in the cell store yet, so a comparison that gains drafters runs only theirs; the target
     alone first, once per (task, T), when the speed-up is measured.
 
-    start(draft folder or None, γ) -> an engine with VllmEngine's generate and close."""
+    start(speculative_config or None) -> an engine with VllmEngine's generate and close."""
 
     def __init__(self, ev: EvaluateConfig, target_model: str, prompts: dict[str, list[dict]], cells: CellStore,
                  start, log) -> None:
@@ -232,7 +256,7 @@ class VllmSweep:
                 self.log(f"[evaluate] vllm autoregressive / {task} T={temp:g}: written earlier")
         missing = [cell for cell, base in got.items() if base is None]
         if missing:
-            self._with_engine(None, 0, "the target",
+            self._with_engine(None, "the target",
                               lambda engine: got.update({cell: self._baseline(engine, *cell) for cell in missing}))
         for (task, temp), base in got.items():
             self.ar.update({(task, temp, pid): (list(tokens), secs) for pid, (tokens, secs) in base.items()})
@@ -249,9 +273,10 @@ class VllmSweep:
         return base
 
     def drafter_rows(self, d: dict, gamma: int) -> list[EvalRow]:
-        """Every (task, T) cell of drafter `d` ({"name", "path", "identity"?}) at γ: from the store,
-        or from one engine for the missing ones."""
+        """Every (task, T) cell of drafter `d` ({"name", "path", "identity"?, "method"?, ...}) at γ:
+        from the store, or from one engine for the missing ones."""
         from draftalign.workers.evaluate_reference import progress_line
+        from draftalign.workers.evaluate_vllm import speculative_config
 
         keys = {cell: ("vllm", d["name"], d.get("identity", ""), cell[0], gamma, cell[1]) for cell in self.cells_of()}
         done = {cell: self.cells.rows(*key) for cell, key in keys.items()}
@@ -262,7 +287,8 @@ class VllmSweep:
         if not missing:
             return [r for cell in self.cells_of() for r in done[cell]]
         self.log(f"[evaluate] vllm: starting an engine for {d['name']} γ={gamma}")
-        draft = absolute_model_path(d["path"])
+        spec = speculative_config(d, gamma)
+        draft = spec.get("model", "")  # the rows' drafter_path: "" for a drafter without a model
 
         def run(engine) -> None:
             for task, temp in missing:
@@ -273,7 +299,7 @@ class VllmSweep:
                 done[(task, temp)] = rows
                 self.log(progress_line("vllm", d["name"], task, gamma, temp, rows, time.time() - t0))
 
-        self._with_engine(draft, gamma, f"drafter {d['name']!r} ({draft}) as vLLM draft_model", run)
+        self._with_engine(spec, f"drafter {d['name']!r} ({draft or 'no model'}) as vLLM {spec['method']}", run)
         return [r for cell in self.cells_of() for r in done[cell]]
 
     def _generate(self, engine, task: str, temp: float) -> list[dict]:
@@ -281,10 +307,10 @@ class VllmSweep:
         return engine.generate([{"id": p["id"], "token_ids": p["token_ids"]} for p in self.prompts[task]], temp,
                                ev.top_p, ev.max_new_tokens, ev.seed, ev.vllm.warmup_tokens, ev.vllm.batch_size)
 
-    def _with_engine(self, draft: str | None, gamma: int, role: str, work) -> None:
+    def _with_engine(self, speculative: dict[str, Any] | None, role: str, work) -> None:
         import ray
 
-        engine = self.start(draft, gamma)
+        engine = self.start(speculative)
         try:
             work(engine)
         except ray.exceptions.RayError as exc:
@@ -297,7 +323,7 @@ def _vllm_rows(cfg: Config, target: str, drafters: list[dict], prompts: dict[str
                log) -> list[EvalRow]:
     path = absolute_model_path(target)
     sweep = VllmSweep(cfg.evaluate, target, prompts, cells,
-                      lambda draft, gamma: _RayVllmEngine(cfg, path, draft, gamma), log)
+                      lambda speculative: _RayVllmEngine(cfg, path, speculative), log)
     if cfg.evaluate.vllm.measure_autoregressive:
         sweep.baselines()
     return [r for d in drafters for gamma in cfg.evaluate.gammas for r in sweep.drafter_rows(d, gamma)]
@@ -327,18 +353,20 @@ def _rows_from_vllm(name: str, draft: str, task: str, rows: list[dict], gamma: i
 def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: list[int], check: bool,
                      log) -> tuple[int, dict[str, int]]:
     """Weights read per decoding step (models.arch.step_weights, MBSU's c) of the loaded models,
-    after the assistant_model check when asked."""
+    after the assistant_model check when asked; 0 for a drafter without a model (the n-gram
+    baseline reads no weights: c = 0, its MBSU is its τ)."""
     from draftalign.models.arch import step_weights
     from draftalign.models.exportcheck import check_transformers
 
-    params = {}
+    params = {d["name"]: 0 for d in drafters if not has_model(d)}
+    drafters = [d for d in drafters if has_model(d)]
     for d in drafters:
         draft = engine.load_draft(d["path"])
         params[d["name"]] = step_weights(draft)
         if check:
             check_transformers(engine.target, draft, target, d["path"], prompt[:16])
         del draft
-    if check:
+    if check and drafters:
         log(f"[evaluate] export check: {', '.join(d['name'] for d in drafters)} "
             f"{'runs' if len(drafters) == 1 else 'run'} as transformers' assistant_model")
     return step_weights(engine.target), params
@@ -366,6 +394,10 @@ def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, in
              f"top-p {ev.top_p}; at most {ev.max_new_tokens} new tokens per prompt, {_batch_note(ev)}.", ""]
     for d in drafters:
         c = params[d["name"]] / target_params
+        if not has_model(d):
+            lines.append(f"- drafter `{d['name']}`: n-gram prompt lookup (vLLM's method `ngram`, n from "
+                         f"{d['prompt_lookup_min']} to {d['prompt_lookup_max']}), no weights: c = 0, its MBSU is its τ")
+            continue
         lines.append(f"- drafter `{d['name']}`: `{d['path']}` ({params[d['name']] / 1e6:.1f}M weights read per step, "
                      f"c = {c:.4f}){_vocab_note(d['path'])}")
     lines += ["", "τ: tokens per target call, pooled over prompts; draft acceptance: accepted / drafted tokens "
@@ -412,26 +444,32 @@ def _checked_models(cfg: Config) -> tuple[str, list[dict]]:
     drafters = resolve_drafters(cfg)
     for d in drafters:
         check_vocab(target, d["path"], cfg.models.trust_remote_code)
-    return target, drafters
+    return target, _with_baselines(cfg.evaluate, drafters)
 
 
 def _cells_fingerprint(cfg: Config, target: str, prompts: dict[str, list[dict]]) -> str:
     """What determines every evaluation cell: the settings, the target, the prompts. Each
     drafter's export is in its own cells' key (`_with_identities`), so adding a drafter to a
     comparison leaves the other drafters' cells in place."""
-    # Which drafters run (evaluate.drafters, each engine's subset) is not: each has its own cells.
+    # Which drafters run (evaluate.drafters, each engine's subset, the n-gram baseline and its
+    # window) is not: each has its own cells, its settings in its identity.
     ev = cfg.evaluate.model_dump(mode="json", exclude={"output": True, "plots": True, "export_check": True,
                                                        "drafters": True, "reference": {"drafters"},
-                                                       "vllm": {"drafters"}})
+                                                       "vllm": {"drafters"}, "ngram": True})
     return fingerprint(ev, target_identity(target)["target_hash"],
                        {task: [(p["id"], p["token_ids"]) for p in rows] for task, rows in prompts.items()})
 
 
 def _with_identities(drafters: list[dict]) -> list[dict]:
     """Each drafter with `identity`: a digest of its name, folder, target and export record, so
-    a drafter retrained in place (or a name pointed elsewhere) never reads its old cells."""
+    a drafter retrained in place (or a name pointed elsewhere) never reads its old cells; of a
+    drafter without a model, its name, method and settings (the n-gram window)."""
     out = []
     for d in drafters:
+        if not has_model(d):
+            settings = {k: v for k, v in d.items() if k not in ("name", "path", "exists")}
+            out.append({**d, "identity": fingerprint(d["name"], settings)})
+            continue
         info = Path(d["path"]).expanduser() / MODEL_INFO
         out.append({**d, "identity": fingerprint(d["name"], d["path"], target_identity(d["path"])["target_hash"],
                                                  info.read_text() if info.is_file() else None)})
@@ -473,7 +511,8 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
         from draftalign.models.arch import step_weights_of
 
         target_params = step_weights_of(target, cfg.models.trust_remote_code)
-        params = {d["name"]: step_weights_of(d["path"], cfg.models.trust_remote_code) for d in drafters}
+        params = {d["name"]: step_weights_of(d["path"], cfg.models.trust_remote_code) if has_model(d) else 0
+                  for d in drafters}
     rows: list[EvalRow] = []
     cells = CellStore(out, _cells_fingerprint(cfg, target, prompts))  # both engines' finished cells
     if "reference" in ev.engines:
@@ -534,7 +573,7 @@ def _write_cards(drafters: list[dict], records: list[dict], log) -> None:
     """A model card (README.md) in every evaluated drafter folder draftalign exported."""
     from draftalign.models.card import write_card
 
-    for d in drafters:
+    for d in filter(has_model, drafters):
         folder = Path(d["path"]).expanduser()
         if not (folder / MODEL_INFO).is_file():
             continue  # a hub model or a folder draftalign did not export: not ours to describe

@@ -25,20 +25,27 @@ from typing import Any, TypedDict
 from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import GenerateResources, generate_resources
 from draftalign.config import Config, ConfigError, GenerateConfig
+from draftalign.data.overlap import HeldOutPrompt, HeldOutPrompts
 from draftalign.data.prompts import chat_template_hash, encode_prompt, render_prompt
 from draftalign.data.schemas import ERROR_SCHEMA, ErrorRow, to_table
-from draftalign.data.seeds import normalize_text, open_rows, prepare_seeds
+from draftalign.data.seeds import open_rows, prepare_seeds
 from draftalign.data.selfinstruct import (
     INSTRUCTION_SCHEMA,
+    Asking,
+    Filters,
     InstructionSummary,
+    UserTurn,
     as_seeds,
     index_of,
+    kind_source,
+    schedule,
     select,
     summary,
     user_turn,
 )
 from draftalign.data.selfinstruct import requests as instruction_requests
 from draftalign.errors import DraftalignError
+from draftalign.evaluation.tasks import build_prompts, task_rows
 from draftalign.models.identity import absolute_model_path, check_target_folder, looks_local, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.setprint import check_set, row_determinants, write_fingerprint
@@ -49,6 +56,7 @@ from draftalign.workers.generate_engine import ENGINE_MAX_RESTARTS, engine_kwarg
 from draftalign.workers.generate_rows import (
     Render,
     context_error,
+    drop_rows,
     error_row,
     expand_requests,
     pending,
@@ -126,11 +134,54 @@ def describe_generate(cfg: Config) -> GeneratePlan:
     }
 
 
+def held_out_prompts(cfg: Config) -> HeldOutPrompts | None:
+    """The prompts of evaluate.tasks that must stay out of the set (generate.exclude_eval), or None.
+
+    Each task's first generate.exclude_eval.max_prompts rows, and at least those the evaluate
+    stage reads. An evaluation set that cannot be read stops the run: a check skipped in silence
+    would let its prompts leak into the set.
+    """
+    ex = cfg.generate.exclude_eval
+    if not ex.enabled:
+        return None
+    prompts = []
+    for task in cfg.evaluate.tasks:
+        limit = max(ex.max_prompts, task.max_prompts or cfg.evaluate.max_prompts)
+        try:
+            rows = build_prompts(task, task_rows(task), limit)
+        except (DraftalignError, OSError) as exc:
+            raise ConfigError(f"generate.exclude_eval: cannot read the prompts of evaluation task {task.name!r} to "
+                              f"keep them out of the distillation set: {exc} (generate.exclude_eval.enabled=false "
+                              "skips the check)") from exc
+        prompts += [HeldOutPrompt(f"{task.name}/{p['id']}", p["user"], p["input"]) for p in rows]
+    return HeldOutPrompts(prompts, ex.threshold)
+
+
+def seed_text(seed: dict) -> str:
+    """Everything a seed says to the target: its turns' contents, one per line."""
+    return "\n".join(t["content"] for t in seed["messages"])
+
+
+def drop_held_out(seeds: list[dict], held_out: HeldOutPrompts | None) -> tuple[list[dict], list[ErrorRow]]:
+    """(the seeds that copy no evaluation prompt, an error row for each that does)."""
+    if held_out is None:
+        return seeds, []
+    kept, errors = [], []
+    for s in seeds:
+        if (reason := held_out.reason(seed_text(s))) is None:
+            kept.append(s)
+        else:
+            errors.append(error_row("seeds", reason, id=s["id"], source=s["source"], raw=s))
+    return kept, errors
+
+
 class Prepared(TypedDict):
     """What the driver prepares before Ray starts: requests from the seeds (self-instructed ones
     are added later), the rejected seeds, and what renders and ends a prompt."""
 
-    seeds: list[dict]  # prepare_seeds' rows
+    seeds: list[dict]  # prepare_seeds' rows, less those that copy an evaluation prompt
+    held_out: HeldOutPrompts | None  # the evaluation prompts kept out (generate.exclude_eval)
+    held_out_seeds: int  # seeds dropped as copies of one
     requests: list[dict]  # expand_requests': one per (seed, sampling setting)
     errors: list[ErrorRow]
     source: str | None  # the seed file's or data set's name
@@ -150,6 +201,8 @@ def _prepare(cfg: Config, target: str) -> Prepared:
         rows, source = seed_rows(gen)
         seeds, bad = prepare_seeds(rows, gen.fields, source, gen.max_seeds)
         errors = [error_row("seeds", e["reason"], id=e["id"], source=e["source"], raw=e["raw"]) for e in bad]
+    held_out = held_out_prompts(cfg)
+    seeds, copies = drop_held_out(seeds, held_out)
     if gen.self_instruct is not None:
         user_turn(tok, target, gen.system_prompt)  # a template without a user turn fails here, before Ray
 
@@ -158,7 +211,8 @@ def _prepare(cfg: Config, target: str) -> Prepared:
         return text, encode_prompt(tok, text)
 
     requests, too_long = expand_requests(seeds, gen.sampling, render, gen.engine.max_model_len)
-    return {"seeds": seeds, "requests": requests, "errors": errors + too_long, "source": source,
+    return {"seeds": seeds, "held_out": held_out, "held_out_seeds": len(copies),
+            "requests": requests, "errors": errors + copies + too_long, "source": source,
             "eos": tok.eos_token_id, "template_hash": chat_template_hash(tok), "tokenizer": tok, "render": render}
 
 
@@ -330,6 +384,7 @@ class InstructionFingerprint(TypedDict):
     top_p: float
     max_tokens: int
     seed: int | None
+    kinds: list[dict[str, Any]] | None  # generate.self_instruct.kinds: which request asks with which opener
 
 
 def _instruction_fingerprint(cfg: Config, ident: dict[str, str], template_hash: str,
@@ -337,7 +392,7 @@ def _instruction_fingerprint(cfg: Config, ident: dict[str, str], template_hash: 
     """What makes the raw requests in instructions/data/: not count (more only adds requests) nor the filters."""
     si = cfg.generate.self_instruct
     return {"generator_hash": ident["generator_hash"], "chat_template_hash": template_hash, "prefix": prefix,
-            **si.model_dump(mode="json", include={"temperature", "top_p", "max_tokens", "seed"})}
+            **si.model_dump(mode="json", include={"temperature", "top_p", "max_tokens", "seed", "kinds"})}
 
 
 def _check_instructions(folder: Path, current: InstructionFingerprint, overwrite: bool) -> None:
@@ -352,14 +407,59 @@ def _check_instructions(folder: Path, current: InstructionFingerprint, overwrite
     shutil.rmtree(folder / "data", ignore_errors=True)
 
 
+def _askings(cfg: Config, tok: Any, turn: UserTurn) -> list[Asking]:
+    """One engine prompt per kind of request (the user-turn prefix + the kind's opener); one plain
+    prompt without generate.self_instruct.kinds. A prompt that leaves no room for max_tokens is refused."""
+    si, max_len = cfg.generate.self_instruct, cfg.generate.engine.max_model_len
+    kinds = [(k.name, k.opener, k.share, k.max_tokens) for k in si.kinds] if si.kinds else [(None, "", 1.0, None)]
+    out = []
+    for name, opener, share, max_tokens in kinds:
+        ids = encode_prompt(tok, turn.prefix + opener)
+        if reason := context_error(len(ids), max_tokens or si.max_tokens, max_len):
+            what = f"kind {name!r}: the user-turn prefix and opener" if name else "the user-turn prefix"
+            raise ConfigError(f"generate.self_instruct: {what} is {reason}")
+        out.append(Asking(name, opener, share, turn.prefix + opener, ids, max_tokens))
+    return out
+
+
+def _raw_requests(data_dir: Path, asked: list[dict], ask_of: list[Asking]) -> list[dict]:
+    """What the engine wrote for the `asked` requests ({index, text, ended, kind, opener}; ask_of[i]:
+    how request i was asked); a smaller count than an earlier run's leaves the later requests out."""
+    wanted = {r["row_key"] for r in asked}
+    raw = []
+    for part in read_parts(data_dir, ["id", "row_key", "response_text", "finish_reason"]):
+        for i, k, t, f in zip(part["id"], part["row_key"], part["response_text"], part["finish_reason"], strict=True):
+            if k in wanted:
+                ask = ask_of[index_of(i)]
+                raw.append({"index": index_of(i), "text": t, "ended": f == "stop", "kind": ask.kind,
+                            "opener": ask.opener})
+    return raw
+
+
+def _failed(failed: list[tuple[dict, str]], ask_of: list[Asking], source: str) -> list[dict]:
+    """Records of the requests no engine pass answered."""
+    return [{"index": index_of(r["id"]), "id": None, "source": kind_source(source, ask_of[index_of(r["id"])].kind),
+             "kind": ask_of[index_of(r["id"])].kind, "instruction": "", "raw_text": "", "ended": False,
+             "kept": False, "reason": "engine error", "detail": f"engine error: {reason}"} for r, reason in failed]
+
+
 class SelfInstructed(TypedDict):
     seeds: list[dict]  # the kept requests as seed rows
     summary: InstructionSummary
+    held_out_ids: list[str]  # ids of the requests dropped as copies of an evaluation prompt
+
+
+def _mix(stats: InstructionSummary) -> str:
+    """The log's view of the mix: kept/asked per kind."""
+    if not stats["asked_by_kind"]:
+        return ""
+    return "; kept by kind " + ", ".join(f"{k} {stats['kept_by_kind'][k]}/{n}" for k, n in stats["asked_by_kind"].items())
 
 
 def self_instruct(cfg: Config, out: Path, ident: dict[str, str], prep: Prepared) -> SelfInstructed:
-    """The target writes `count` user requests from its user-turn prefix (resumable, in instructions/);
-    returns {"seeds": the kept ones as seed rows, "summary": counts and rate}.
+    """The target writes `count` user requests from its user-turn prefix (and each kind's opener;
+    resumable, in instructions/); returns the kept ones as seed rows, the counts and rate, and the
+    ids of those that copied an evaluation prompt.
 
     The requests go through the same engine passes as the answers; the model that answers
     (generate.generator, default the target) writes them.
@@ -367,9 +467,7 @@ def self_instruct(cfg: Config, out: Path, ident: dict[str, str], prep: Prepared)
     gen, si = cfg.generate, cfg.generate.self_instruct
     folder, tok = out / "instructions", prep["tokenizer"]
     turn = user_turn(tok, cfg.target_path(), gen.system_prompt)
-    ids = encode_prompt(tok, turn.prefix)
-    if reason := context_error(len(ids), si.max_tokens, gen.engine.max_model_len):
-        raise ConfigError(f"generate.self_instruct: the user-turn prefix is {reason}")
+    askings = _askings(cfg, tok, turn)
     current = _instruction_fingerprint(cfg, ident, prep["template_hash"], turn.prefix)
     _check_instructions(folder, current, gen.overwrite)
     data_dir = folder / "data"
@@ -377,30 +475,25 @@ def self_instruct(cfg: Config, out: Path, ident: dict[str, str], prep: Prepared)
     write_json_atomic(folder / "fingerprint.json", current)
     sampling = {"name": "", "temperature": si.temperature, "top_p": si.top_p, "max_tokens": si.max_tokens,
                 "seed": si.seed}
-    asked = instruction_requests(si.count, turn.prefix, ids, sampling, turn.end, _end_token_ids(tok, turn.end))
+    asked = instruction_requests(si.count, askings, sampling, turn.end, _end_token_ids(tok, turn.end))
     todo = pending(asked, existing_row_keys(data_dir))
     print(f"[generate] self-instruct: {si.count} requests, {si.count - len(todo)} already written, "
-          f"{len(todo)} to generate (prefix {turn.prefix!r}, end {turn.end!r})", flush=True)
+          f"{len(todo)} to generate (prefix {turn.prefix!r}, end {turn.end!r}"
+          f"{', kinds ' + ', '.join(a.kind for a in askings) if si.kinds else ''})", flush=True)
     result = run_passes(cfg, todo, data_dir, ident, prep["eos"], prep["template_hash"]) if todo else None
-    wanted = {r["row_key"] for r in asked}
-    raw = []
-    for part in read_parts(data_dir, ["id", "row_key", "response_text", "finish_reason"]):
-        raw += [{"index": index_of(i), "text": t, "ended": f == "stop"}
-                for i, k, t, f in zip(part["id"], part["row_key"], part["response_text"], part["finish_reason"],
-                                      strict=True) if k in wanted]  # a smaller count leaves later ones out
-    taken = [normalize_text("\n".join(t["content"] for t in s["messages"])) for s in prep["seeds"]]
-    records = select(raw, turn.end, si.min_chars, si.max_chars, si.source, taken)
-    for r, reason in (result or {}).get("failed", []):
-        records.append({"index": index_of(r["id"]), "id": None, "source": si.source, "instruction": "",
-                        "raw_text": "", "ended": False, "kept": False, "reason": "engine error",
-                        "detail": f"engine error: {reason}"})
+    filters = Filters(si.min_chars, si.max_chars, si.near_duplicate, prep["held_out"])
+    taken = {f"seed {s['id']}": seed_text(s) for s in prep["seeds"]}
+    ask_of = [askings[k] for k in schedule([a.share for a in askings], si.count)]
+    records = select(_raw_requests(data_dir, asked, ask_of), turn.end, filters, si.source, taken)
+    records += _failed((result or {}).get("failed", []), ask_of, si.source)
     write_parquet_atomic(to_table(sorted(records, key=lambda r: r["index"]), INSTRUCTION_SCHEMA),
                          folder / "instructions.parquet")
-    stats = summary(records, len(todo), result["seconds"] if result else None)
+    stats = summary(records, len(todo), result["seconds"] if result else None, [a.kind for a in askings if a.kind])
     rate = f", {stats['instructions_per_min']} instructions/min" if stats["instructions_per_min"] else ""
     print(f"[generate] self-instruct: {stats['asked']} asked, {stats['kept']} kept ({stats['kept_share']:.0%}), "
-          f"dropped {stats['dropped_by_reason']}{rate}", flush=True)
-    return {"seeds": as_seeds(records), "summary": stats}
+          f"dropped {stats['dropped_by_reason']}{rate}{_mix(stats)}", flush=True)
+    return {"seeds": as_seeds(records), "summary": stats,
+            "held_out_ids": [r["id"] for r in records if r["reason"] == "evaluation prompt"]}
 
 
 class GenerateCounts(TypedDict):
@@ -419,6 +512,17 @@ class GenerateCounts(TypedDict):
     engine_passes: int
 
 
+class HeldOutCounts(TypedDict):
+    """What generate.exclude_eval kept out (the manifest's `exclude_eval`)."""
+
+    tasks: list[str]
+    prompts: int  # evaluation prompts checked against
+    threshold: float
+    seeds_dropped: int
+    self_instruct_dropped: int
+    rows_removed: int  # rows of such requests an earlier run had written to data/, removed
+
+
 class GenerateManifest(TypedDict):
     """manifest.json of a generate run; the identity keys are target_identity's and generator_identity's."""
 
@@ -430,22 +534,32 @@ class GenerateManifest(TypedDict):
     chat_template_hash: str
     source: str
     self_instruct: InstructionSummary | None
+    exclude_eval: HeldOutCounts | None  # None: generate.exclude_eval.enabled is false
     counts: GenerateCounts
     elapsed_s: float
     generate_s: float
     tokens_per_s: float
 
 
+def held_out_counts(cfg: Config, prep: Prepared, si: SelfInstructed | None, removed: int) -> HeldOutCounts | None:
+    """The manifest's `exclude_eval`: None when the check is off."""
+    if prep["held_out"] is None:
+        return None
+    return {"tasks": [t.name for t in cfg.evaluate.tasks], "prompts": len(prep["held_out"]),
+            "threshold": prep["held_out"].threshold, "seeds_dropped": prep["held_out_seeds"],
+            "self_instruct_dropped": len(si["held_out_ids"]) if si is not None else 0, "rows_removed": removed}
+
+
 def _manifest(cfg: Config, prep: Prepared, ident: dict[str, str], si: SelfInstructed | None,
-              todo: list[dict], result: PassResult, engine_errors: list[ErrorRow], final: dict[str, int],
-              elapsed: float) -> GenerateManifest:
+              held_out: HeldOutCounts | None, todo: list[dict], result: PassResult, engine_errors: list[ErrorRow],
+              final: dict[str, int], elapsed: float) -> GenerateManifest:
     """What a generate run did (manifest.json): its identity, counts, errors and rates."""
     gen = cfg.generate
     all_errors = prep["errors"] + engine_errors
     return {
         "config": redact(cfg.model_dump(mode="json")), **ident, "chat_template_hash": prep["template_hash"],
         "source": " + ".join(x for x in (prep["source"], gen.self_instruct and gen.self_instruct.source) if x),
-        "self_instruct": si["summary"] if si is not None else None,
+        "self_instruct": si["summary"] if si is not None else None, "exclude_eval": held_out,
         "counts": {
             "seeds_read": len(prep["seeds"]) + sum(e["stage"] == "seeds" and e["row_key"] is None
                                                    for e in prep["errors"]),
@@ -461,6 +575,20 @@ def _manifest(cfg: Config, prep: Prepared, ident: dict[str, str], si: SelfInstru
         "elapsed_s": round(elapsed, 2), "generate_s": round(result["seconds"], 2),
         "tokens_per_s": round(result["tokens"] / result["seconds"], 2) if result["seconds"] else 0.0,
     }
+
+
+def _keep_out(cfg: Config, prep: Prepared, si: SelfInstructed | None, data_dir: Path) -> HeldOutCounts | None:
+    """Remove from data/ the rows of requests that copy an evaluation prompt (written by a run before
+    the check, or with other evaluation tasks or threshold), and say what was kept out."""
+    if prep["held_out"] is None:
+        return None
+    ids = {e["id"] for e in prep["errors"] if e["reason"].startswith("evaluation prompt:")}
+    removed = drop_rows(data_dir, ids | set(si["held_out_ids"] if si is not None else ()))
+    counts = held_out_counts(cfg, prep, si, removed)
+    print(f"[generate] evaluation prompts kept out: {counts['prompts']} of {', '.join(counts['tasks'])}; dropped as "
+          f"copies: {counts['seeds_dropped']} seeds, {counts['self_instruct_dropped']} self-instruct requests; "
+          f"{removed} rows of such requests removed from data/", flush=True)
+    return counts
 
 
 @locked_output("generate", lambda cfg: cfg.generate.output)
@@ -491,6 +619,7 @@ def run_generate(cfg: Config) -> GenerateManifest:
         extra, too_long = expand_requests(si["seeds"], gen.sampling, prep["render"], gen.engine.max_model_len)
         prep["requests"] += extra
         prep["errors"] += too_long
+    held_out = _keep_out(cfg, prep, si, data_dir)
     todo = pending(prep["requests"], done)
     _write_errors(err_dir / "seeds.parquet", prep["errors"])
     if ident["generator_hash"] != ident["target_hash"]:
@@ -503,7 +632,7 @@ def run_generate(cfg: Config) -> GenerateManifest:
     engine_errors = [error_row("engine", reason, id=r["id"], source=r["source"], raw=r, key=r["row_key"])
                      for r, reason in result["failed"]]
     _write_errors(err_dir / "engine.parquet", engine_errors)
-    manifest = _manifest(cfg, prep, ident, si, todo, result, engine_errors, row_key_counts(data_dir),
+    manifest = _manifest(cfg, prep, ident, si, held_out, todo, result, engine_errors, row_key_counts(data_dir),
                          time.time() - start)
     write_json_atomic(out / "manifest.json", manifest)
     record("draftalign_generation_tokens_per_s", manifest["tokens_per_s"], stage="generate")

@@ -26,6 +26,7 @@ from draftalign.models.arch import (
     load_model_config,
     target_layers_config,
 )
+from draftalign.models.feature import feature_from_target, feature_parameters, feature_spec
 from draftalign.models.identity import absolute_model_path
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
@@ -38,7 +39,7 @@ _ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def selected_jobs(cfg: Config) -> list[tuple[str, PretrainJob]]:
-    order = [n for n in ("target", "draft") if n in cfg.pretrain.jobs]
+    order = [n for n in ("target", "draft", "feature") if n in cfg.pretrain.jobs]
     if cfg.pretrain.only:
         if cfg.pretrain.only not in cfg.pretrain.jobs:
             raise ConfigError(f"pretrain.only={cfg.pretrain.only} names no job in pretrain.jobs")
@@ -58,6 +59,12 @@ def model_config_for(cfg: Config, name: str, job: PretrainJob, tok) -> Any:
         return build_config(job.arch.preset, job.arch.overrides, vocab_size=len(tok),
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     target = _target_config(cfg, tok)
+    if job.arch.feature is not None:  # the target's own config: the feature drafter's spec derives from it
+        try:
+            feature_spec(target, job.arch.feature.layers, job.arch.feature.decoder_layers)
+        except ValueError as exc:
+            raise ConfigError(f"pretrain.jobs.{name}.arch.{exc}") from None
+        return target
     if job.arch.target_layers is not None:
         try:
             return target_layers_config(target, job.arch.target_layers)
@@ -115,14 +122,22 @@ def describe_jobs(cfg: Config) -> list[JobPlan]:
                 note = f"target not reachable from here ({str(exc).splitlines()[0]}); shape from arch only"
             out.append({
                 "job": name, "output": str(Path(cfg.pretrain.output) / name),
-                "model": {k: getattr(mc, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
-                                                      "num_attention_heads", "vocab_size",
-                                                      "max_position_embeddings", "tie_word_embeddings")},
-                "parameters": count_parameters(mc),
+                "model": _plan_shape(job, mc),
+                "parameters": _parameters(job, mc) if note is None else count_parameters(mc),
                 "resources": train_resources(job),
                 **({"note": note} if note else {}),
             })
     return out
+
+
+def _plan_shape(job: PretrainJob, mc: Any) -> dict[str, int | bool]:
+    """The config fields that size the job's model (a feature drafter: its layers, on its target's sizes)."""
+    shape = {k: getattr(mc, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                         "num_attention_heads", "vocab_size", "max_position_embeddings",
+                                         "tie_word_embeddings")}
+    if job.arch.feature is not None:
+        shape.update(num_hidden_layers=job.arch.feature.decoder_layers, tie_word_embeddings=False)
+    return shape
 
 
 def _rows_text(ds, field: str, where: str):
@@ -187,6 +202,14 @@ def _read_files(paths: list[Path], corpus: CorpusConfig, bytes_to_text):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
+def _parameters(job: PretrainJob, model_config: Any) -> int:
+    """The job's model's parameters: a feature drafter's own (model_config is its target's)."""
+    f = job.arch.feature
+    if f is None:
+        return count_parameters(model_config)
+    return feature_parameters(feature_spec(model_config, f.layers, f.decoder_layers))["parameters"]
+
+
 def _job_fingerprint(cfg: Config, job: PretrainJob, model_config: Any, tok) -> str:
     # Without the folder the config was read from (`_name_or_path`: a target imported into this
     # clone's .cache/): a run folder moved to another clone or machine is still reused.
@@ -217,7 +240,9 @@ def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, t
         print(f"[pretrain {name}] reusing {model_dir} (same inputs and config)", flush=True)
         return model_dir
     claim_output(job_dir, fp, cfg.pretrain.overwrite, "pretrain.overwrite")
-    write_run_info(job_dir, cfg, f"pretrain.{name}", {"fingerprint": fp, "parameters": count_parameters(mc)})
+    write_run_info(job_dir, cfg, f"pretrain.{name}", {"fingerprint": fp, "parameters": _parameters(job, mc)})
+    if job.arch.feature is not None:
+        return _build_feature(cfg, job, model_dir, tok, fp)
     if job.train is None:
         return _build_from_target(cfg, job, mc, model_dir, tok, fp)
     result = _fit(cfg, name, job, mc, job_dir, str(tok_dir))
@@ -234,14 +259,10 @@ def _run_job(cfg: Config, name: str, job: PretrainJob, mc: Any, tok_dir: Path, t
 
 def _build_from_target(cfg: Config, job: PretrainJob, mc: Any, model_dir: Path, tok, fp: str) -> Path:
     """The drafter cut from the target's weights (arch.target_layers), exported without training."""
-    import torch
     from ray.train import Checkpoint
-    from transformers import AutoModelForCausalLM
 
     layers = job.arch.target_layers
-    target = AutoModelForCausalLM.from_pretrained(absolute_model_path(cfg.target_path()), dtype=torch.float32,
-                                                  trust_remote_code=cfg.models.trust_remote_code,
-                                                  use_safetensors=True)
+    target = _load_target(cfg)
     draft = draft_from_target(target, layers)
     with tempfile.TemporaryDirectory() as d:
         draft.save_pretrained(str(Path(d) / "hf"), safe_serialization=True)
@@ -251,6 +272,36 @@ def _build_from_target(cfg: Config, job: PretrainJob, mc: Any, model_dir: Path, 
     print(f"[pretrain draft] built {model_dir} from the target's layers {layers} (of "
           f"{target.config.num_hidden_layers}), its embeddings, norm and head: "
           f"{count_parameters(mc):,} parameters, no corpus pretraining", flush=True)
+    return model_dir
+
+
+def _load_target(cfg: Config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(absolute_model_path(cfg.target_path()), dtype=torch.float32,
+                                                trust_remote_code=cfg.models.trust_remote_code, use_safetensors=True)
+
+
+def _build_feature(cfg: Config, job: PretrainJob, model_dir: Path, tok, fp: str) -> Path:
+    """The feature drafter (arch.feature) started from the target's weights, exported without training."""
+    from ray.train import Checkpoint
+
+    f = job.arch.feature
+    target = _load_target(cfg)
+    spec = feature_spec(target.config, f.layers, f.decoder_layers, f.norm_before_residual,
+                        verifier=absolute_model_path(cfg.target_path()))
+    draft = feature_from_target(target, spec)
+    counts = feature_parameters(spec)
+    with tempfile.TemporaryDirectory() as d:
+        draft.save_pretrained(str(Path(d) / "hf"))
+        publish_model(Checkpoint.from_directory(d), model_dir, tok,
+                      {"fingerprint": fp, "role": "feature", "drafter": "feature-start", "metrics": {},
+                       "feature_layers": spec.target_layers, "parameters": counts["parameters"],
+                       "vocab": vocab_fingerprint(tok)})
+    print(f"[pretrain feature] built {model_dir}: a feature drafter on the target's layers {spec.target_layers} "
+          f"(of {target.config.get_text_config().num_hidden_layers}), {spec.decoder_layers} decoder layer(s), "
+          f"{counts['trained']:,} trained parameters (+ the target's frozen embeddings)", flush=True)
     return model_dir
 
 

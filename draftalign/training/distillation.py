@@ -91,6 +91,25 @@ def chained_block_efficiency(alpha: torch.Tensor, mask: torch.Tensor, gamma: int
     return torch.where(full, tau, torch.zeros_like(tau))
 
 
+def _target_log_p(target_logprobs: torch.Tensor | SupportTargetLogprobs,
+                  draft_vocab: torch.Tensor | None) -> torch.Tensor:
+    """log p [N, V], or on the draft vocabulary S [N, V'] (normalised over the full vocabulary)."""
+    if isinstance(target_logprobs, SupportTargetLogprobs):
+        if draft_vocab is None:
+            raise ValueError("target log-probs on a draft vocabulary need that draft_vocab")
+        return support_log_p(target_logprobs.logprobs.float())
+    log_p = torch.log_softmax(target_logprobs.float(), -1)
+    return log_p if draft_vocab is None else on_support(log_p, draft_vocab)
+
+
+def position_acceptance(draft_logits: torch.Tensor, target_logprobs: torch.Tensor | SupportTargetLogprobs,
+                        draft_vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_x min(p, q) at each of N positions [N]: draft_logits [N, V] (or [N, V'] on S), target as in
+    :func:`heldout_sums`; q = 0 outside S, so the acceptance is exact with a reduced head."""
+    log_q = torch.log_softmax(draft_logits.float(), -1)
+    return expected_acceptance(_target_log_p(target_logprobs, draft_vocab).exp(), log_q.exp())
+
+
 def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor | SupportTargetLogprobs,
                  mask: torch.Tensor, gamma: int, draft_vocab: torch.Tensor | None = None) -> dict[str, float]:
     """Sums over the masked positions, to add up across batches and workers.
@@ -105,19 +124,11 @@ def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor | Sup
     """
     m = mask.bool()
     log_q = torch.log_softmax(draft_logits.float(), -1)
+    log_p = _target_log_p(target_logprobs, draft_vocab)
     extra: dict[str, float] = {}
-    if isinstance(target_logprobs, SupportTargetLogprobs):
-        if draft_vocab is None:
-            raise ValueError("target log-probs on a draft vocabulary need that draft_vocab")
-        log_p = support_log_p(target_logprobs.logprobs.float())
-    else:
-        log_p = torch.log_softmax(target_logprobs.float(), -1)
-        if draft_vocab is not None:
-            log_p = on_support(log_p, draft_vocab)
     if draft_vocab is not None:
         extra["support_mass"] = float(log_p.exp().sum())
-    p = log_p.exp()
-    alpha = expected_acceptance(p, log_q.exp())
+    alpha = expected_acceptance(log_p.exp(), log_q.exp())
     log_ps = log_p if draft_vocab is None else torch.log_softmax(log_p, -1)
     ps = log_ps.exp()
     # 0 · log 0 = 0 where the target has no mass (log p = -inf), as in losses.forward_kl; the plain
@@ -136,6 +147,30 @@ def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor | Sup
         "tau": float(tau[blocks].sum()),
         **extra,
     }
+
+
+def unrolled_block_efficiency(alphas: list[torch.Tensor], valid: list[torch.Tensor], gamma: int) -> tuple[float, float]:
+    """(Σ τ_a, blocks): the block efficiency a feature drafter implies, from its unrolled drafts.
+
+    alphas[j], valid[j]: [B, T], the acceptance Σ min(p, q) of the (j+1)-th draft at draft index t
+    (anchor a = t − j) and whether it is scored. τ_a = 1 + Σ_{j<γ} Π_{i<=j} α_i(a + i), summed over
+    the anchors whose γ drafts are all scored (needs len(alphas) >= γ).
+    """
+    if len(alphas) < gamma:
+        raise ValueError(f"{len(alphas)} unrolled drafts cannot give the block efficiency at γ = {gamma}")
+    length = alphas[0].shape[1]
+    run = torch.ones_like(alphas[0], dtype=torch.float64)
+    tau = torch.ones_like(run)
+    full = torch.ones_like(valid[0], dtype=torch.bool)
+    for j in range(gamma):
+        a = torch.zeros_like(run)
+        ok = torch.zeros_like(full)
+        a[:, :length - j] = alphas[j][:, j:].double()  # anchor a reads draft index a + j
+        ok[:, :length - j] = valid[j][:, j:]
+        run = run * a
+        tau = tau + run
+        full &= ok
+    return float(tau[full].sum()), float(full.sum())
 
 
 def heldout_means(sums: dict[str, float], gamma: int) -> dict[str, float]:

@@ -16,7 +16,15 @@ import torch
 from draftalign.cluster.metrics import record
 from draftalign.config import DistillConfig, LossConfig
 from draftalign.models.draftvocab import draft_vocab_ids, install_reduced_head, load_draft_model
-from draftalign.training.distillation import heldout_means, heldout_sums, masked_logits, trim_padding
+from draftalign.models.feature import FeatureDrafter, is_feature_drafter, load_feature_drafter, restrict_head
+from draftalign.training.distillation import (
+    heldout_means,
+    heldout_sums,
+    masked_logits,
+    position_acceptance,
+    trim_padding,
+    unrolled_block_efficiency,
+)
 from draftalign.training.losses import (
     SparseTargetLogprobs,
     SupportTargetLogprobs,
@@ -146,9 +154,119 @@ class DistillTask:
         self.recorded.update(wait_s=stats.wait_s, positions=stats.positions)
 
 
+def _target_rows(target_sel, rows: torch.Tensor):
+    """The [1, N, ...] target of _target_tensor at `rows` [M] of its N positions: [1, M, ...]."""
+    if isinstance(target_sel, SupportTargetLogprobs):
+        return SupportTargetLogprobs(target_sel.logprobs[:, rows])
+    if isinstance(target_sel, SparseTargetLogprobs):
+        return SparseTargetLogprobs(indices=target_sel.indices[:, rows], logprobs=target_sel.logprobs[:, rows])
+    return target_sel[:, rows]
+
+
+class FeatureDistillTask(DistillTask):
+    """A feature drafter's distillation: it reads the target's features (the pool's ``features``),
+    and is unrolled on its own outputs for distill.ttt_steps drafts (training-time test), each
+    draft's loss against the target's distribution at the position it predicts.
+
+    Loss: Σ_j w_j L_j / Σ_j w_j with w_j = ttt_decay^(j-1), L_j the loss's masked mean over draft
+    j's scored positions (draft index t is scored by the target's row at t + 1, from anchor t − j + 1 >= 0).
+    """
+
+    def unrolled(self, engine, batch, reply, steps: int) -> list[tuple[Any, Any, torch.Tensor]]:
+        """[(draft logits [1, N_j, V'], target [1, N_j, ...], scored [B, T − 1])] for drafts 1..steps."""
+        from draftalign.models.feature import unrolled_logits
+
+        batch = trim_padding(batch)
+        dev = engine.device
+        ids = batch["input_ids"].to(dev)
+        attn, mask = batch["attention_mask"].to(dev).bool(), batch["loss_mask"].to(dev).bool()
+        raw = torch.from_numpy(np.asarray(reply["features"])).to(dev)
+        features = raw.new_zeros((*ids.shape, raw.shape[-1]))
+        features[attn] = raw
+        row = torch.full(mask.shape, -1, dtype=torch.long, device=dev)
+        row[mask] = torch.arange(int(mask.sum()), device=dev)
+        target = _target_tensor(reply, dev)
+        out = []
+        for j, logits in enumerate(unrolled_logits(engine.module, features, ids, steps), start=1):
+            nxt = row[:, 1:]  # draft index t predicts the token the target's row at t + 1 scores
+            scored = nxt >= 0
+            scored[:, :j - 1] = False  # no anchor before position 0
+            out.append((logits[:, :-1][scored][None], _target_rows(target, nxt[scored]), scored))
+        return out
+
+    def _weighted(self, steps) -> torch.Tensor:
+        total, weights = None, 0.0
+        for j, (draft_sel, target_sel, _) in enumerate(steps[:self.d.ttt_steps]):
+            if draft_sel.shape[1] == 0:
+                continue
+            w = self.d.ttt_decay ** j
+            term = w * self._loss(draft_sel, target_sel)
+            total, weights = (term if total is None else total + term), weights + w
+        if total is None:  # no scored position in this batch: a zero still tied to the graph for backward
+            return steps[0][0].sum() * 0.0
+        return total / weights
+
+    def loss(self, engine, item) -> tuple[torch.Tensor, int]:
+        batch, reply = item
+        steps = self.unrolled(engine, batch, reply, self.d.ttt_steps)
+        return self._weighted(steps), int(steps[0][2].sum())
+
+    def evaluate(self, engine) -> dict[str, float]:
+        gamma, sums, loss_total, n = self.d.eval_gamma, {}, 0.0, 0
+        with torch.no_grad():
+            batches = self._batches(self.holdout_shard, limit=self.d.train.eval_batches)
+            for _, batch, reply in self.target.stream(batches):
+                steps = self.unrolled(engine, batch, reply, max(self.d.ttt_steps, gamma))
+                if not steps[0][2].any():
+                    continue
+                loss_total += float(self._weighted(steps))
+                n += 1
+                self._add(sums, self._batch_sums(steps, gamma))
+        out = heldout_means(sums, gamma)
+        for j in range(1, max(self.d.ttt_steps, gamma) + 1):
+            if sums.get(f"positions_draft{j}"):
+                out[f"holdout_expected_acceptance_draft{j}"] = sums[f"acceptance_draft{j}"] / sums[f"positions_draft{j}"]
+        if n:
+            out["holdout_loss"] = mean_across_workers(loss_total / n, engine.device)
+        return out
+
+    def _batch_sums(self, steps, gamma: int) -> dict[str, float]:
+        """Draft 1's held-out sums (as the cut's), with τ from the unrolled drafts, and each draft's acceptance."""
+        first, target_first, scored = steps[0]
+        out = heldout_sums(first[0], _first_row(target_first, self.vocab), scored.cpu(), gamma, self.draft_vocab)
+        alphas, valid = [], []
+        for j, (draft_sel, target_sel, ok) in enumerate(steps, start=1):
+            alpha = position_acceptance(draft_sel[0], _first_row(target_sel, self.vocab), self.draft_vocab)
+            out[f"acceptance_draft{j}"], out[f"positions_draft{j}"] = float(alpha.sum()), float(ok.sum())
+            dense = torch.zeros(ok.shape, dtype=alpha.dtype, device=alpha.device)
+            dense[ok] = alpha
+            alphas.append(dense.cpu())
+            valid.append(ok.cpu())
+        out["tau"], out["blocks"] = unrolled_block_efficiency(alphas, valid, gamma)
+        return out
+
+    @staticmethod
+    def _add(sums: dict[str, float], more: dict[str, float]) -> None:
+        for k, v in more.items():
+            sums[k] = sums.get(k, 0.0) + v
+
+
+def start_feature_model(cfg: DistillLoopConfig) -> FeatureDrafter:
+    """A feature drafter to train: its head cut to the draft vocabulary, its embeddings frozen."""
+    model = load_feature_drafter(cfg.init_from)
+    if cfg.draft_vocab is not None and len(model.draft_ids) == model.spec.vocab_size:
+        restrict_head(model, list(cfg.draft_vocab))
+    model.embed_tokens.weight.requires_grad_(False)  # the target's own table, as EAGLE-3 keeps it
+    if "head" in cfg.distill.freeze:
+        model.lm_head.weight.requires_grad_(False)
+    return model
+
+
 def start_model(cfg: DistillLoopConfig):
     """The drafter to train: the start's weights, its reduced head (distill.draft_vocab) and the
     parts distill.freeze keeps as they are."""
+    if is_feature_drafter(cfg.init_from):
+        return start_feature_model(cfg)
     model = load_draft_model(cfg.init_from)
     if cfg.draft_vocab is not None and draft_vocab_ids(model) is None:
         install_reduced_head(model, list(cfg.draft_vocab))
@@ -160,6 +278,14 @@ def start_model(cfg: DistillLoopConfig):
     return model
 
 
+def _draft_support(model) -> torch.Tensor | None:
+    """The draft vocabulary's target ids [V'] (None: the full vocabulary)."""
+    if isinstance(model, FeatureDrafter):
+        ids = model.draft_ids
+        return None if len(ids) == model.spec.vocab_size else ids
+    return draft_vocab_ids(model)
+
+
 def distill_loop(cfg: DistillLoopConfig) -> None:
     import ray.train
 
@@ -168,15 +294,18 @@ def distill_loop(cfg: DistillLoopConfig) -> None:
     d = cfg.distill
     torch.manual_seed(d.train.seed)
     model = start_model(cfg)
+    feature = isinstance(model, FeatureDrafter)
     # A reduced head's support: the pool sends the target's log-probs on it alone (V/V' less).
-    draft_vocab = draft_vocab_ids(model)
+    draft_vocab = _draft_support(model)
     support = None if draft_vocab is None else tuple(int(i) for i in draft_vocab)
+    layers = tuple(model.spec.target_layers) if feature else None  # the features the pool sends too
     if d.target_pool.in_process:
-        target = LocalTarget(cfg.target, d.target_pool, cfg.cache_dir, support)
+        target = LocalTarget(cfg.target, d.target_pool, cfg.cache_dir, support, layers)
     else:
-        target = TargetPool(cfg.target, d.target_pool, cfg.death_marker, cfg.cache_dir, support)
-    task = DistillTask(cfg, target, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("holdout"),
-                       model.config.vocab_size)
+        target = TargetPool(cfg.target, d.target_pool, cfg.death_marker, cfg.cache_dir, support, layers)
+    task = (FeatureDistillTask if feature else DistillTask)(
+        cfg, target, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("holdout"),
+        model.config.vocab_size)
     task.draft_vocab = draft_vocab
     try:
         params = {"distill": d.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),

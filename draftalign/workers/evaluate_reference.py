@@ -1,6 +1,7 @@
 """The `reference` evaluation engine: draftalign.evaluation.specdecode at batch 1, timed against plain decoding.
 
-The target is loaded once, each drafter at its first cell. Plain autoregressive decoding of
+The target is loaded once, each drafter at its first cell (a model folder, or the n-gram
+baseline's proposer, which has none). Plain autoregressive decoding of
 the target is timed once per (task, temperature, prompt), right before that pair's cells, and
 shared by every drafter and γ, since it does not depend on them. Wall-clock figures are
 tokens/s of each run, so sampled runs of different lengths still compare. An untimed warm-up
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from draftalign.evaluation.cells import Baseline, CellStore
+from draftalign.evaluation.ngram import NgramProposer
 from draftalign.evaluation.rows import EvalRow
 from draftalign.evaluation.specdecode import autoregressive_generate, speculative_generate
 from draftalign.evaluation.tasks import prompt_seed
@@ -74,6 +76,19 @@ class ReferenceEngine:
         # With its reduced head where the folder has a draft_vocab.json (q = 0 outside it)
         return load_draft_model(path, torch.float32, self.trust_remote_code).to(self.device).eval()
 
+    def load_drafter(self, d: dict) -> Any:
+        """What `speculative` drafts with for drafter `d` ({"name", "path", "method"?, ...}), every
+        prompt: a model (specdecode wraps it in a fresh ModelProposer each time) or a stateless
+        Proposer. A proposer with per-generation state (caches) needs a fresh one per prompt:
+        another method would make `speculative` build it from what this returns."""
+        method = d.get("method", "draft_model")
+        if method == "ngram":
+            vocab = self.target.config.get_text_config().vocab_size
+            return NgramProposer(vocab, d["prompt_lookup_min"], d["prompt_lookup_max"], self.device)
+        if method == "draft_model":
+            return self.load_draft(d["path"])
+        raise ValueError(f"drafter {d['name']!r}: the reference engine has no proposer for method {method!r}")
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -99,7 +114,8 @@ def reference_rows(engine: ReferenceEngine, drafters: list[dict], prompts: dict[
                    s: ReferenceSweep, log: Callable[[str], None] = print, cells: CellStore | None = None) -> list[EvalRow]:
     """Per-prompt rows (EVAL_SCHEMA) for every task x temperature x drafter x γ.
 
-    drafters: [{"name", "path", "identity"?}]; prompts: task name -> [{"id", "kind", "token_ids"}].
+    drafters: [{"name", "path", "identity"?, "method"?, ...}] (`ReferenceEngine.load_drafter`);
+    prompts: task name -> [{"id", "kind", "token_ids"}].
     The target alone on a (task, temperature) is timed right before that pair's cells, so the
     load of a shared machine, which drifts over a sweep, weighs on a speed-up's two sides alike.
     With `cells`, each finished cell is written at once and a cell written earlier is read back;
@@ -152,7 +168,7 @@ class _CellRunner:
 
     def draft(self, d: dict) -> Any:
         if d["name"] not in self.drafts:
-            draft = self.drafts[d["name"]] = self.engine.load_draft(d["path"])
+            draft = self.drafts[d["name"]] = self.engine.load_drafter(d)
             if self.s.warmup_tokens:
                 self.engine.speculative(draft, self.first, 2, 0.0, 1.0, self.s.warmup_tokens, None,
                                         self.gen("warmup", 0.0))
@@ -180,7 +196,7 @@ def _row(d: dict, task: str, p: dict, gamma: int, temp: float, s: ReferenceSweep
     base = ar.get((task, temp, p["id"]))
     st = res.stats
     return EvalRow(
-        drafter=d["name"], drafter_path=d["path"], task=task, task_kind=p["kind"],
+        drafter=d["name"], drafter_path=d["path"] or "", task=task, task_kind=p["kind"],
         prompt_id=p["id"], engine="reference", gamma=gamma, temperature=float(temp),
         top_p=float(s.top_p), num_input_tokens=len(p["token_ids"]),
         num_generated_tokens=len(res.tokens), num_drafts=st.num_drafts,

@@ -1,7 +1,9 @@
 """The `vllm` evaluation engine: vLLM's own speculative decoding, read per request.
 
 One engine per (drafter, γ), since vLLM fixes `speculative_config` at start-up, plus one
-engine without speculation for the tokens/s baseline. Each engine lives in a Ray actor, so
+engine without speculation for the tokens/s baseline. A drafter names its vLLM speculative
+method (`speculative_config` below): `draft_model` for a model folder, `ngram` for the n-gram
+baseline, which has none. Each engine lives in a Ray actor, so
 the driver never imports vLLM and a finished engine's memory goes away with its actor.
 vLLM returns each finished request's speculative-decoding statistics
 (`per_request_spec_decode_metrics`), so prompts can go `evaluate.vllm.batch_size` at a time;
@@ -15,8 +17,27 @@ from typing import Any
 
 from draftalign.config import VllmEvalConfig
 from draftalign.evaluation.tasks import prompt_seed
+from draftalign.models.identity import absolute_model_path
 
-__all__ = ["VllmEngine", "request_counts", "share_seconds", "stop_engine"]
+__all__ = ["VllmEngine", "request_counts", "share_seconds", "speculative_config", "stop_engine"]
+
+# Methods that draft without a model: no draft distribution, so no draft_sample_method (vLLM's
+# rejection sampler treats their drafts as one-hot q).
+MODEL_FREE_METHODS = frozenset({"ngram"})
+
+
+def speculative_config(drafter: dict, gamma: int) -> dict[str, Any]:
+    """vLLM's speculative_config for a resolved drafter ({"name", "path", "method"?, ...}) at γ,
+    before evaluate.vllm.speculative_config's extra keys (VllmEngine adds those)."""
+    method = drafter.get("method", "draft_model")
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": gamma,
+                "prompt_lookup_max": drafter["prompt_lookup_max"], "prompt_lookup_min": drafter["prompt_lookup_min"]}
+    # A drafter with a model folder. A feature drafter (method eagle3, also a folder) gets its own
+    # branch here with whatever keys its method needs beside `model`.
+    if method == "draft_model":
+        return {"method": method, "model": absolute_model_path(drafter["path"]), "num_speculative_tokens": gamma}
+    raise ValueError(f"drafter {drafter['name']!r}: the vllm engine has no speculative method {method!r}")
 
 
 def stop_engine(llm: Any) -> None:
@@ -26,15 +47,24 @@ def stop_engine(llm: Any) -> None:
         core.shutdown()
 
 
-def request_counts(metrics: Any, gamma: int) -> dict[str, int | list[int]]:
+def request_counts(metrics: Any, gamma: int, generated: int | None = None) -> dict[str, int | list[int]]:
     """One request's {"num_drafts", "num_draft_tokens", "num_accepted", "accepted_per_pos"} from
     vLLM's RequestSpecDecodeMetrics (`histogram[j]`: verify steps that accepted j drafts; None
-    when the request never speculated). Position i was accepted in every step with j > i."""
+    when the request never speculated). Position i was accepted in every step with j > i.
+
+    vLLM counts only the steps that verified drafts. With `generated` (the request's tokens), the
+    decode steps that had none (an n-gram lookup that found nothing) count as drafts that accepted
+    nothing, as the reference engine counts them, so τ = 1 + accepted / drafts stays tokens per
+    target call: the prefill emits one token and each decode step 1 + its accepted drafts, so
+    generated - 1 - accepted steps ran (up to γ too few where the budget or an EOS cut the last
+    block short). A drafter that drafts at every step, as a model does, gains none."""
     hist = list(metrics.histogram) if metrics is not None else [0]
     hist += [0] * (gamma + 1 - len(hist))
+    accepted = sum(j * c for j, c in enumerate(hist))
+    if generated is not None:
+        hist[0] += max(0, generated - 1 - accepted - sum(hist))
     return {"num_drafts": sum(hist), "num_draft_tokens": int(metrics.num_draft_tokens) if metrics else 0,
-            "num_accepted": sum(j * c for j, c in enumerate(hist)),
-            "accepted_per_pos": [sum(hist[i + 1:]) for i in range(gamma)]}
+            "num_accepted": accepted, "accepted_per_pos": [sum(hist[i + 1:]) for i in range(gamma)]}
 
 
 def share_seconds(seconds: float, token_counts: list[int]) -> list[float]:
@@ -47,21 +77,22 @@ def share_seconds(seconds: float, token_counts: list[int]) -> list[float]:
 
 
 class VllmEngine:
-    """A vllm.LLM for `target`, speculating with `draft` at `gamma` tokens (no draft: plain decoding)."""
+    """A vllm.LLM for `target`, speculating as `speculative` says (`speculative_config`: method,
+    num_speculative_tokens = γ, ...); None: plain decoding."""
 
-    def __init__(self, target: str, draft: str | None, gamma: int, vllm: VllmEvalConfig):
+    def __init__(self, target: str, speculative: dict[str, Any] | None, vllm: VllmEvalConfig):
         from vllm import LLM
 
         from draftalign.workers.generate_engine import engine_kwargs
 
-        self.gamma = gamma if draft else 0
+        self.gamma = speculative["num_speculative_tokens"] if speculative else 0
         kwargs = engine_kwargs(vllm)
-        if draft:
+        if speculative:
             # probabilistic: the drafter samples its proposals and the rejection sampler reads their
             # probabilities, i.e. standard speculative sampling (vLLM's default proposes the draft's
             # top token, which at T > 0 is another algorithm). On CPU it needs vllm_plugin.py.
-            kwargs["speculative_config"] = {"method": "draft_model", "model": draft, "num_speculative_tokens": gamma,
-                                            "draft_sample_method": "probabilistic", **vllm.speculative_config}
+            sampling = {} if speculative["method"] in MODEL_FREE_METHODS else {"draft_sample_method": "probabilistic"}
+            kwargs["speculative_config"] = {**speculative, **sampling, **vllm.speculative_config}
             kwargs["per_request_spec_decode_metrics"] = "summary"  # each finished request's own histogram
         self.llm = LLM(model=target, **kwargs)
 
@@ -95,6 +126,6 @@ class VllmEngine:
                                          strict=True):
                 row = {"id": p["id"], "tokens": toks, "seconds": share}
                 if self.gamma:
-                    row.update(request_counts(o.spec_decode_metrics, self.gamma))
+                    row.update(request_counts(o.spec_decode_metrics, self.gamma, len(toks)))
                 rows.append(row)
         return rows

@@ -113,19 +113,23 @@ def pending(requests: Iterable[dict], done: set[str]) -> list[dict]:
 PART_RECOVERY = "move it out of data/ (or delete it) and rerun: the rows it held are generated again"
 
 
-def read_parts(data_dir: Path, columns: list[str]) -> Iterator[dict[str, list]]:
-    """`columns` of each part file in `data/`, file by file; an unreadable file is a ConfigError."""
+def read_part(f: Path, columns: list[str] | None = None) -> Any:
+    """One part file of `data/` as a pyarrow table (`columns` only); an unreadable file is a ConfigError."""
     import pyarrow.parquet as pq
 
     from draftalign.data.seeds import unreadable_parquet
     from draftalign.errors import ConfigError
 
+    try:
+        return pq.read_table(f, columns=columns)
+    except (OSError, ValueError, KeyError) as exc:  # truncated, corrupt, or no row_key column
+        raise ConfigError(unreadable_parquet(f, exc, PART_RECOVERY)) from None
+
+
+def read_parts(data_dir: Path, columns: list[str]) -> Iterator[dict[str, list]]:
+    """`columns` of each part file in `data/`, file by file; an unreadable file is a ConfigError."""
     for f in sorted(Path(data_dir).glob("*.parquet")):  # hidden .tmp files of a killed writer do not match
-        try:
-            part = pq.read_table(f, columns=columns).to_pydict()
-        except (OSError, ValueError, KeyError) as exc:  # truncated, corrupt, or no row_key column
-            raise ConfigError(unreadable_parquet(f, exc, PART_RECOVERY)) from None
-        yield part
+        yield read_part(f, columns).to_pydict()
 
 
 def row_key_counts(data_dir: Path) -> Counter:
@@ -134,6 +138,33 @@ def row_key_counts(data_dir: Path) -> Counter:
     for part in read_parts(data_dir, ["row_key"]):
         counts.update(part["row_key"])
     return counts
+
+
+def drop_rows(data_dir: Path, ids: set[str]) -> int:
+    """Remove the rows whose `id` is in `ids` from the parts in `data/`; returns how many.
+
+    A part holding any is rewritten whole without them (atomically: a kill leaves the old part
+    or the new), or deleted when nothing is left. The other parts are only read for their ids.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from draftalign.util.atomicio import write_parquet_atomic
+
+    if not ids:
+        return 0
+    removed, value_set = 0, pa.array(sorted(ids), type=pa.string())
+    for f in sorted(Path(data_dir).glob("*.parquet")):
+        if not set(read_part(f, ["id"]).column("id").to_pylist()) & ids:
+            continue
+        table = read_part(f)
+        keep = pc.invert(pc.is_in(table["id"], value_set=value_set))
+        removed += table.num_rows - pc.sum(keep).as_py()
+        if pc.any(keep).as_py():
+            write_parquet_atomic(table.filter(keep), f)
+        else:
+            f.unlink()
+    return removed
 
 
 def finish_reason(token_ids: Sequence[int], max_tokens: int, eos_token_id: int | None) -> str:

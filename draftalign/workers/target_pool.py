@@ -6,7 +6,9 @@ mask [B, T] and N = mask.sum(), the reply holds ``logprobs`` [N, V] (full vocabu
 ``wire_dtype``); for a drafter with a reduced vocabulary S, ``support_logprobs`` [N, V'] (p on S
 only, V/V' times smaller: all its losses read; losses.SupportTargetLogprobs); or with ``top_k``:
 ``values`` [N, K] and ``indices`` [N, K] (int32), which the loss densifies with the tail mass
-spread uniformly (see losses.densify_topk).
+spread uniformly (see losses.densify_topk). For a feature drafter it also holds ``features``
+[M, k·H] (``wire_dtype``): the target's hidden states at the drafter's k layers, at the M
+attended positions (k·H·2 bytes a position in float16: 3,456 for SmolLM2 at three layers).
 
 Guarantees: the client keeps every batch it sent until its reply arrives, in order, so a
 batch is used once and never skipped. Ray restarts a dead actor (``max_restarts``) and
@@ -51,20 +53,40 @@ def load_target(path: str, precision: str, use_gpu: bool, trust_remote_code: boo
     return model.eval()
 
 
+def _logits_and_features(model, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor,
+                         feature_layers: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits [N, V] at the masked positions; with `feature_layers`, also the hidden states entering
+    those decoder layers, concatenated, at every attended position [M, k·H] (a feature drafter's input)."""
+    if not feature_layers:
+        return masked_logits(model, ids, attn, mask), None
+    out = model.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    features = torch.cat([out.hidden_states[i] for i in feature_layers], dim=-1)[attn.bool()]
+    return model.get_output_embeddings()(out.last_hidden_state[mask]), features
+
+
 @torch.inference_mode()
 def target_logprobs(model, batch: TokenBatch, top_k: int | None, wire_dtype: str,
-                    support: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                    support: Sequence[int] | None = None,
+                    feature_layers: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Next-token log-probs of the target at the masked positions of a batch (see module doc).
 
     With `support` (a reduced draft vocabulary's ids [V']) only those columns go back, still
-    normalised over the full vocabulary: every loss on such a drafter reads nothing else.
+    normalised over the full vocabulary: every loss on such a drafter reads nothing else. With
+    `feature_layers`, ``features`` [M, k·H] (wire_dtype) holds the target's hidden states entering
+    those layers at the M attended positions (row-major), what a feature drafter reads.
     """
     device = next(model.parameters()).device
     # Arrays from Ray's object store are read-only; torch warns on wrapping them, so copy (ints, small).
     batch = trim_padding({k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "loss_mask")})
     ids, attn, mask = (torch.tensor(batch[k], device=device) for k in ("input_ids", "attention_mask", "loss_mask"))
     mask = mask.bool()
-    logits = masked_logits(model, ids, attn, mask)
+    logits, features = _logits_and_features(model, ids, attn, mask, feature_layers)
+    extra = {} if features is None else {"features": features.to(_WIRE[wire_dtype]).cpu().numpy()}
+    return {**_logprob_reply(logits, top_k, wire_dtype, support), **extra}
+
+
+def _logprob_reply(logits: torch.Tensor, top_k: int | None, wire_dtype: str,
+                   support: Sequence[int] | None) -> dict[str, np.ndarray]:
     logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V], normalised in float32
     if support is not None:
         return {"support_logprobs": on_support(logp, support).to(_WIRE[wire_dtype]).cpu().numpy()}
@@ -79,44 +101,63 @@ def target_logprobs(model, batch: TokenBatch, top_k: int | None, wire_dtype: str
 class LogprobCache:
     """The target's reply for each sequence, memoised on local disk (target_pool.cache).
 
-    A sequence is keyed by its tokens and loss mask (and the wire format), so another pass, or
-    another loss trained on the same set, reads what the target computed once. Each entry is
-    one `.npz` file holding that row's slice of the reply, written under a temporary name and
-    renamed, so a killed actor never leaves a half entry.
+    A sequence is keyed by its tokens and loss mask, so another pass, or another loss trained on
+    the same set, reads what the target computed once. A row's log-probs (keyed also by the wire
+    format and draft vocabulary) and its features (keyed by the wire format and layers) are two
+    `.npz` entries: a standalone drafter distilled after a feature drafter on the same set reads
+    the log-probs that pass left. Each entry is written under a temporary name and renamed, so a
+    killed actor never leaves a half entry.
     """
 
-    def __init__(self, folder: str, cfg: TargetPoolConfig, support: Sequence[int] | None = None) -> None:
+    def __init__(self, folder: str, cfg: TargetPoolConfig, support: Sequence[int] | None = None,
+                 feature_layers: Sequence[int] | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.salt = f"{cfg.top_k}-{cfg.wire_dtype}".encode()
+        salt = f"{cfg.top_k}-{cfg.wire_dtype}".encode()
         if support is not None:
-            self.salt += b"-support-" + np.asarray(support, np.int64).tobytes()
+            salt += b"-support-" + np.asarray(support, np.int64).tobytes()
+        self.salts = {"logprobs": salt}
+        if feature_layers:
+            self.salts["features"] = f"features-{cfg.wire_dtype}-".encode() + np.asarray(feature_layers,
+                                                                                       np.int64).tobytes()
         self.hits = 0
 
-    def _path(self, ids: np.ndarray, mask: np.ndarray) -> Path:
-        h = hashlib.sha256(self.salt + np.ascontiguousarray(ids, np.int64).tobytes()
+    def _path(self, group: str, ids: np.ndarray, mask: np.ndarray) -> Path:
+        h = hashlib.sha256(self.salts[group] + np.ascontiguousarray(ids, np.int64).tobytes()
                            + np.ascontiguousarray(mask, np.int8).tobytes()).hexdigest()
         return self.folder / h[:2] / f"{h[2:]}.npz"
+
+    def _load(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray] | None:
+        """A row's entries of every group, or None unless all are cached."""
+        row: dict[str, np.ndarray] = {}
+        for group in self.salts:
+            path = self._path(group, ids, mask)
+            if not path.is_file():
+                return None
+            with np.load(path) as f:
+                row.update({k: f[k] for k in f.files})
+        return row
 
     def logprobs(self, compute, batch: TokenBatch) -> dict[str, np.ndarray]:
         """`compute(batch)`'s reply, computing only the rows that are not cached."""
         ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"]).astype(bool)
-        paths = [self._path(ids[b], mask[b]) for b in range(len(ids))]
-        rows: list[dict[str, np.ndarray] | None] = [None] * len(ids)
-        for b, p in enumerate(paths):
-            if p.is_file():
-                with np.load(p) as f:
-                    rows[b] = {k: f[k] for k in f.files}
+        rows = [self._load(ids[b], mask[b]) for b in range(len(ids))]
         missing = [b for b, r in enumerate(rows) if r is None]
         self.hits += len(ids) - len(missing)
         if missing:
             sub = {k: np.asarray(batch[k])[missing] for k in ("input_ids", "attention_mask", "loss_mask")}
             reply = compute(sub)
-            ends = np.cumsum(mask[missing].sum(axis=1))
+            # Log-probs come per masked position, features per attended one.
+            ends = {"logprobs": np.cumsum(mask[missing].sum(axis=1)),
+                    "features": np.cumsum(np.asarray(batch["attention_mask"])[missing].astype(bool).sum(axis=1))}
             for j, b in enumerate(missing):
-                start = ends[j - 1] if j else 0
-                rows[b] = {k: v[start:ends[j]] for k, v in reply.items()}
-                self._store(paths[b], rows[b])
+                rows[b] = {}
+                for group in self.salts:
+                    e = ends[group]
+                    part = {k: v[(e[j - 1] if j else 0):e[j]] for k, v in reply.items()
+                            if (k == "features") == (group == "features")}
+                    self._store(self._path(group, ids[b], mask[b]), part)
+                    rows[b].update(part)
         return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
     @staticmethod
@@ -131,12 +172,13 @@ class TargetComputer:
     """batch -> reply: the target's log-probs, through the disk cache when there is one."""
 
     def __init__(self, model, cfg: TargetPoolConfig, cache_dir: str | None,
-                 support: Sequence[int] | None = None) -> None:
-        self.model, self.cfg, self.support = model, cfg, support
-        self.cache = LogprobCache(cache_dir, cfg, support) if cache_dir else None
+                 support: Sequence[int] | None = None, feature_layers: Sequence[int] | None = None) -> None:
+        self.model, self.cfg, self.support, self.feature_layers = model, cfg, support, feature_layers
+        self.cache = LogprobCache(cache_dir, cfg, support, feature_layers) if cache_dir else None
 
     def _compute(self, batch: TokenBatch) -> dict[str, np.ndarray]:
-        return target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype, self.support)
+        return target_logprobs(self.model, batch, self.cfg.top_k, self.cfg.wire_dtype, self.support,
+                               self.feature_layers)
 
     def __call__(self, batch: TokenBatch) -> Reply:
         """The reply, plus `cached_rows`: how many of the batch's rows came from the cache."""
@@ -151,14 +193,15 @@ class TargetActor:
     """One replica of the target; Ray restarts it when it dies (see TargetPool)."""
 
     def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None,
-                 cache_dir: str | None = None, support: Sequence[int] | None = None) -> None:
+                 cache_dir: str | None = None, support: Sequence[int] | None = None,
+                 feature_layers: Sequence[int] | None = None) -> None:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model = load_target(path, cfg.precision, cfg.use_gpu)
         self.cfg = cfg
         self.requests = 0
         self.death_marker = death_marker
-        self.compute = TargetComputer(self.model, cfg, cache_dir, support)
+        self.compute = TargetComputer(self.model, cfg, cache_dir, support, feature_layers)
 
     def logprobs(self, batch: TokenBatch) -> Reply:
         self.requests += 1
@@ -201,7 +244,8 @@ class TargetPool:
     """Actors beside this train worker, fed round-robin, at most ``prefetch`` batches ahead."""
 
     def __init__(self, path: str, cfg: TargetPoolConfig, death_marker: str | None = None,
-                 cache_dir: str | None = None, support: Sequence[int] | None = None) -> None:
+                 cache_dir: str | None = None, support: Sequence[int] | None = None,
+                 feature_layers: Sequence[int] | None = None) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -214,7 +258,8 @@ class TargetPool:
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts,
             # Beside the train worker: the log-probs are the largest thing on the wire.
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True))
-        self.actors = [actor_cls.remote(path, cfg, death_marker, cache_dir, support) for _ in range(cfg.actors)]
+        self.actors = [actor_cls.remote(path, cfg, death_marker, cache_dir, support, feature_layers)
+                       for _ in range(cfg.actors)]
         self._next = 0
         self._pids: dict[int, int] = {}
 
@@ -267,11 +312,11 @@ class LocalTarget:
     """The baseline: the same target computed inside the train worker, no pipelining."""
 
     def __init__(self, path: str, cfg: TargetPoolConfig, cache_dir: str | None = None,
-                 support: Sequence[int] | None = None) -> None:
+                 support: Sequence[int] | None = None, feature_layers: Sequence[int] | None = None) -> None:
         self.model = load_target(path, cfg.precision, cfg.use_gpu)
         self.cfg = cfg
         self.stats = PoolStats()
-        self.compute = TargetComputer(self.model, cfg, cache_dir, support)
+        self.compute = TargetComputer(self.model, cfg, cache_dir, support, feature_layers)
 
     def stream(self, items: Iterable[tuple[Any, TokenBatch]]) -> Iterator[tuple[Any, dict, dict]]:
         for tag, batch in items:
