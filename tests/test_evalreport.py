@@ -128,9 +128,10 @@ def test_the_speedup_table_shows_each_drafters_fastest_gamma(tmp_path):
     records = [rec("start", 1, 0.8), rec("start", 3, 0.6), rec("kl", 1, 1.05), rec("kl", 3, 1.12),
                rec("kl", 3, 0.9, t=1.0), rec("kl", 1, None, t=1.0), rec("start", 1, None, task="translate")]
     lines = speedup_table(records).splitlines()
-    assert lines[0] == "| task | engine | T | start | kl |"
-    assert lines[2] == "| open_ended | reference | 0 | 0.80× (γ=1, τ 1.10) | 1.12× (γ=3, τ 1.30) |"
-    assert lines[3] == "| open_ended | reference | 1 | – | 0.90× (γ=3, τ 1.30) |"  # untimed cells are skipped
+    assert lines[0] == "| task | engine | T | target alone, tok/s | start | kl |"
+    # no target-alone tokens/s nor r in these records: "–"
+    assert lines[2] == "| open_ended | reference | 0 | – | 0.80× (γ=1, τ 1.10, r –) | 1.12× (γ=3, τ 1.30, r –) |"
+    assert lines[3] == "| open_ended | reference | 1 | – | – | 0.90× (γ=3, τ 1.30, r –) |"  # untimed cells are skipped
     assert len(lines) == 4 and speedup_table([rec("kl", 1, None)]) == ""
     write_report(tmp_path, records, plots=False)
     assert lines[2] in (tmp_path / "report.md").read_text()
@@ -160,3 +161,77 @@ def test_the_eval_row_has_the_schemas_columns_in_order():
     from draftalign.evaluation.rows import EvalRow
 
     assert [f.name for f in fields(EvalRow)] + ["schema_version"] == EVAL_SCHEMA.names
+
+
+# ---- the speed-up against the fastest engine, and the machine's verify cost -----------------------
+
+# t_target 40 ms, t_verify(4) 100 ms: r = 2.5 at γ = 3 (k = 4); as summary.json would hold it, keys as strings
+VERIFY = {"t_target_ms": 40.0, "t_verify_ms": {"2": 60.0, "4": 100.0}, "r": {"2": 1.5, "4": 2.5},
+          "context_tokens": 50, "repeats": 10, "measured_on": "the reference engine's target (PyTorch, cpu, 2 threads)"}
+
+
+def _timed(engine: str, temperature: float, spec_s: float, ar_s: float | None, prompt: str) -> EvalRow:
+    """A prompt of 6 emitted tokens (τ = 3 at γ = 3 on either engine), speculative in spec_s seconds,
+    the target alone in ar_s (None: not timed)."""
+    stats = SpecStats.from_iterations(3, [(3, 3, 4), (3, 1, 2)])
+    return replace(_row(stats, engine=engine, gamma=3, prompt=prompt), temperature=temperature, spec_seconds=spec_s,
+                   ar_seconds=ar_s, ar_generated_tokens=None if ar_s is None else 6)
+
+
+def _two_engine_records() -> list[dict]:
+    # T = 1 on both engines: the reference's target alone runs at 20 tokens/s, vLLM's at 14;
+    # speculative, the reference at 24 tokens/s and vLLM at 15. T = 0 on vLLM alone.
+    rows = [_timed("reference", 1.0, 0.25, 0.3, p) for p in ("a", "b")]
+    rows += [_timed("vllm", 1.0, 0.4, 6 / 14, p) for p in ("a", "b")]
+    rows += [_timed("vllm", 0.0, 0.4, 0.5, p) for p in ("a", "b")]
+    return summarize_rows(rows, {"d": 1}, 10, verify_cost=VERIFY)
+
+
+def test_the_headline_speedup_divides_by_the_fastest_engines_target_alone():
+    from draftalign.evaluation.report import fastest_target_alone
+
+    ref, vllm, vllm_t0 = _two_engine_records()
+    assert fastest_target_alone([ref, vllm, vllm_t0]) == {("t", 1.0): ("reference", pytest.approx(20.0)),
+                                                          ("t", 0.0): ("vllm", pytest.approx(12.0))}
+    # the reference engine holds the fastest target alone: its two speed-ups are one
+    assert ref["speedup"] == ref["speedup_own_engine"] == pytest.approx(24 / 20)
+    assert ref["baseline_engine"] == "reference" and ref["tokens_per_s_baseline"] == pytest.approx(20.0)
+    # vLLM beats its own target alone (15 / 14) but not the reference's (15 / 20): the headline says so
+    assert vllm["tokens_per_s_ar"] == pytest.approx(14.0) and vllm["speedup_own_engine"] == pytest.approx(15 / 14)
+    assert vllm["speedup"] == pytest.approx(0.75) and vllm["baseline_engine"] == "reference"
+    assert vllm["tokens_per_s_baseline"] == pytest.approx(20.0)
+    # at T = 0 only vLLM timed the target alone: it is the fastest there
+    assert vllm_t0["speedup"] == vllm_t0["speedup_own_engine"] == pytest.approx(15 / 12)
+    # r at each record's γ, from a cost read back from JSON
+    for r in (ref, vllm, vllm_t0):
+        assert (r["verify_ratio"], r["t_target_ms"], r["t_verify_ms"]) == (2.5, 40.0, 100.0)
+
+
+def test_no_target_alone_and_no_verify_cost_leave_the_speedup_and_r_empty():
+    (rec,) = summarize_rows([_timed("reference", 1.0, 0.25, None, "a")], {"d": 1}, 10)
+    assert rec["speedup"] is rec["speedup_own_engine"] is rec["baseline_engine"] is None
+    assert rec["verify_ratio"] is rec["t_target_ms"] is rec["t_verify_ms"] is None
+
+
+def test_the_speedup_table_names_the_baseline_engine_and_r(tmp_path):
+    from draftalign.evaluation.report import markdown_table, speedup_table, verify_cost_note, write_report
+
+    records = _two_engine_records()
+    lines = speedup_table(records).splitlines()
+    assert lines[0] == "| task | engine | T | target alone, tok/s | d |"
+    assert lines[2] == "| t | reference | 1 | 20.0 | 1.20× (γ=3, τ 3.00, r 2.50) |"
+    assert lines[3] == ("| t | vllm | 1 | 14.0 (fastest: reference 20.0) "
+                        "| 0.75× (γ=3, τ 3.00, r 2.50; 1.07× over vllm's own) |")
+    assert lines[4] == "| t | vllm | 0 | 12.0 | 1.25× (γ=3, τ 3.00, r 2.50) |"
+    every = markdown_table(records).splitlines()
+    assert every[0].endswith("| MBSU | speed-up | speed-up, own engine | r | tok/s spec | tok/s AR |")
+    assert every[3].endswith("| 0.75 | 1.07 | 2.50 | 15.0 | 14.0 |")
+    note = verify_cost_note(VERIFY)
+    assert note == ("\nVerify cost r = t_verify(γ+1) / t_target: γ=1: 1.50, γ=3: 2.50 (t_target 40.00 ms, "
+                    "t_verify(k) k=2: 60.00, k=4: 100.00 ms; the reference engine's target (PyTorch, cpu, 2 threads), "
+                    "median of 10 forwards after a 50-token context). Every speed-up in this report is read with "
+                    "the r at its γ.\n")
+    assert "not measured" in verify_cost_note(None)
+    write_report(tmp_path, records, "# header\n" + note, plots=False)
+    md = (tmp_path / "report.md").read_text()
+    assert note in md and lines[3] in md and "divides by the target alone on the fastest engine of this run" in md

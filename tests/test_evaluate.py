@@ -193,6 +193,35 @@ def test_rows_parquet_matches_its_schema(report):
         check_table(table.drop_columns(["gamma"]), EVAL_SCHEMA)
 
 
+
+def test_every_speedup_comes_with_the_machines_verify_cost(report):
+    """r = t_verify(γ+1) / t_target, measured once on the reference engine's target, in every record,
+    the log and the report; with one engine the headline speed-up is that engine's own."""
+    records = report["records"]
+    said = [line for line in report["log"] if line.startswith("[evaluate] verify cost r = t_verify(γ+1) / t_target: ")]
+    assert len(said) == 1 and "γ=1: " in said[0] and "γ=3: " in said[0]
+    assert "the reference engine's target (PyTorch, " in said[0]
+    for r in records:
+        assert r["verify_ratio"] > 0 and r["verify_ratio"] == pytest.approx(r["t_verify_ms"] / r["t_target_ms"])
+        assert r["speedup"] == r["speedup_own_engine"] and r["baseline_engine"] == "reference"
+        assert r["tokens_per_s_baseline"] == r["tokens_per_s_ar"]
+    assert len({r["t_target_ms"] for r in records}) == 1  # one measurement for the whole evaluation
+    assert len({(r["gamma"], r["verify_ratio"]) for r in records}) == 2  # an r per γ
+    md = (report["out"] / "report.md").read_text()
+    assert "\nVerify cost r = t_verify(γ+1) / t_target: γ=1: " in md and "| speed-up, own engine | r |" in md
+    assert "over tokens/s of the target alone on the run's fastest engine for that task and T" in md
+
+
+def test_without_the_target_loaded_r_is_reported_as_not_measured():
+    from draftalign.evaluation.report import verify_cost_note
+    from draftalign.pipelines.evaluate import _verify_cost
+
+    said: list[str] = []
+    assert _verify_cost(None, [1, 3], {"t": [{"token_ids": [1, 2, 3]}]}, said.append) is None
+    assert said == ["[evaluate] verify cost r = t_verify(γ+1) / t_target: not measured (the target was not "
+                    "loaded in PyTorch: only vLLM ran and evaluate.export_check was off)"]
+    assert "Verify cost r = t_verify(γ+1) / t_target: not measured" in verify_cost_note(None)
+
 def _copier(folder: Path) -> Path:
     """A target that answers by repeating its last token: its layers add nothing to the residual
     stream and its output layer is its embedding table, so the greedy next token is the input
@@ -333,3 +362,41 @@ def test_an_engine_runs_only_the_drafters_it_names_and_refuses_unknown_names(mod
     assert [(r["drafter"], r["engine"]) for r in records] == [("self", "reference")]
     with pytest.raises(ConfigError, match=r"evaluate.reference.drafters names \['gone'\]"):
         describe_evaluate(load_config(TINY, [*base, "evaluate.reference.drafters=[gone]"]))
+
+
+def test_a_feature_drafter_is_evaluated_losslessly_with_its_own_weights_and_card(models, tmp_path):
+    """A feature drafter folder (vLLM's eagle3 format) in the sweep: read as one, decoded through
+    its proposer, counted by its own weights, described as itself in the report and its card."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from draftalign.models.feature import feature_from_target, feature_spec, restrict_head
+    from draftalign.pipelines.evaluate import resolve_drafters, run_evaluate
+
+    target = AutoModelForCausalLM.from_pretrained(models["target"])
+    draft = feature_from_target(target, feature_spec(target.config))
+    restrict_head(draft, list(range(0, 32000, 4)))
+    folder = tmp_path / "feature"
+    draft.save_pretrained(str(folder))
+    (folder / "draftalign_model.json").write_text(json.dumps({"role": "distilled", "drafter": "feat"}))
+    for f in Path(models["target"]).iterdir():  # the tokenizer files, as publish_model saves them beside it
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    out = tmp_path / "evaluate"
+    cfg = load_config(TINY, [f"models.target={models['target']}", f"evaluate.output={out}", "evaluate.max_prompts=2",
+                             "evaluate.max_new_tokens=8", "evaluate.gammas=[2]", "evaluate.temperatures=[0]",
+                             "evaluate.ngram=null", f"evaluate.drafters=[{{name: feat, path: {folder}}}]"])
+    assert resolve_drafters(cfg)[0]["method"] == "eagle3"
+    records = run_evaluate(cfg, log=lambda _: None)
+    assert {r["drafter"] for r in records} == {"feat"} and len(records) == 3
+    from draftalign.models.arch import step_weights
+
+    # a step reads the feature drafter's trained weights and one row of its (frozen) embedding table
+    trained = sum(p.numel() for p in draft.parameters()) - draft.embed_tokens.weight.numel()
+    for r in records:
+        assert r["greedy_match_rate"] == 1.0  # lossless: the target's own greedy answer
+        assert r["param_ratio"] == pytest.approx(trained / step_weights(target))
+    md = (out / "report.md").read_text()
+    assert "a feature drafter (EAGLE-3 style, vLLM's `eagle3`)" in md
+    assert '"method": "eagle3"' in (folder / "README.md").read_text()

@@ -1,8 +1,13 @@
 """The evaluation report: pooled summary records, summary.json/.csv, report.md and PNG plots.
 
 Rates pool the counts of every prompt of a (drafter, task, engine, γ, T) cell, as vLLM
-does, never a mean of per-prompt ratios (paper-spec 7.6). Speed-up is tokens/s of
-speculative decoding over tokens/s of the target alone on the same prompts, same process.
+does, never a mean of per-prompt ratios (paper-spec 7.6). The headline speed-up (`speedup`) is
+tokens/s of speculative decoding over tokens/s of the target alone on the same prompts on the
+run's fastest engine for that task and T: a drafter only helps a user who could not simply run
+the target alone on a faster engine. `speedup_own_engine` is the same over the target alone on
+the cell's own engine, what that engine's user sees. Each record carries the machine's verify
+cost r = t_verify(γ+1) / t_target at its γ (draftalign.evaluation.verifycost), which a speed-up
+is to be read with: the same τ gains less where verifying γ + 1 tokens costs more.
 τ comes with a percentile bootstrap interval over the cell's prompts, and the drafters of each
 task × engine × γ × T with paired differences (draftalign.evaluation.stats): a drafter is "best"
 only where its lead over the runner-up excludes 0, else the leaders are "tied".
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -33,9 +38,10 @@ from draftalign.evaluation.stats import (
     compare_drafters,
     paired_difference_ci,
 )
+from draftalign.evaluation.verifycost import verify_cost_line
 
 __all__ = ["CONTRACT_KEYS", "SummaryRecord", "pooled_block_efficiency", "tau_counts", "summarize_rows", "paired_differences",
-           "markdown_table", "comparison_table", "pairs_table", "write_report"]
+           "fastest_target_alone", "markdown_table", "comparison_table", "pairs_table", "speedup_table", "verify_cost_note", "write_report"]
 
 # summary.json's contract (issue 5): every record has at least these keys.
 # `draft_acceptance_rate` is accepted / drafted tokens (vLLM's acceptance rate), not the distill stage's
@@ -73,7 +79,13 @@ class SummaryRecord(TypedDict, total=False):
     target_parameters: int
     tokens_per_s_spec: float | None
     tokens_per_s_ar: float | None
-    speedup: float | None
+    speedup: float | None  # against the target alone on the run's fastest engine for (task, T)
+    speedup_own_engine: float | None  # against the target alone on this record's engine
+    baseline_engine: str | None  # the engine of the target alone `speedup` divides by
+    tokens_per_s_baseline: float | None  # that target alone's tokens/s
+    verify_ratio: float | None  # r = t_verify(γ+1) / t_target on this machine; None: not measured
+    t_target_ms: float | None
+    t_verify_ms: float | None  # t_verify(γ+1)
     greedy_match_rate: float | None
     block_efficiency_ci_low: float
     block_efficiency_ci_high: float
@@ -185,12 +197,14 @@ def paired_differences(rows: Sequence[EvalRow], resamples: int = RESAMPLES, seed
 
 
 def summarize_rows(rows: Sequence[EvalRow], parameters: dict[str, int], target_parameters: int,
-                   resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> list[SummaryRecord]:
+                   resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL,
+                   verify_cost: Mapping[str, Any] | None = None) -> list[SummaryRecord]:
     """One record per (drafter, task, engine, γ, T), in the rows' order of first appearance.
 
     parameters: drafter name -> parameter count; MBSU uses c = that / target_parameters.
     resamples, seed, level: τ's bootstrap interval over prompts and the drafters' paired comparison
     (_add_intervals; keys block_efficiency_ci_low/high, prompts, rank, verdict, paired_*).
+    verify_cost: this machine's verify cost (verifycost.VerifyCost) for each record's r; None: not measured.
     """
     cells: dict[tuple, list[EvalRow]] = {}
     for r in rows:
@@ -211,10 +225,6 @@ def summarize_rows(rows: Sequence[EvalRow], parameters: dict[str, int], target_p
         tested = acceptance_of_tested(accepted, drafts, per_pos)
         c = parameters[group[0].drafter] / target_parameters
         spec_tokens = sum(r.num_generated_tokens for r in group)
-        spec_secs = sum(r.spec_seconds for r in group)
-        timed_ar = [r for r in group if r.ar_seconds is not None]
-        ar_tps = _ratio(sum(r.ar_generated_tokens or 0 for r in timed_ar), sum(r.ar_seconds or 0.0 for r in timed_ar))
-        spec_tps = _ratio(spec_tokens, spec_secs)
         matches = [r.matches_autoregressive for r in group if r.matches_autoregressive is not None]
         rec.update({
             "drafter_path": group[0].drafter_path, "top_p": group[0].top_p, "num_prompts": len(group),
@@ -225,12 +235,64 @@ def summarize_rows(rows: Sequence[EvalRow], parameters: dict[str, int], target_p
             # the i.i.d. formula needs the per-token acceptance of tested drafts, not accepted / drafted
             "tested_acceptance": tested, "implied_block_efficiency": implied_block_efficiency(tested, gamma),
             "mbsu": mbsu(tau, gamma, c), "param_ratio": c, "draft_parameters": parameters[group[0].drafter],
-            "target_parameters": target_parameters, "tokens_per_s_spec": spec_tps, "tokens_per_s_ar": ar_tps,
-            "speedup": _ratio(spec_tps or 0.0, ar_tps or 0.0) if ar_tps else None,
+            "target_parameters": target_parameters, **_speed(group), **_verify_fields(verify_cost, gamma),
             "greedy_match_rate": _ratio(sum(matches), len(matches)) if matches else None,
         })
+    _against_fastest_engine(out)
     _add_intervals(out, rows, resamples, seed, level)
     return out
+
+
+def _speed(group: Sequence[EvalRow]) -> dict[str, Any]:
+    """A cell's tokens/s, speculative and of its engine's target alone, and the speed-up of one over
+    the other; `speedup` and its baseline are this engine's until _against_fastest_engine."""
+    spec_tps = _ratio(sum(r.num_generated_tokens for r in group), sum(r.spec_seconds for r in group))
+    timed_ar = [r for r in group if r.ar_seconds is not None]
+    ar_tps = _ratio(sum(r.ar_generated_tokens or 0 for r in timed_ar), sum(r.ar_seconds or 0.0 for r in timed_ar))
+    own = _ratio(spec_tps or 0.0, ar_tps) if ar_tps else None
+    return {"tokens_per_s_spec": spec_tps, "tokens_per_s_ar": ar_tps, "speedup": own, "speedup_own_engine": own,
+            "baseline_engine": group[0].engine if ar_tps else None, "tokens_per_s_baseline": ar_tps}
+
+
+def _verify_fields(cost: Mapping[str, Any] | None, gamma: int) -> dict[str, float | None]:
+    """r, t_target and t_verify(γ + 1) of one γ from a verify cost (its k keys are strings once read
+    from JSON); None each where it was not measured."""
+    if cost is None:
+        return {"verify_ratio": None, "t_target_ms": None, "t_verify_ms": None}
+    r = {int(k): v for k, v in cost["r"].items()}.get(gamma + 1)
+    t_verify = {int(k): v for k, v in cost["t_verify_ms"].items()}.get(gamma + 1)
+    return {"verify_ratio": r, "t_target_ms": cost["t_target_ms"], "t_verify_ms": t_verify}
+
+
+def fastest_target_alone(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, float], tuple[str, float]]:
+    """(task, T) -> (engine, tokens/s) of the fastest target alone among the run's engines, from each
+    record's own engine's figure (`tokens_per_s_ar`); only where some engine timed it."""
+    best: dict[tuple[str, float], tuple[str, float]] = {}
+    for r in records:
+        tps = r.get("tokens_per_s_ar")
+        key = (r["task"], r["temperature"])
+        if tps is not None and (key not in best or tps > best[key][1]):
+            best[key] = (r["engine"], tps)
+    return best
+
+
+def _against_fastest_engine(records: list[SummaryRecord]) -> None:
+    """Each record's headline speed-up over the fastest target alone of its (task, T), whichever
+    engine ran it: a speed-up over a slow engine's own target alone is no gain to a user who could
+    run the target alone on the fast one. The two baselines were timed at different moments, so on
+    a machine whose load drifts this ratio is less steady than `speedup_own_engine`."""
+    fastest = fastest_target_alone(records)
+    for r in records:
+        engine, tps = fastest.get((r["task"], r["temperature"]), (None, None))
+        spec = r.get("tokens_per_s_spec")
+        r["speedup"] = spec / tps if tps and spec is not None else None
+        r["baseline_engine"], r["tokens_per_s_baseline"] = engine, tps
+
+
+def verify_cost_note(cost: Mapping[str, Any] | None) -> str:
+    """The report's paragraph on the machine's verify cost (verifycost.verify_cost_line)."""
+    line = verify_cost_line(cost)
+    return f"\n{line[0].upper()}{line[1:]}. Every speed-up in this report is read with the r at its γ.\n"
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -238,14 +300,16 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def markdown_table(records: Sequence[dict]) -> str:
-    """drafter × task × engine × γ × T → τ, draft acceptance rate, MBSU, speed-up (and the tokens/s behind it)."""
+    """drafter × task × engine × γ × T → τ, draft acceptance rate, MBSU, speed-up over the fastest
+    engine's target alone and over this engine's, r at that γ, and the tokens/s behind them."""
     lines = ["| drafter | task | engine | γ | T | τ | draft acceptance (accepted/drafted) | MBSU | speed-up "
-             "| tok/s spec | tok/s AR |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| speed-up, own engine | r | tok/s spec | tok/s AR |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         lines.append(f"| {r['drafter']} | {r['task']} | {r['engine']} | {r['gamma']} | {r['temperature']:g} | "
                      f"{_fmt(r['block_efficiency'])} | {_fmt(r['draft_acceptance_rate'])} | {_fmt(r['mbsu'])} | "
-                     f"{_fmt(r['speedup'])} | {_fmt(r['tokens_per_s_spec'], 1)} | {_fmt(r['tokens_per_s_ar'], 1)} |")
+                     f"{_fmt(r['speedup'])} | {_fmt(r.get('speedup_own_engine'))} | {_fmt(r.get('verify_ratio'))} | "
+                     f"{_fmt(r['tokens_per_s_spec'], 1)} | {_fmt(r['tokens_per_s_ar'], 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -280,6 +344,13 @@ def _ci_note(records: Sequence[dict]) -> str:
             f"prompts ({r0['ci_resamples']} resamples, seed {r0['ci_seed']}). **Bold**: best, the paired interval "
             "of its lead over the runner-up lies above 0; =: tied leaders, where it does not.\n")
 
+
+SPEEDUP_NOTE = (
+    "Each speed-up divides by the target alone on the fastest engine of this run for that task and T "
+    "(its tokens/s beside this engine's own), not by each engine's own target alone; where those differ, "
+    "the speed-up over this engine's own target alone follows, what this engine's user sees. r = "
+    "t_verify(γ+1) / t_target is this machine's verify cost at that γ (see the header): the same τ gains "
+    "less where r is higher, and r ≈ 1 where decoding is bound by reading weights (a GPU).")
 
 WIDE = 6  # drafters a comparison_table shows as columns at most, unless it has as many rows
 
@@ -340,19 +411,42 @@ def fastest_gammas(records: Sequence[dict]) -> dict[tuple, dict]:
 
 
 def speedup_table(records: Sequence[dict]) -> str:
-    """How much faster the target answers with each drafter: a row per task × engine × T, a column
-    per drafter, "speed-up× at the fastest γ (its τ)". Empty where nothing was timed."""
+    """How much faster the target answers with each drafter: a row per task × engine × T, the target
+    alone's tokens/s (this engine's, and the fastest engine's where that is another), a column per
+    drafter: "speed-up× over the fastest target alone at the fastest γ (its τ, r there)", then the
+    speed-up over this engine's own target alone where the fastest is another engine's. Empty where
+    nothing was timed."""
     best = fastest_gammas(records)
     if not best:
         return ""
     drafters = list(dict.fromkeys(k[0] for k in best))
     rows = list(dict.fromkeys(k[1:] for k in best))
-    lines = [f"| task | engine | T | {' | '.join(drafters)} |", "|---|---|---:|" + "---:|" * len(drafters)]
+    lines = [f"| task | engine | T | target alone, tok/s | {' | '.join(drafters)} |",
+             "|---|---|---:|---:|" + "---:|" * len(drafters)]
     for task, engine, temp in rows:
-        cells = [(f"{r['speedup']:.2f}× (γ={r['gamma']}, τ {r['block_efficiency']:.2f})"
-                  if (r := best.get((d, task, engine, temp))) else "–") for d in drafters]
-        lines.append(f"| {task} | {engine} | {temp:g} | {' | '.join(cells)} |")
+        row = [r for d in drafters if (r := best.get((d, task, engine, temp)))]
+        lines.append(f"| {task} | {engine} | {temp:g} | {_baseline_cell(row[0])} | "
+                     + " | ".join(_speedup_cell(best.get((d, task, engine, temp))) for d in drafters) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _baseline_cell(r: dict) -> str:
+    """This engine's target alone (tokens/s), and the fastest engine's where that is another."""
+    own = _fmt(r.get("tokens_per_s_ar"), 1)
+    if r.get("baseline_engine") in (None, r["engine"]):
+        return own
+    return f"{own} (fastest: {r['baseline_engine']} {r['tokens_per_s_baseline']:.1f})"
+
+
+def _speedup_cell(r: dict | None) -> str:
+    """"1.05× (γ=3, τ 1.30, r 2.10)", with "; 1.40× over vllm's own" where the baseline is another engine's."""
+    if r is None:
+        return "–"
+    own = r.get("speedup_own_engine")
+    other = (f"; {own:.2f}× over {r['engine']}'s own" if own is not None
+             and r.get("baseline_engine") not in (None, r["engine"]) else "")
+    return (f"{r['speedup']:.2f}× (γ={r['gamma']}, τ {r['block_efficiency']:.2f}, "
+            f"r {_fmt(r.get('verify_ratio'))}{other})")
 
 
 def engine_agreement_table(records: Sequence[dict]) -> str:
@@ -513,8 +607,8 @@ def write_report(out: str | Path, records: Sequence[dict], header: str = "", plo
         comparison += "\n## Paired differences of τ, every pair of drafters\n\n" + pairs_table(pairs)
     speed = speedup_table(records)
     if speed:
-        comparison += ("\n## Speed-up over the target alone, at each drafter's fastest γ (wall clock)\n\n"
-                       + speed)
+        comparison += ("\n## Speed-up over the target alone on the run's fastest engine, at each drafter's "
+                       "fastest γ (wall clock)\n\n" + SPEEDUP_NOTE + "\n\n" + speed)
     agreement = engine_agreement_table(records)
     if agreement:
         comparison += "\n## τ on both engines (the same prompts: they should agree)\n\n" + agreement

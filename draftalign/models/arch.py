@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
 from draftalign.errors import VocabMismatchError
 
@@ -153,9 +153,12 @@ def step_weights_of(path: str, trust_remote_code: bool = False) -> int:
 
 
 def count_parameters(config: PretrainedConfig) -> int:
-    """Parameters of the Llama model `config` describes, counted on the meta device (no memory)."""
+    """Parameters of the model `config` describes (its own family's class: a drafter cut from a Qwen
+    target is a Qwen model), counted on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     return parameter_count(model)
 
 

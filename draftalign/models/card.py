@@ -368,9 +368,12 @@ def render(card: Card) -> str:
         lines += _table(card["evaluation"])
     else:
         lines.append("Not evaluated yet (run `draftalign evaluate`, then `draftalign card` again).")
+    from draftalign.models.identity import is_feature_drafter
+
+    method = "eagle3" if is_feature_drafter(card["path"]) else "draft_model"  # a feature drafter: vLLM's eagle3
     lines += ["", "## Use with vLLM", "", "```python", "from vllm import LLM, SamplingParams", "",
               f"llm = LLM(model={json.dumps(target or 'TARGET')},",
-              f"          speculative_config={{\"method\": \"draft_model\", \"model\": {json.dumps(card['path'])}, "
+              f"          speculative_config={{\"method\": \"{method}\", \"model\": {json.dumps(card['path'])}, "
               "\"num_speculative_tokens\": 3})",
               "print(llm.generate([\"Hello!\"], SamplingParams(max_tokens=64))[0].outputs[0].text)", "```", "",
               "Replace the model path with this repository's id once it is on the Hub. The drafter shares the "

@@ -47,6 +47,24 @@ def check_vocab(target: str, draft: str, trust_remote_code: bool = False) -> Non
         raise VocabMismatchError(f"drafter {draft!r} cannot draft for target {target!r}: {exc}") from None
 
 
+def check_feature_vocab(target: str, draft: str, trust_remote_code: bool = False) -> None:
+    """Raise VocabMismatchError unless the feature drafter `draft` was built for `target`'s vocabulary,
+    special tokens and hidden size (it reads the target's embeddings and hidden states)."""
+    from draftalign.models.arch import load_model_config
+    from draftalign.models.feature import load_feature_spec
+
+    t_cfg = load_model_config(target, trust_remote_code).get_text_config()
+    layer = load_feature_spec(draft).layer
+    problems = [f"{name}: target {getattr(t_cfg, name, None)} != draft {layer.get(name)}"
+                for name in ("vocab_size", "hidden_size", "bos_token_id")
+                if getattr(t_cfg, name, None) != layer.get(name)]
+    if not problems and _vocab(target) != _vocab(draft):
+        problems.append("the tokenizers differ")
+    if problems:
+        raise VocabMismatchError(f"feature drafter {draft!r} was not built for target {target!r}: "
+                                 + "; ".join(problems))
+
+
 def check_transformers(target: Any, draft: Any, target_name: str, draft_name: str,
                        prompt_ids: list[int] | None = None, max_new_tokens: int = 4) -> TransformersCheck:
     """Run `target.generate(..., assistant_model=draft)` for a few tokens on loaded models.

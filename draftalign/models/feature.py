@@ -36,7 +36,12 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-SPECULATORS_TYPE = "eagle3"
+from draftalign.models.identity import FEATURE_FORMAT, is_feature_drafter
+
+__all__ = ["FeatureDrafter", "FeatureSpec", "default_layers", "feature_from_target", "feature_parameters",
+           "feature_spec", "is_feature_drafter", "load_feature_drafter", "load_feature_spec", "restrict_head",
+           "save_feature_drafter", "ttt_mask", "unrolled_logits"]
+
 ARCHITECTURE = "Eagle3Speculator"
 # What the layer copies from its target's config; head and MLP sizes are the target's.
 _LAYER_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -331,7 +336,7 @@ def speculators_config(spec: FeatureSpec, draft_vocab_size: int) -> dict[str, An
              "architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False}
     return {
         "architectures": [ARCHITECTURE],
-        "speculators_model_type": SPECULATORS_TYPE,
+        "speculators_model_type": FEATURE_FORMAT,
         "speculators_version": "0.1.0",
         "transformer_layer_config": layer,
         "draft_vocab_size": draft_vocab_size,
@@ -339,7 +344,7 @@ def speculators_config(spec: FeatureSpec, draft_vocab_size: int) -> dict[str, An
         "norm_before_residual": spec.norm_before_residual,
         "eagle_aux_hidden_state_layer_ids": list(spec.target_layers),
         "speculators_config": {
-            "algorithm": SPECULATORS_TYPE,
+            "algorithm": FEATURE_FORMAT,
             "default_proposal_method": "greedy",
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3,
                                   "verifier_accept_k": 1, "accept_tolerance": 0.0}],
@@ -367,17 +372,6 @@ def save_feature_drafter(draft: FeatureDrafter, folder: str | Path,
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(speculators_config(draft.spec, len(ids)), indent=2) + "\n")
     (folder / "feature_spec.json").write_text(json.dumps(asdict(draft.spec)) + "\n")
-
-
-def is_feature_drafter(path: str | Path) -> bool:
-    """Whether `path` is a folder holding an eagle3 (speculators-format) drafter."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("speculators_model_type") == SPECULATORS_TYPE
-    except ValueError:
-        return False
 
 
 def load_feature_spec(path: str | Path) -> FeatureSpec:

@@ -59,6 +59,21 @@ def target_identity(target: str) -> dict[str, str]:
     return {"target_model": target, "target_hash": h.hexdigest()[:16]}
 
 
+# A feature drafter's folder is in vLLM's eagle3 (speculators) format: config.json says so.
+FEATURE_FORMAT = "eagle3"
+
+
+def is_feature_drafter(path: str | Path) -> bool:
+    """Whether `path` is a folder holding a feature drafter (models/feature.py), without loading it."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("speculators_model_type") == FEATURE_FORMAT
+    except ValueError:
+        return False
+
+
 def check_target_folder(folder: Path) -> None:
     """Refuse a local target that vLLM could not load, before Ray and the engines start.
 

@@ -29,8 +29,7 @@ from draftalign.models.draftvocab import (
     top_tokens,
     write_draft_vocab,
 )
-from draftalign.models.feature import feature_parameters, is_feature_drafter, load_feature_spec
-from draftalign.models.identity import absolute_model_path, check_target_folder, target_identity
+from draftalign.models.identity import absolute_model_path, check_target_folder, is_feature_drafter, target_identity
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.setprint import SAME_NAME_HINT, set_target_hashes
@@ -193,6 +192,8 @@ def _start_config(cfg: Config, loss: LossConfig, init_from: str, target_cfg) -> 
         if not is_feature_drafter(init_from):
             raise ConfigError(f"distill.losses[{loss.label}] trains the feature drafter, but {init_from!r} is not "
                               "one: run `draftalign pretrain` with pretrain.jobs.feature first")
+        from draftalign.models.feature import feature_parameters, load_feature_spec
+
         spec = load_feature_spec(init_from)
         target_vocab = target_cfg.get_text_config().vocab_size
         if spec.vocab_size != target_vocab:

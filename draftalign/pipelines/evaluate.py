@@ -30,11 +30,19 @@ from draftalign.evaluation.report import (
     paired_differences,
     speedup_table,
     summarize_rows,
+    verify_cost_note,
     write_report,
 )
 from draftalign.evaluation.rows import EvalRow, eval_table
 from draftalign.evaluation.tasks import bundled_path, load_task_prompts
-from draftalign.models.identity import absolute_model_path, check_target_folder, looks_local, target_identity
+from draftalign.evaluation.verifycost import VerifyCost
+from draftalign.models.identity import (
+    absolute_model_path,
+    check_target_folder,
+    is_feature_drafter,
+    looks_local,
+    target_identity,
+)
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import MODEL_INFO
 from draftalign.training.tracking import TrackingRun, open_tracker, summary_metrics, tracking_run
@@ -111,17 +119,20 @@ def resolve_drafters(cfg: Config, strict: bool = True) -> list[Drafter]:
     """
     ev = cfg.evaluate
     if ev.drafters is not None:
-        out: list[Drafter] = [{"name": d.name, "path": d.path, "exists": _exists(d.path)} for d in ev.drafters]
+        out: list[Drafter] = [{"name": d.name, "path": d.path, "exists": _exists(d.path),
+                               **({"method": "eagle3"} if is_feature_drafter(d.path) else {})} for d in ev.drafters]
         missing = [f"{d['name']} ({d['path']})" for d in out if not d["exists"]]
         if strict and missing:
             raise ConfigError(f"evaluate.drafters lists drafters that do not exist: {', '.join(missing)}")
         return out
     out = [{"name": cfg.start_name(), "path": cfg.draft_path(), "exists": _exists(cfg.draft_path())}]
+    features = {cfg.distill.drafter_label(loss) for loss in cfg.distill.losses if loss.drafter_kind == "feature"}
     for name, path in _distilled_drafters(cfg).items():
         made = Path(path).expanduser().is_dir()
         # A plan shows the drafters the configured distillation will export, made or not yet.
         if made or not strict:
-            out.append({"name": name, "path": path, "exists": made})
+            feature = is_feature_drafter(path) if made else name in features
+            out.append({"name": name, "path": path, "exists": made, **({"method": "eagle3"} if feature else {})})
     if strict and not out[0]["exists"]:
         out = out[1:]
         if not out:
@@ -358,8 +369,13 @@ def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: lis
     from draftalign.models.arch import step_weights
     from draftalign.models.exportcheck import check_transformers
 
+    from draftalign.models.feature import feature_parameters, load_feature_spec
+
     params = {d["name"]: 0 for d in drafters if not has_model(d)}
-    drafters = [d for d in drafters if has_model(d)]
+    for d in drafters:  # a feature drafter reads its trained weights and one embedding row a step
+        if d.get("method") == "eagle3":
+            params[d["name"]] = feature_parameters(load_feature_spec(d["path"]))["trained"]
+    drafters = [d for d in drafters if has_model(d) and d.get("method") != "eagle3"]
     for d in drafters:
         draft = engine.load_draft(d["path"])
         params[d["name"]] = step_weights(draft)
@@ -372,7 +388,7 @@ def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: lis
     return step_weights(engine.target), params
 
 
-def _vocab_note(path: str) -> str:
+def _vocab_note(path: str, feature: bool = False) -> str:
     """The reduced draft vocabulary of a drafter folder, as the header states it ("" for none)."""
     from draftalign.models.draftvocab import read_draft_vocab
 
@@ -381,8 +397,9 @@ def _vocab_note(path: str) -> str:
         return ""
     cov = vocab.get("holdout_coverage")
     shown = f", held-out coverage {cov:.3f}" if isinstance(cov, float) else ""
-    return (f"; draft vocabulary {vocab['size']:,} tokens{shown} (the reference engine drafts over it; "
-            "vLLM loads the full-vocabulary head)")
+    engines = ("both engines draft over it (vLLM through the export's d2t)" if feature else
+               "the reference engine drafts over it; vLLM loads the full-vocabulary head")
+    return f"; draft vocabulary {vocab['size']:,} tokens{shown} ({engines})"
 
 
 def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, int], target_params: int) -> str:
@@ -398,12 +415,15 @@ def _header(cfg: Config, target: str, drafters: list[dict], params: dict[str, in
             lines.append(f"- drafter `{d['name']}`: n-gram prompt lookup (vLLM's method `ngram`, n from "
                          f"{d['prompt_lookup_min']} to {d['prompt_lookup_max']}), no weights: c = 0, its MBSU is its τ")
             continue
-        lines.append(f"- drafter `{d['name']}`: `{d['path']}` ({params[d['name']] / 1e6:.1f}M weights read per step, "
-                     f"c = {c:.4f}){_vocab_note(d['path'])}")
+        feature = d.get("method") == "eagle3"
+        kind = "a feature drafter (EAGLE-3 style, vLLM's `eagle3`) reading the target's hidden states, " if feature else ""
+        lines.append(f"- drafter `{d['name']}`: `{d['path']}` ({kind}{params[d['name']] / 1e6:.1f}M weights read "
+                     f"per step, c = {c:.4f}){_vocab_note(d['path'], feature)}")
     lines += ["", "τ: tokens per target call, pooled over prompts; draft acceptance: accepted / drafted tokens "
               "(vLLM's acceptance rate; not the distill stage's expected acceptance Σ min(p, q)); "
               "MBSU = τ / (1 + γc), c the ratio of weights read per step (all parameters but an untied input "
-              "embedding table, of which a step reads one row); speed-up: tokens/s speculative over tokens/s of the target alone.", ""]
+              "embedding table, of which a step reads one row); speed-up: tokens/s speculative over tokens/s of the target alone on the run's "
+              "fastest engine for that task and T (over each engine's own target alone: `speedup_own_engine`).", ""]
     if _vllm_sampled(ev):
         lines += [VLLM_SAMPLED_NOTE, ""]
     return "\n".join(lines)
@@ -434,7 +454,7 @@ VLLM_SAMPLED_NOTE = (
 
 def _checked_models(cfg: Config) -> tuple[str, list[dict]]:
     """(target, drafters), each refused here if it is missing, unloadable or of another vocabulary."""
-    from draftalign.models.exportcheck import check_vocab
+    from draftalign.models.exportcheck import check_feature_vocab, check_vocab
 
     target = cfg.target_path()
     if looks_local(target) and not Path(target).expanduser().is_dir():
@@ -443,7 +463,10 @@ def _checked_models(cfg: Config) -> tuple[str, list[dict]]:
         check_target_folder(Path(target).expanduser())
     drafters = resolve_drafters(cfg)
     for d in drafters:
-        check_vocab(target, d["path"], cfg.models.trust_remote_code)
+        if d.get("method") == "eagle3":
+            check_feature_vocab(target, d["path"], cfg.models.trust_remote_code)
+        else:
+            check_vocab(target, d["path"], cfg.models.trust_remote_code)
     return target, _with_baselines(cfg.evaluate, drafters)
 
 
@@ -513,6 +536,7 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
         target_params = step_weights_of(target, cfg.models.trust_remote_code)
         params = {d["name"]: step_weights_of(d["path"], cfg.models.trust_remote_code) if has_model(d) else 0
                   for d in drafters}
+    verify_cost = _verify_cost(ref_engine, ev.gammas, prompts, log)
     rows: list[EvalRow] = []
     cells = CellStore(out, _cells_fingerprint(cfg, target, prompts))  # both engines' finished cells
     if "reference" in ev.engines:
@@ -525,18 +549,33 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
     if "vllm" in ev.engines:
         rows += _vllm_rows(cfg, target, _with_identities(drafters_of["vllm"]), prompts, cells, log)
     write_parquet_atomic(eval_table(rows), out / "rows.parquet")
-    records = summarize_rows(rows, params, target_params)
+    records = summarize_rows(rows, params, target_params, verify_cost=verify_cost)
     for r in records:
         record("draftalign_eval_block_efficiency", r["block_efficiency"], stage="evaluate", drafter=r["drafter"],
                task=r["task"], engine=r["engine"], gamma=r["gamma"], temperature=r["temperature"])
-    files = write_report(out, records, _header(cfg, target, drafters, params, target_params), ev.plots,
-                         paired_differences(rows))
+    files = write_report(out, records, _header(cfg, target, drafters, params, target_params)
+                         + verify_cost_note(verify_cost), ev.plots, paired_differences(rows))
     log(f"[evaluate] {len(rows)} per-prompt rows in {out / 'rows.parquet'}; report files: "
         f"{', '.join(files)} in {out} ({time.time() - t_start:.0f} s)")
     _print_table(records, out)
     _write_cards(drafters, records, log)
     _track(tracking, cfg, records)
     return records
+
+
+def _verify_cost(engine: Any, gammas: list[int], prompts: dict[str, list[dict]], log) -> VerifyCost | None:
+    """This machine's verify cost r = t_verify(γ+1) / t_target for each γ of the sweep, measured once
+    per evaluation (a few seconds) on the reference engine's target, logged. None where that target
+    is not loaded (vLLM alone, evaluate.export_check off): loading a target that may be large in
+    the driver only for this would cost more than the figure, and the report says r was not measured."""
+    from draftalign.evaluation.verifycost import prompt_sized_context, verify_cost_line
+
+    cost = None
+    if engine is not None:
+        cost = engine.verify_cost(prompt_sized_context(p["token_ids"] for rows in prompts.values() for p in rows),
+                                  gammas)
+    log(f"[evaluate] {verify_cost_line(cost)}")
+    return cost
 
 
 def _times_target_alone(ev, engine: str) -> int:
@@ -556,7 +595,8 @@ def _print_table(records: list[SummaryRecord], out: Path) -> None:
         print(markdown_table(records), end="", flush=True)
     speed = speedup_table(records)
     if speed and comparison:
-        print("how much faster the target answers (wall clock, each drafter at its fastest γ):\n" + speed,
+        print("how much faster the target answers (wall clock, each drafter at its fastest γ, over the target "
+              "alone on the run's fastest engine; r: the machine's verify cost at that γ):\n" + speed,
               end="", flush=True)
 
 

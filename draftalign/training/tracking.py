@@ -28,7 +28,7 @@ SummaryValue = str | float | int | list[float] | None
 BACKEND_PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
 # What evaluate tracks of each summary record.
 SUMMARY_KEYS = ("block_efficiency", "tested_acceptance", "draft_acceptance_rate", "mbsu", "speedup",
-                "tokens_per_s_spec", "tokens_per_s_ar")
+                "speedup_own_engine", "verify_ratio", "tokens_per_s_spec", "tokens_per_s_ar")
 
 
 @dataclass(frozen=True)

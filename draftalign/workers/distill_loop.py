@@ -31,12 +31,11 @@ from draftalign.training.losses import (
     densify_topk,
     get_loss,
     loss_options,
-    masked_mean,
 )
 from draftalign.training.tracking import TrackingRun
 from draftalign.training.trainreport import TrainReport
 from draftalign.workers.target_pool import Reply
-from draftalign.workers.trainer import Trainer, mean_across_workers
+from draftalign.workers.trainer import Trainer, sum_across_workers
 
 
 @dataclass(frozen=True)
@@ -76,11 +75,19 @@ def _first_row(target_sel, vocab: int):
 
 
 class DistillTask:
+    """A standalone drafter's distillation. With several data-parallel workers every figure is a
+    total over the global micro-batch, not a mean of each rank's means, so W workers at micro-batch
+    m train and evaluate as one worker at W·m: the loss of a micro-batch is its summed per-position
+    loss over the positions of all ranks (DeepSpeed then averages the ranks' gradients), and the
+    held-out sums are added up across ranks before any mean is taken."""
+
     eval_at_start = True
 
-    def __init__(self, cfg: DistillLoopConfig, target, train_shard, holdout_shard, vocab: int) -> None:
+    def __init__(self, cfg: DistillLoopConfig, target, train_shard, holdout_shard, vocab: int,
+                 rank: int = 0, world: int = 1) -> None:
         self.cfg, self.d, self.target = cfg, cfg.distill, target
         self.train_shard, self.holdout_shard, self.vocab = train_shard, holdout_shard, vocab
+        self.rank, self.world = rank, world  # Ray Train's: this worker's share of each global batch
         self.loss_fn = get_loss(cfg.loss.name)
         self.options = loss_options(cfg.loss)
         self.draft_vocab: torch.Tensor | None = None  # set by distill_loop for a reduced head
@@ -88,19 +95,28 @@ class DistillTask:
         self.select_metric = f"holdout_tau_gamma{self.d.eval_gamma}"
         self.recorded = {"wait_s": 0.0, "positions": 0}
 
-    def _batches(self, shard, skip: int = 0, limit: int | None = None) -> Iterator[tuple[int, dict]]:
-        t = self.d.train
-        it = shard.iter_torch_batches(batch_size=t.micro_batch_size, dtypes=torch.long, drop_last=limit is None)
-        for i, batch in enumerate(it):
-            if limit is not None and i >= limit:
-                return
-            if i >= skip:
-                yield i, batch
-
     def micro_batches(self, skip: int, device: torch.device) -> Iterator[tuple[int, Any]]:
-        # Skipped batches (trained before a restart) never reach the pool.
-        for i, batch, reply in self.target.stream(self._batches(self.train_shard, skip)):
+        # This rank's split of the training rows (Ray Train's streaming split). Skipped batches
+        # (trained before a restart) never reach the pool.
+        it = self.train_shard.iter_torch_batches(batch_size=self.d.train.micro_batch_size, dtypes=torch.long,
+                                                 drop_last=True)
+        batches = ((i, batch) for i, batch in enumerate(it) if i >= skip)
+        for i, batch, reply in self.target.stream(batches):
             yield i, (batch, reply)
+
+    def holdout_batches(self) -> Iterator[tuple[int, dict]]:
+        """This rank's rows of the first train.eval_batches held-out batches of micro_batch_size ×
+        world rows: rows [rank·m, (rank + 1)·m) of each. Every rank reads the held-out set whole
+        (it is not split), so W workers at micro-batch m score exactly the rows one worker at W·m
+        scores, each row once, whatever the world size."""
+        m = self.d.train.micro_batch_size
+        it = self.holdout_shard.iter_torch_batches(batch_size=m * self.world, dtypes=torch.long, drop_last=False)
+        for i, batch in enumerate(it):
+            if i >= self.d.train.eval_batches:
+                return
+            part = {k: v[self.rank * m:(self.rank + 1) * m] for k, v in batch.items()}
+            if len(part["input_ids"]):  # the last batch may not reach this rank
+                yield i, part
 
     def _draft_and_target(self, engine, batch, reply):
         batch = trim_padding(batch)
@@ -110,34 +126,57 @@ class DistillTask:
                                batch["attention_mask"].to(engine.device), mask)
         return logits[None], _target_tensor(reply, engine.device), mask
 
-    def _loss(self, draft_sel, target_sel) -> torch.Tensor:
+    def _loss_sum(self, draft_sel, target_sel) -> torch.Tensor:
+        """The loss summed over the selected positions (draft_sel [1, N, V'])."""
         ones = torch.ones(draft_sel.shape[:2], dtype=torch.bool, device=draft_sel.device)
         vocab = {} if self.draft_vocab is None else {"draft_vocab": self.draft_vocab}
-        return masked_mean(self.loss_fn(draft_sel, target_sel, ones, **self.options, **vocab), ones)
+        return self.loss_fn(draft_sel, target_sel, ones, **self.options, **vocab).sum()
+
+    def _global_counts(self, counts: list[int], device) -> list[float]:
+        """Positions of this micro-batch on all ranks together (every rank steps in lockstep)."""
+        return sum_across_workers(counts, device) if self.world > 1 else [float(c) for c in counts]
 
     def loss(self, engine, item) -> tuple[torch.Tensor, int]:
         batch, reply = item
         draft_sel, target_sel, mask = self._draft_and_target(engine, batch, reply)
-        return self._loss(draft_sel, target_sel), int(mask.sum())
+        n = int(mask.sum())
+        total = self._global_counts([n], engine.device)[0]
+        # × world: DeepSpeed averages the ranks' gradients, so their sum is the global mean's.
+        return self._loss_sum(draft_sel, target_sel) / max(total, 1.0) * self.world, n
+
+    def sum_keys(self) -> list[str]:
+        """The held-out sums every rank adds up, in one order, whether or not it scored a position."""
+        keys = ["positions", "tvd", "acceptance", "forward_kl", "blocks", "tau", "loss"]
+        return keys + (["support_mass"] if self.draft_vocab is not None else [])
+
+    def batch_sums(self, engine, batch, reply) -> dict[str, float]:
+        draft_sel, target_sel, mask = self._draft_and_target(engine, batch, reply)
+        if not mask.any():
+            return {}
+        sums = heldout_sums(draft_sel[0], _first_row(target_sel, self.vocab), mask.cpu(), self.d.eval_gamma,
+                            self.draft_vocab)
+        return {**sums, "loss": float(self._loss_sum(draft_sel, target_sel))}
+
+    def heldout_totals(self, engine) -> dict[str, float]:
+        """This rank's held-out sums (every key of sum_keys)."""
+        local = dict.fromkeys(self.sum_keys(), 0.0)
+        with torch.no_grad():
+            for _, batch, reply in self.target.stream(self.holdout_batches()):
+                for k, v in self.batch_sums(engine, batch, reply).items():
+                    local[k] += v
+        return local
 
     def evaluate(self, engine) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        loss_total, n = 0.0, 0
-        with torch.no_grad():
-            batches = self._batches(self.holdout_shard, limit=self.d.train.eval_batches)
-            for _, batch, reply in self.target.stream(batches):
-                draft_sel, target_sel, mask = self._draft_and_target(engine, batch, reply)
-                if not mask.any():
-                    continue
-                loss_total += float(self._loss(draft_sel, target_sel))
-                n += 1
-                sums_here = heldout_sums(draft_sel[0], _first_row(target_sel, self.vocab), mask.cpu(),
-                                         self.d.eval_gamma, self.draft_vocab)
-                for k, v in sums_here.items():
-                    sums[k] = sums.get(k, 0.0) + v
+        local = self.heldout_totals(engine)
+        # Totals, the same on every rank, before any mean: so every rank reports, and selects the
+        # export by, the same figures.
+        keys = list(local)
+        return self.figures(dict(zip(keys, sum_across_workers([local[k] for k in keys], engine.device), strict=True)))
+
+    def figures(self, sums: dict[str, float]) -> dict[str, float]:
         out = heldout_means(sums, self.d.eval_gamma)
-        if n:
-            out["holdout_loss"] = mean_across_workers(loss_total / n, engine.device)
+        if sums["positions"]:
+            out["holdout_loss"] = sums["loss"] / sums["positions"]  # per position, as training weighs it
         return out
 
     def extra_metrics(self) -> dict[str, float]:
@@ -168,8 +207,9 @@ class FeatureDistillTask(DistillTask):
     and is unrolled on its own outputs for distill.ttt_steps drafts (training-time test), each
     draft's loss against the target's distribution at the position it predicts.
 
-    Loss: Σ_j w_j L_j / Σ_j w_j with w_j = ttt_decay^(j-1), L_j the loss's masked mean over draft
-    j's scored positions (draft index t is scored by the target's row at t + 1, from anchor t − j + 1 >= 0).
+    Loss: Σ_j w_j L_j / Σ_j w_j with w_j = ttt_decay^(j-1), L_j the loss's mean over draft j's
+    scored positions on all ranks (draft index t is scored by the target's row at t + 1, from
+    anchor t − j + 1 >= 0), drafts with no scored position on any rank left out.
     """
 
     def unrolled(self, engine, batch, reply, steps: int) -> list[tuple[Any, Any, torch.Tensor]]:
@@ -194,50 +234,44 @@ class FeatureDistillTask(DistillTask):
             out.append((logits[:, :-1][scored][None], _target_rows(target, nxt[scored]), scored))
         return out
 
-    def _weighted(self, steps) -> torch.Tensor:
+    def _weighted(self, sums: list, counts: list[float]):
+        """Σ_j w_j sums_j / counts_j / Σ_j w_j over the drafts with counts_j > 0 (None: none has)."""
         total, weights = None, 0.0
-        for j, (draft_sel, target_sel, _) in enumerate(steps[:self.d.ttt_steps]):
-            if draft_sel.shape[1] == 0:
-                continue
-            w = self.d.ttt_decay ** j
-            term = w * self._loss(draft_sel, target_sel)
-            total, weights = (term if total is None else total + term), weights + w
-        if total is None:  # no scored position in this batch: a zero still tied to the graph for backward
-            return steps[0][0].sum() * 0.0
-        return total / weights
+        for j, (s, n) in enumerate(zip(sums, counts, strict=True)):
+            if n:
+                w = self.d.ttt_decay ** j
+                total, weights = (w * s / n if total is None else total + w * s / n), weights + w
+        return None if total is None else total / weights
 
     def loss(self, engine, item) -> tuple[torch.Tensor, int]:
         batch, reply = item
         steps = self.unrolled(engine, batch, reply, self.d.ttt_steps)
-        return self._weighted(steps), int(steps[0][2].sum())
+        counts = self._global_counts([int(ok.sum()) for _, _, ok in steps], engine.device)
+        # A draft this rank did not score adds 0; its weight still counts if another rank scored it.
+        sums = [self._loss_sum(d, t) if d.shape[1] else d.sum() * 0.0 for d, t, _ in steps]
+        loss = self._weighted(sums, counts)
+        if loss is None:  # no scored position in this micro-batch: a zero still tied to the graph for backward
+            loss = steps[0][0].sum() * 0.0
+        return loss * self.world, int(steps[0][2].sum())
 
-    def evaluate(self, engine) -> dict[str, float]:
-        gamma, sums, loss_total, n = self.d.eval_gamma, {}, 0.0, 0
-        with torch.no_grad():
-            batches = self._batches(self.holdout_shard, limit=self.d.train.eval_batches)
-            for _, batch, reply in self.target.stream(batches):
-                steps = self.unrolled(engine, batch, reply, max(self.d.ttt_steps, gamma))
-                if not steps[0][2].any():
-                    continue
-                loss_total += float(self._weighted(steps))
-                n += 1
-                self._add(sums, self._batch_sums(steps, gamma))
-        out = heldout_means(sums, gamma)
-        for j in range(1, max(self.d.ttt_steps, gamma) + 1):
-            if sums.get(f"positions_draft{j}"):
-                out[f"holdout_expected_acceptance_draft{j}"] = sums[f"acceptance_draft{j}"] / sums[f"positions_draft{j}"]
-        if n:
-            out["holdout_loss"] = mean_across_workers(loss_total / n, engine.device)
-        return out
+    def sum_keys(self) -> list[str]:
+        drafts = range(1, max(self.d.ttt_steps, self.d.eval_gamma) + 1)
+        return [*super().sum_keys(), *(f"{k}_draft{j}" for j in drafts for k in ("acceptance", "positions", "loss"))]
 
-    def _batch_sums(self, steps, gamma: int) -> dict[str, float]:
-        """Draft 1's held-out sums (as the cut's), with τ from the unrolled drafts, and each draft's acceptance."""
+    def batch_sums(self, engine, batch, reply) -> dict[str, float]:
+        """Draft 1's held-out sums (as the cut's), with τ from the unrolled drafts, and each draft's
+        acceptance and loss."""
+        gamma = self.d.eval_gamma
+        steps = self.unrolled(engine, batch, reply, max(self.d.ttt_steps, gamma))
         first, target_first, scored = steps[0]
+        if not scored.any():
+            return {}
         out = heldout_sums(first[0], _first_row(target_first, self.vocab), scored.cpu(), gamma, self.draft_vocab)
         alphas, valid = [], []
         for j, (draft_sel, target_sel, ok) in enumerate(steps, start=1):
             alpha = position_acceptance(draft_sel[0], _first_row(target_sel, self.vocab), self.draft_vocab)
             out[f"acceptance_draft{j}"], out[f"positions_draft{j}"] = float(alpha.sum()), float(ok.sum())
+            out[f"loss_draft{j}"] = float(self._loss_sum(draft_sel, target_sel)) if draft_sel.shape[1] else 0.0
             dense = torch.zeros(ok.shape, dtype=alpha.dtype, device=alpha.device)
             dense[ok] = alpha
             alphas.append(dense.cpu())
@@ -245,10 +279,16 @@ class FeatureDistillTask(DistillTask):
         out["tau"], out["blocks"] = unrolled_block_efficiency(alphas, valid, gamma)
         return out
 
-    @staticmethod
-    def _add(sums: dict[str, float], more: dict[str, float]) -> None:
-        for k, v in more.items():
-            sums[k] = sums.get(k, 0.0) + v
+    def figures(self, sums: dict[str, float]) -> dict[str, float]:
+        out = heldout_means(sums, self.d.eval_gamma)
+        for j in range(1, max(self.d.ttt_steps, self.d.eval_gamma) + 1):
+            if sums[f"positions_draft{j}"]:
+                out[f"holdout_expected_acceptance_draft{j}"] = sums[f"acceptance_draft{j}"] / sums[f"positions_draft{j}"]
+        drafts = range(1, self.d.ttt_steps + 1)
+        loss = self._weighted([sums[f"loss_draft{j}"] for j in drafts], [sums[f"positions_draft{j}"] for j in drafts])
+        if loss is not None:
+            out["holdout_loss"] = loss
+        return out
 
 
 def start_feature_model(cfg: DistillLoopConfig) -> FeatureDrafter:
@@ -303,9 +343,10 @@ def distill_loop(cfg: DistillLoopConfig) -> None:
         target = LocalTarget(cfg.target, d.target_pool, cfg.cache_dir, support, layers)
     else:
         target = TargetPool(cfg.target, d.target_pool, cfg.death_marker, cfg.cache_dir, support, layers)
+    ctx = ray.train.get_context()
     task = (FeatureDistillTask if feature else DistillTask)(
         cfg, target, ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("holdout"),
-        model.config.vocab_size)
+        model.config.vocab_size, rank=ctx.get_world_rank(), world=ctx.get_world_size())
     task.draft_vocab = draft_vocab
     try:
         params = {"distill": d.model_dump(mode="json"), "loss": cfg.loss.model_dump(mode="json"),

@@ -12,18 +12,21 @@ measurement.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from draftalign.evaluation.cells import Baseline, CellStore
+from draftalign.evaluation.featurespec import FeatureProposer
 from draftalign.evaluation.ngram import NgramProposer
 from draftalign.evaluation.rows import EvalRow
 from draftalign.evaluation.specdecode import autoregressive_generate, speculative_generate
 from draftalign.evaluation.tasks import prompt_seed
+from draftalign.evaluation.verifycost import VerifyCost, measure_verify_cost
 from draftalign.models.draftvocab import load_draft_model
+from draftalign.models.feature import FeatureDrafter, load_feature_drafter
 
 __all__ = ["ReferenceEngine", "ReferenceSweep", "progress_line", "prompt_generator", "reference_rows"]
 
@@ -87,11 +90,20 @@ class ReferenceEngine:
             return NgramProposer(vocab, d["prompt_lookup_min"], d["prompt_lookup_max"], self.device)
         if method == "draft_model":
             return self.load_draft(d["path"])
+        if method == "eagle3":  # a feature drafter; `speculative` gives each prompt a fresh FeatureProposer
+            return load_feature_drafter(d["path"], torch.float32).to(self.device).eval()
         raise ValueError(f"drafter {d['name']!r}: the reference engine has no proposer for method {method!r}")
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def verify_cost(self, context: list[int], gammas: Iterable[int]) -> VerifyCost:
+        """This machine's t_target, t_verify(γ + 1) and r for the loaded target, with this engine's
+        device and threads: what each speed-up of the run is to be read with."""
+        where = f"the reference engine's target (PyTorch, {self.device.type}" + (
+            f", {torch.get_num_threads()} threads)" if self.device.type == "cpu" else ")")
+        return measure_verify_cost(self.target, context, gammas, where, sync=self._sync)
 
     def autoregressive(self, ids: list[int], temperature: float, top_p: float, max_new_tokens: int,
                        eos: Any, generator: torch.Generator) -> tuple[list[int], float]:
@@ -105,7 +117,9 @@ class ReferenceEngine:
                     max_new_tokens: int, eos: Any, generator: torch.Generator):
         self._sync()
         t0 = time.perf_counter()
-        res = speculative_generate(self.target, draft, ids, gamma, max_new_tokens, temperature, top_p, eos, generator)
+        # A feature drafter's proposer holds one generation's cache: a fresh one per prompt.
+        drafter = FeatureProposer(draft) if isinstance(draft, FeatureDrafter) else draft
+        res = speculative_generate(self.target, drafter, ids, gamma, max_new_tokens, temperature, top_p, eos, generator)
         self._sync()
         return res, time.perf_counter() - t0
 

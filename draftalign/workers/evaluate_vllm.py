@@ -33,9 +33,9 @@ def speculative_config(drafter: dict, gamma: int) -> dict[str, Any]:
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": gamma,
                 "prompt_lookup_max": drafter["prompt_lookup_max"], "prompt_lookup_min": drafter["prompt_lookup_min"]}
-    # A drafter with a model folder. A feature drafter (method eagle3, also a folder) gets its own
-    # branch here with whatever keys its method needs beside `model`.
-    if method == "draft_model":
+    # A drafter with a model folder: a standalone one (draft_model) or a feature drafter (eagle3,
+    # vLLM's speculators format; it reads the target's hidden states at the layers its config names).
+    if method in ("draft_model", "eagle3"):
         return {"method": method, "model": absolute_model_path(drafter["path"]), "num_speculative_tokens": gamma}
     raise ValueError(f"drafter {drafter['name']!r}: the vllm engine has no speculative method {method!r}")
 

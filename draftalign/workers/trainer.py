@@ -14,7 +14,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,14 +50,40 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, world_size: int) ->
     }
 
 
-def mean_across_workers(value: float, device: torch.device) -> float:
+def _distributed():
+    """torch.distributed when this process is one of several data-parallel workers, else None."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def sum_across_workers(values: Sequence[float], device: torch.device) -> list[float]:
+    """Element-wise sums over the data-parallel workers, the same on every rank (the values
+    themselves on one worker). Figures made from totals, not from each rank's means, do not
+    depend on how the rows were split between the ranks."""
+    dist = _distributed()
+    if dist is None:
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return t.tolist()
+
+
+def mean_across_workers(value: float, device: torch.device) -> float:
+    dist = _distributed()
+    return sum_across_workers([value], device)[0] / (dist.get_world_size() if dist else 1)
+
+
+def same_on_every_worker(value: float, device: torch.device) -> bool:
+    """Whether every rank holds this value (e.g. the step it exports)."""
+    dist = _distributed()
+    if dist is None:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t[0].item() == value == -t[1].item()
 
 
 class TrainTask(Protocol):
@@ -282,7 +308,14 @@ class Trainer:
     def select_export(self, report: TrainReport) -> TrainReport:
         """Load the best weights when an earlier evaluation beat the last one."""
         st, key = self.state, self.task.select_metric
-        if key is None or st.best_step is None:
+        if key is None:
+            return report
+        # Every rank loads the weights it picked and rank 0 writes them: a rank that picked
+        # another step would leave its optimizer state and the export out of step.
+        if not same_on_every_worker(-1 if st.best_step is None else st.best_step, self.engine.device):
+            raise RuntimeError(f"the train workers picked different steps to export (rank {self.session.rank}: "
+                               f"{st.best_step}); their held-out figures must be the same on every rank")
+        if st.best_step is None:
             return report
         if st.best_step != st.step and self.best_weights is not None:
             self.engine.module.load_state_dict(self.best_weights)
