@@ -139,3 +139,46 @@ def test_the_target_as_its_own_drafter_accepts_every_draft_at_t1_on_both_engines
         # p/q within float error of 1
         assert r["block_efficiency"] >= 3.9, r
         assert r["draft_acceptance_rate"] >= 0.97, r
+
+
+@pytest.mark.timeout(900)
+def test_vllm_serves_the_feature_drafter_as_eagle3_with_the_targets_greedy_answer(world, tmp_path):
+    """The feature drafter's export, loaded by vLLM's own eagle3 loader: its greedy answers are the
+    target's, token for token, and its τ is the reference engine's (both engines draft nothing on
+    the prefill, then γ tokens from the target's features; the last block may differ by γ)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    from draftalign.data.tokenization import materialize_tokenizer
+    from draftalign.models.feature import feature_from_target, feature_spec, restrict_head
+    from tests.test_evaluate import _copier
+
+    # A target whose answer repeats its last token: the feature drafter's start (the target's own
+    # last layer on its features) drafts the same token, so the drafts are accepted and counted.
+    target_dir = _copier(tmp_path / "copier")
+    target = AutoModelForCausalLM.from_pretrained(target_dir)
+    draft = feature_from_target(target, feature_spec(target.config))
+    # a draft vocabulary with gaps (vLLM maps it back through d2t); the answers' token, odd, is in it
+    restrict_head(draft, [i for i in range(32000) if i % 2 or i % 3 == 0])
+    folder = tmp_path / "feature"
+    materialize_tokenizer("embedded", folder)  # first: it makes the folder anew
+    draft.save_pretrained(str(folder))
+    gamma = 3
+    _evaluate(world, tmp_path / "run", "evaluate.engines=[reference, vllm]", f"evaluate.gammas=[{gamma}]",
+              "evaluate.temperatures=[0]", "evaluate.max_prompts=3", "evaluate.max_new_tokens=32",
+              "evaluate.vllm.cpus_per_engine=0.5", "ray.num_cpus=2", "evaluate.ngram=null",
+              f"models.target={target_dir}", f"evaluate.drafters=[{{name: feat, path: {folder}}}]")
+    out = tmp_path / "run" / "evaluate"
+    rows = pq.read_table(out / "rows.parquet").to_pylist()
+    ref = {(r["task"], r["prompt_id"]): r for r in rows if r["engine"] == "reference"}
+    vllm = [r for r in rows if r["engine"] == "vllm"]
+    assert len(vllm) == len(ref) == 9
+    for r in vllm:
+        other = ref[(r["task"], r["prompt_id"])]
+        assert r["matches_autoregressive"] and other["matches_autoregressive"]  # lossless on both
+        assert r["generated_token_ids"] == other["generated_token_ids"]
+        assert abs(r["num_accepted"] - other["num_accepted"]) <= gamma
+    # vLLM ran the drafter's proposals and took them: each of the repeated answer's drafts
+    assert sum(r["num_accepted"] for r in vllm) >= 0.9 * sum(r["num_draft_tokens"] for r in vllm) > 0
+    md = (out / "report.md").read_text()
+    assert "vLLM's `eagle3`" in md

@@ -269,6 +269,7 @@ def feature_spec(target_config: Any, layers: list[int] | None = None, decoder_la
     bad = [i for i in layers if not 0 <= i < n]
     if bad or not layers or len(set(layers)) != len(layers):
         raise ValueError(f"feature layers {layers}: list distinct layers of the target's 0..{n - 1}")
+    layers = sorted(layers)  # vLLM concatenates the target's hidden states in ascending layer order
     return FeatureSpec(layer=layer_fields(config), target_layers=layers, decoder_layers=decoder_layers,
                        norm_before_residual=norm_before_residual, verifier=verifier)
 
@@ -332,8 +333,10 @@ def restrict_head(draft: FeatureDrafter, ids: list[int]) -> None:
 
 def speculators_config(spec: FeatureSpec, draft_vocab_size: int) -> dict[str, Any]:
     """config.json as vLLM's eagle3 loader (the speculators format) reads it."""
+    # num_aux_hidden_states: vLLM sizes fc's input by it (3 when absent)
     layer = {**{k: v for k, v in spec.layer.items() if v is not None}, "num_hidden_layers": spec.decoder_layers,
-             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False}
+             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False,
+             "num_aux_hidden_states": len(spec.target_layers)}
     return {
         "architectures": [ARCHITECTURE],
         "speculators_model_type": FEATURE_FORMAT,
