@@ -88,3 +88,31 @@ def test_a_loss_seed_reaches_the_trainer_and_the_fingerprint(monkeypatch, tmp_pa
     assert seen["split"] == loop_config.distill.train.seed == (7 if seed is None else seed)
     unseeded = cfg.distill.losses[0]
     assert (distill._fingerprint(cfg, loss, inputs) == distill._fingerprint(cfg, unseeded, inputs)) == (seed is None)
+
+
+def test_a_feature_drafter_is_its_own_job_and_its_losses_are_named_after_it():
+    cfg = load_config(TINY, ['pretrain.jobs.feature={arch: {feature: {layers: [1, 2, 3]}}, train: null}',
+                             "distill.losses=[{name: forward_kl, drafter_kind: feature}, {name: forward_kl}]"])
+    feature, draft = cfg.distill.losses
+    assert (feature.label, feature.folder, draft.label) == ("feature-forward_kl", "feature-forward_kl", "forward_kl")
+    assert cfg.start_path(feature).endswith("pretrain/feature/model") and cfg.start_path(draft) == cfg.draft_path()
+    assert (cfg.distill.ttt_steps, cfg.distill.ttt_decay) == (3, 0.8)  # EAGLE-3's unroll, SpecForge's weights
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (['pretrain.jobs.draft={arch: {feature: {}}, train: null}'], r"arch\.feature builds .*; remove preset"),
+    (['pretrain.jobs.feature={arch: {preset: toy-drafter}}'], r"pretrain\.jobs\.feature needs arch\.feature"),
+    (['pretrain.jobs.feature={arch: {feature: {}}}'], r"set train: null"),
+    (['pretrain.jobs.feature={arch: {feature: {}, target_layers: [0]}, train: null}'], r"keep one"),
+    (["distill.losses=[{name: forward_kl, drafter_kind: feature}]", "distill.on_policy.fraction=0.5",
+      "distill.on_policy.rounds=1"], r"feature drafter cannot answer alone"),
+    (["distill.ttt_steps=0"], r"distill\.ttt_steps"),
+])
+def test_feature_drafter_settings_that_cannot_work_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_only_the_feature_job_builds_a_feature_drafter():
+    with pytest.raises(ConfigError, match=r"pretrain\.jobs\.feature, and only it"):
+        load_config(None, ['pretrain.jobs.draft={arch: {feature: {}}, train: null}'])

@@ -219,12 +219,13 @@ def test_distill_mixes_a_drafter_set_and_fingerprints_it(distill_until_ray, tmp_
     from draftalign.util.runinfo import fingerprint
 
     # (draft_vocab and freeze, unset, are left out the same way: they came later still; so are the
-    # feature drafter's training-time test and a loss's drafter_kind, for the standalone drafter.)
+    # feature drafter's training-time test and a loss's drafter_kind, for the standalone drafter;
+    # and the custom Ray resources of the workers and target actors, always.)
     before = cfg.distill.model_dump(mode="json", exclude={
         "output": True, "overwrite": True, "losses": True, "on_policy": True, "draft_vocab": True, "freeze": True,
         "ttt_steps": True, "ttt_decay": True,
-        "train": {"inject_failure_at_step", "max_failures"}, "target_pool": {"inject_actor_death_at_request", "cache",
-                                                                            "cache_dir"}})
+        "train": {"inject_failure_at_step", "max_failures", "resources"},
+        "target_pool": {"inject_actor_death_at_request", "cache", "cache_dir", "resources"}})
     assert _fingerprint(cfg, loss, off) == fingerprint(
         before, loss.model_dump(mode="json", exclude={"eta", "seed", "drafter_kind"}), [(f.name, f.stat().st_size) for f in off.files],
         *off.identity)
@@ -297,7 +298,9 @@ def test_the_example_config_extends_the_demo_with_two_half_and_half_rounds():
     op = cfg.distill.on_policy
     assert (op.fraction, op.rounds, [s.name for s in op.sampling]) == (0.5, 2, ["greedy"])
     assert cfg.run.output == demo.run.output and cfg.generate == demo.generate  # reuses the demo's set
-    assert cfg.distill.losses == demo.distill.losses and cfg.evaluate.output != demo.evaluate.output
+    # the demo's standalone drafter's loss (a feature drafter cannot generate its own answers)
+    standalone = [loss for loss in demo.distill.losses if loss.drafter_kind == "draft"]
+    assert cfg.distill.losses == standalone and cfg.evaluate.output != demo.evaluate.output
 
 
 def test_the_comparisons_runs_share_one_evaluation_and_the_on_policy_example():
