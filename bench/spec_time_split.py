@@ -1,15 +1,17 @@
 """Where the time of speculative decoding goes, on both engines: wall-clock speed-up at batch 1
 for γ = 1..5, split into draft, verify and overhead per emitted token, next to the physical limit.
 
-For one drafter (default: the demo's distilled one, runs/smollm2/distill/forward_kl/model) and its
-target, the same held-out prompts (examples/data/eval/open_ended.jsonl, rendered through the
+For one drafter (default: the demo's distilled one, runs/smollm2/distill/forward_kl/model; a
+feature drafter's folder, EAGLE-3 style, vLLM's eagle3 format, is recognised by its config.json)
+and its target, the same held-out prompts (examples/data/eval/open_ended.jsonl, rendered through the
 target's chat template as `evaluate` does) are answered by the target alone and by speculative
 decoding at each γ, on each engine:
 
 - reference (draftalign.evaluation.specdecode, in this process, --threads torch threads,
   OMP_WAIT_POLICY=PASSIVE): first, in isolation (median of --repeats timed calls after warm-up,
-  with a KV cache holding a --context-token prompt), t_target (the target's forward over one new
-  token), t_draft (the drafter's) and t_verify(k) (the target's forward over k = γ + 1 new tokens).
+  with a KV cache holding a --context-token prompt; draftalign.evaluation.verifycost, the measurement
+  `evaluate` makes), t_target (the target's forward over one new token), t_draft (the drafter's) and
+  t_verify(k) (the target's forward over k = γ + 1 new tokens), and r = t_verify(k) / t_target.
   Then, per prompt, `autoregressive_generate` and `speculative_generate` for every γ, one after
   the other (so machine load falls on all of them alike), each call timed whole and, through
   forward hooks on the two models, the time spent inside drafter and target forwards. Per emitted
@@ -24,6 +26,19 @@ decoding at each γ, on each engine:
   full-vocabulary head: it ignores draft_vocab.json, so a reduced-vocabulary drafter drafts
   over the whole vocabulary there.
 
+A feature drafter (draftalign.models.feature) on the reference engine: t_draft is one step of it
+(a chained draft: one new position) with its KV cache holding the --context-token context, entered
+through features of its input width k·H (random values: they do not change the time); each
+speculative run gets a fresh evaluation.featurespec.FeatureProposer; the hooks time its forward
+(the step) and its fc (the proposer fuses the target's features before the step). Its verify share
+includes the target returning the hidden states the drafter reads. On vLLM it runs as
+speculative_config method eagle3, as `evaluate` runs it, with the folder's draft-vocabulary head
+(the export holds no other, so the full-vocabulary caveat above is a standalone drafter's). It
+cannot run alone there (it reads the target's hidden states), so there is no drafter-alone
+engine: its drafts are priced at the reference engine's t_draft when the reference engine ran in
+the same invocation (PyTorch on --threads threads, not vLLM: an estimate across engines), and the
+draft share, the overhead and the limit are n/a otherwise; the table's note says which.
+
 speed-up = the target alone's ms per token / speculative ms per token, measured in the same run.
 The physical limit on this machine, what speculative decoding would reach with zero overhead at
 the measured τ: τ × t_target / (γ × t_draft + t_verify(γ+1)). The best γ is the measured one,
@@ -32,6 +47,7 @@ printed under each table.
     .venv/bin/python bench/spec_time_split.py
     .venv/bin/python bench/spec_time_split.py --draft DIR --gammas 1,3 --prompts 2 --max-new-tokens 24
     .venv/bin/python bench/spec_time_split.py --engines reference --json runs/bench/spec_time_split.json
+    .venv/bin/python bench/spec_time_split.py --draft runs/smollm2/distill/feature-forward_kl/model
 
 --target: a Hugging Face folder, a .gguf file or `pkg:DIST/PATH` (imported once, as the pipeline
 does, into .cache/draftalign/models); by default the SmolLM2-135M-Instruct target of
@@ -173,57 +189,70 @@ class ForwardTimer:
             h.remove()
 
 
-def median_seconds(call: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of `call` over `repeats` timed runs after `warmup` untimed ones."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def forward_ms(model: Any, context: list[int], k: int, repeats: int) -> float:
-    """ms of one forward over k new tokens after a KV cache holding `context` (the cache is cropped
-    back after every call, outside the timing)."""
+def feature_step_ms(draft: Any, context: Sequence[int], repeats: int) -> float:
+    """ms of one step of a feature drafter (a chained draft: one new position reading the drafter's
+    own output) after its KV cache holds `context`, as the draft side of speculative decoding runs
+    it. The context enters through features of the right width (k·H) with random values: a step's
+    time does not depend on them. The cache is cut back after each call, outside the timing."""
     import torch
-    from transformers import DynamicCache
 
+    from draftalign.evaluation.verifycost import median_seconds
+
+    dev, n = draft.device, len(context)
+    width = len(draft.spec.target_layers) * draft.spec.hidden
+    features = torch.randn(1, n, width, generator=torch.Generator().manual_seed(0)).to(dev)
+    cache: list = []
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([context]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        new = torch.tensor([context[:k]])
-        times = []
-        for i in range(repeats + 2):
-            t0 = time.perf_counter()
-            model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=k)
-            if i >= 2:  # two warm-up calls
-                times.append(time.perf_counter() - t0)
-            cache.crop(-k)
-    return 1000.0 * statistics.median(times)
+        _, hidden = draft(draft.fuse(features), torch.tensor([list(context)], device=dev),
+                          torch.arange(n, device=dev), cache)
+        last, token = hidden[:, -1:], torch.tensor([[context[0]]], device=dev)
+        position = torch.arange(n, n + 1, device=dev)
+
+        def crop() -> None:
+            for i, (k, v) in enumerate(cache):
+                cache[i] = (k[:, :, :n], v[:, :, :n])
+
+        return 1000.0 * median_seconds(lambda: draft(last, token, position, cache), repeats, reset=crop)
+
+
+def isolated_timing(target: Any, draft: Any, context: list[int], gammas: list[int], repeats: int,
+                    feature: bool) -> dict[str, Any]:
+    """t_target, t_draft, t_verify(k) for k = γ + 1 and r (ms), each a median of isolated forwards
+    after a KV cache holding `context`; a feature drafter's t_draft is one step of it."""
+    from draftalign.evaluation.verifycost import forward_ms, verify_ratios  # evaluate's own measurement
+
+    t_draft = feature_step_ms(draft, context, repeats) if feature else forward_ms(draft, context, 1, repeats)
+    timing: dict[str, Any] = {"context_tokens": len(context), "t_target": forward_ms(target, context, 1, repeats),
+                              "t_draft": t_draft,
+                              "t_verify": {g + 1: forward_ms(target, context, g + 1, repeats) for g in gammas}}
+    timing["r"] = verify_ratios(timing["t_target"], timing["t_verify"])
+    return timing
 
 
 def reference_engine(target: Any, draft: Any, prompts: list[list[int]], gammas: list[int], max_new_tokens: int,
                      temperature: float = 0.0, eos: list[int] | None = None, context_len: int = 100,
                      repeats: int = 20, seed: int = 0, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Isolated forward timings, then per-setting rows (see summarize) over `prompts` (token id lists)."""
+    """Isolated forward timings, then per-setting rows (see summarize) over `prompts` (token id lists).
+    `draft`: a causal LM, or a FeatureDrafter (each generation gets a fresh FeatureProposer)."""
     import torch
 
+    from draftalign.evaluation.featurespec import FeatureProposer
     from draftalign.evaluation.metrics import SpecStats
     from draftalign.evaluation.specdecode import autoregressive_generate, speculative_generate
+    from draftalign.models.feature import FeatureDrafter
 
     target.eval()
     draft.eval()
+    feature = isinstance(draft, FeatureDrafter)
     pool = [t for p in prompts for t in p]
     context = (pool * (context_len // max(len(pool), 1) + 1))[:context_len]
-    timing: dict[str, Any] = {"context_tokens": len(context), "t_target": forward_ms(target, context, 1, repeats),
-                              "t_draft": forward_ms(draft, context, 1, repeats),
-                              "t_verify": {g + 1: forward_ms(target, context, g + 1, repeats) for g in gammas}}
+    timing = isolated_timing(target, draft, context, gammas, repeats, feature)
     log(f"t_target {timing['t_target']:.2f} ms, t_draft {timing['t_draft']:.2f} ms, t_verify(k) "
-        + ", ".join(f"k={k}: {v:.2f}" for k, v in timing["t_verify"].items()) + " ms")
-    t_timer, d_timer = ForwardTimer(target), ForwardTimer(draft)
+        + ", ".join(f"k={k}: {v:.2f}" for k, v in timing["t_verify"].items()) + " ms; r = t_verify(k) / t_target "
+        + ", ".join(f"k={k}: {r:.2f}" for k, r in timing["r"].items()))
+    # A feature drafter's proposer fuses the target's features (fc) outside the drafter's forward:
+    # fc gets a timer of its own, so the fusing counts as draft time, not overhead.
+    t_timer, d_timers = ForwardTimer(target), [ForwardTimer(draft), *([ForwardTimer(draft.fc)] if feature else [])]
     settings = [0, *gammas]
     acc = {g: {"tokens": 0, "wall_s": 0.0, "draft_s": 0.0, "verify_s": 0.0, "stats": SpecStats.empty(g or 1)}
            for g in settings}
@@ -231,7 +260,9 @@ def reference_engine(target: Any, draft: Any, prompts: list[list[int]], gammas: 
     def run(gamma: int, ids: list[int], n: int, gen: torch.Generator) -> tuple[int, SpecStats | None]:
         if gamma == 0:
             return len(autoregressive_generate(target, ids, n, temperature, eos_token_id=eos, generator=gen)), None
-        res = speculative_generate(target, draft, ids, gamma, n, temperature, eos_token_id=eos, generator=gen)
+        # a FeatureProposer holds one generation's drafter cache: a fresh one per call
+        res = speculative_generate(target, FeatureProposer(draft) if feature else draft, ids, gamma, n, temperature,
+                                   eos_token_id=eos, generator=gen)
         return len(res.tokens), res.stats
 
     try:
@@ -239,64 +270,86 @@ def reference_engine(target: Any, draft: Any, prompts: list[list[int]], gammas: 
             run(g, prompts[0], min(8, max_new_tokens), torch.Generator().manual_seed(seed))
         for i, ids in enumerate(prompts):
             for g in settings:
-                t_timer.reset()
-                d_timer.reset()
+                for timer in (t_timer, *d_timers):
+                    timer.reset()
                 t0 = time.perf_counter()
                 n, stats = run(g, ids, max_new_tokens, torch.Generator().manual_seed(seed + i))
                 a = acc[g]
                 a["wall_s"] += time.perf_counter() - t0
                 a["tokens"] += n
-                a["draft_s"] += d_timer.seconds
+                a["draft_s"] += sum(timer.seconds for timer in d_timers)
                 a["verify_s"] += t_timer.seconds
                 if stats is not None:
                     a["stats"] = a["stats"] + stats
             log(f"prompt {i + 1}/{len(prompts)} done")
     finally:
-        t_timer.remove()
-        d_timer.remove()
+        for timer in (t_timer, *d_timers):
+            timer.remove()
+    rows = reference_rows(acc, timing)
+    return {"timing": timing, "rows": rows, "best_gamma": best_gamma(rows)}
+
+
+def reference_rows(acc: dict[int, dict[str, Any]], timing: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per setting (γ = 0: the target alone, the baseline) from the accumulated totals."""
     rows, base_ms = [], None
-    for g in settings:
-        a = acc[g]
+    for g, a in acc.items():
         tau = a["stats"].block_efficiency if g else 1.0
         row = summarize("target alone" if g == 0 else f"γ={g}", g, a["tokens"], a["wall_s"], a["draft_s"],
                         a["verify_s"], tau, base_ms, timing)
         if g == 0:
             base_ms = row["ms_per_token"]
         rows.append(row)
-    return {"timing": timing, "rows": rows, "best_gamma": best_gamma(rows)}
+    return rows
+
+
+def load_drafter(path: str) -> tuple[Any, str, int | None]:
+    """The drafter at `path` (a standalone causal LM or a feature drafter), a line describing it,
+    and its draft vocabulary's size (None: the full vocabulary)."""
+    from draftalign.models.draftvocab import draft_vocab_ids, load_draft_model
+    from draftalign.models.feature import is_feature_drafter, load_feature_drafter
+
+    if is_feature_drafter(path):
+        draft = load_feature_drafter(path)
+        spec, vocab = draft.spec, len(draft.draft_ids)
+        return draft, (f"feature drafter (EAGLE-3 style), draft vocabulary {vocab} tokens, {spec.decoder_layers} "
+                       f"decoder layer(s), reading the target's layers {spec.target_layers}"), vocab
+    draft = load_draft_model(path).eval()
+    ids = draft_vocab_ids(draft)
+    if ids is None:
+        return draft, "drafter head: full vocabulary", None
+    return draft, f"drafter head: reduced, {len(ids)} tokens", len(ids)
 
 
 def run_reference(target_path: str, draft_path: str, prompts: list[dict], args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from draftalign.models.draftvocab import draft_vocab_ids, load_draft_model
-
     torch.set_num_threads(args.threads)
     target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
-    draft = load_draft_model(draft_path).eval()
-    ids = draft_vocab_ids(draft)
-    print(f"\n== reference engine (PyTorch, batch 1, {args.threads} threads); drafter head: "
-          + (f"reduced, {len(ids)} tokens" if ids is not None else "full vocabulary"), flush=True)
+    draft, described, vocab = load_drafter(draft_path)
+    print(f"\n== reference engine (PyTorch, batch 1, {args.threads} threads); {described}", flush=True)
     out = reference_engine(target, draft, [p["token_ids"] for p in prompts], args.gammas, args.max_new_tokens,
                            args.temperature, eos_ids(target_path), args.context, args.repeats, args.seed,
                            log=lambda m: print(m, flush=True))
-    out["draft_vocab"] = None if ids is None else len(ids)
+    out["draft_vocab"] = vocab
     return out
 
 
 # --- the vLLM engine ------------------------------------------------------------------------------
 
 def vllm_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """In the child: one engine (target, drafter or target + draft_model at γ), every prompt at batch 1."""
+    """In the child: one engine (target, drafter or target + drafter at γ: draft_model, or eagle3 for a
+    feature drafter, as evaluate configures it), every prompt at batch 1."""
     import torch
 
     from draftalign.config import VllmEvalConfig
-    from draftalign.workers.evaluate_vllm import VllmEngine
+    from draftalign.models.identity import is_feature_drafter
+    from draftalign.workers.evaluate_vllm import VllmEngine, speculative_config
 
     prompts = json.loads(Path(args.prompt_file).read_text())
     cfg = VllmEvalConfig(use_gpu=torch.cuda.is_available(), max_model_len=args.max_model_len)
-    spec = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": args.gamma}
+    method = "eagle3" if is_feature_drafter(args.draft) else "draft_model"
+    spec = speculative_config({"name": "drafter", "path": args.draft, "method": method}, args.gamma)
     model, speculative = {"target": (args.target, None), "draft": (args.draft, None),
                           "spec": (args.target, spec)}[args.worker]
     t0 = time.perf_counter()
@@ -321,12 +374,18 @@ def vllm_child(setting: str, gamma: int, target: str, draft: str, prompt_file: s
     return childproc.run(cmd, args.timeout, env=env)
 
 
-def vllm_rows(target_run: dict, draft_run: dict | None, spec_runs: dict[int, dict]) -> dict[str, Any]:
-    """Table rows from the engines' totals; the split is estimated from the engines run alone."""
+def vllm_rows(target_run: dict, draft_run: dict | None, spec_runs: dict[int, dict], t_draft: float | None = None,
+              note: str = FULL_VOCAB_NOTE) -> dict[str, Any]:
+    """Table rows from the engines' totals; the split is estimated from the engines run alone.
+    Without a drafter run alone, `t_draft` (ms: a feature drafter's, from the reference engine)
+    prices the drafts; without either the draft share is n/a (NaN)."""
     from draftalign.evaluation.metrics import block_efficiency
 
     t_target = 1000.0 * target_run["wall_s"] / target_run["tokens"]
-    t_draft = 1000.0 * draft_run["wall_s"] / draft_run["tokens"] if draft_run else float("nan")
+    if draft_run:
+        t_draft = 1000.0 * draft_run["wall_s"] / draft_run["tokens"]
+    elif t_draft is None:
+        t_draft = float("nan")
     # a (γ+1)-token decode step taken as costing one token's: vLLM cannot be timed inside
     timing = {"t_target": t_target, "t_draft": t_draft, "t_verify": {g + 1: t_target for g in spec_runs}}
     rows = [summarize("target alone", 0, target_run["tokens"], target_run["wall_s"], 0.0, target_run["wall_s"],
@@ -339,17 +398,36 @@ def vllm_rows(target_run: dict, draft_run: dict | None, spec_runs: dict[int, dic
         rows.append(summarize("drafter alone", 0, draft_run["tokens"], draft_run["wall_s"], draft_run["wall_s"], 0.0,
                               1.0, rows[0]["ms_per_token"], timing))
         rows[-1]["limit"] = float("nan")
-    return {"timing": timing, "rows": rows, "best_gamma": best_gamma(rows), "note": FULL_VOCAB_NOTE}
+    return {"timing": timing, "rows": rows, "best_gamma": best_gamma(rows), "note": note}
 
 
-def run_vllm(target: str, draft: str, prompts: list[dict], args: argparse.Namespace) -> dict[str, Any]:
-    print(f"\n== vLLM engine (draft_model, batch 1, evaluate's engine kwargs; env {' '.join(args.engine_env)})\n"
-          f"note: {FULL_VOCAB_NOTE}", flush=True)
+def feature_vllm_note(t_draft: float | None, threads: int) -> tuple[str, str]:
+    """(the table's note, where its draft share comes from) for a feature drafter on vLLM."""
+    why = "a feature drafter cannot run alone in vLLM (it reads the target's hidden states), so "
+    if t_draft is None:
+        return (why + "its draft share, and the overhead and limit that depend on it, are n/a: the reference "
+                "engine, whose t_draft would price the drafts, did not run", "the target run alone; draft n/a")
+    return (why + f"its draft share is estimated from the reference engine's t_draft ({t_draft:.2f} ms, PyTorch, "
+                  f"{threads} threads): drafted tokens × that",
+            "the target run alone and the reference engine's t_draft")
+
+
+def run_vllm(target: str, draft: str, prompts: list[dict], args: argparse.Namespace,
+             ref_t_draft: float | None = None) -> dict[str, Any]:
+    """The vLLM table; `ref_t_draft`: the reference engine's t_draft (ms) when it ran, which prices
+    a feature drafter's drafts (it has no engine of its own here)."""
+    from draftalign.models.identity import is_feature_drafter
+
+    feature = is_feature_drafter(draft)
+    note, source = (feature_vllm_note(ref_t_draft, args.threads) if feature
+                    else (FULL_VOCAB_NOTE, "the target and the drafter run alone"))
+    print(f"\n== vLLM engine ({'eagle3' if feature else 'draft_model'}, batch 1, evaluate's engine kwargs; "
+          f"env {' '.join(args.engine_env)})\nnote: {note}", flush=True)
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         pf = Path(tmp) / "prompts.json"
         pf.write_text(json.dumps(prompts))
-        for name, setting, g in [("target", "target", 0), ("draft", "draft", 0),
+        for name, setting, g in [("target", "target", 0), *([] if feature else [("draft", "draft", 0)]),
                                  *((f"γ={g}", "spec", g) for g in args.gammas)]:
             r = vllm_child(setting, g, target, draft, str(pf), args)
             done = r if isinstance(r, str) else f"{r['tokens']} tokens in {r['wall_s']:.2f} s"
@@ -358,33 +436,41 @@ def run_vllm(target: str, draft: str, prompts: list[dict], args: argparse.Namesp
     if isinstance(runs["target"], str):
         return {"error": f"the target alone {runs['target']}", "runs": runs}
     spec = {g: runs[f"γ={g}"] for g in args.gammas if not isinstance(runs[f"γ={g}"], str)}
-    out = vllm_rows(runs["target"], None if isinstance(runs["draft"], str) else runs["draft"], spec)
-    out["runs"] = runs
+    draft_run = None if feature or isinstance(runs["draft"], str) else runs["draft"]
+    out = vllm_rows(runs["target"], draft_run, spec, ref_t_draft if feature else None, note)
+    out.update(runs=runs, estimated_from=source)
     return out
 
 
 # --- the report -----------------------------------------------------------------------------------
 
+def num(x: float, spec: str = ".2f") -> str:
+    """A table cell: NaN (a figure this run could not give) as n/a."""
+    return "n/a" if isinstance(x, float) and math.isnan(x) else format(x, spec)
+
+
 def table(title: str, res: dict[str, Any], est: bool) -> str:
     t = res["timing"]
     verify = ", ".join(f"k={k}: {v:.2f}" for k, v in t["t_verify"].items())
-    head = (f"\n{title}\nt_target {t['t_target']:.2f} ms, t_draft {t['t_draft']:.2f} ms, "
-            + ("t_verify(k) ≈ t_target" if est else f"t_verify(k) {verify} ms") + "\n")
+    head = (f"\n{title}\nt_target {t['t_target']:.2f} ms, t_draft {num(t['t_draft'])} ms, "
+            + ("t_verify(k) ≈ t_target" if est else f"t_verify(k) {verify} ms; r = t_verify(k) / t_target "
+                                                    + ", ".join(f"k={k}: {r:.2f}" for k, r in t["r"].items()))
+            + "\n")
     split = "est. " if est else ""
     lines = [f"| setting | γ | τ | tokens/s | speed-up | {split}draft ms/tok | {split}verify ms/tok | "
              f"{split}overhead ms/tok | limit |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         mark = " ◀ best" if r["gamma"] and r["gamma"] == res["best_gamma"] and r["setting"].startswith("γ") else ""
-        lines.append(f"| {r['setting']}{mark} | {r['gamma'] or '-'} | {r['tau']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['speedup']:.2f} | {r['draft_ms']:.2f} | {r['verify_ms']:.2f} | {r['overhead_ms']:.2f} | "
-                     f"{r['limit']:.2f} |")
+        lines.append(f"| {r['setting']}{mark} | {r['gamma'] or '-'} | {r['tau']:.2f} | "
+                     f"{num(r['tokens_per_s'], '.1f')} | {num(r['speedup'])} | {num(r['draft_ms'])} | {num(r['verify_ms'])} | {num(r['overhead_ms'])} | "
+                     f"{num(r['limit'])} |")
     best = res["best_gamma"]
     tail = (f"best γ = {best} (measured speed-up {next(r['speedup'] for r in res['rows'] if r['gamma'] == best):.2f}×)"
             if best else "no γ measured")
     return head + "\n".join(lines) + "\n" + tail + "\nlimit = τ × t_target / (γ × t_draft + t_verify(γ+1))"
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=DEFAULT_TARGET, help="(default: %(default)s)")
     ap.add_argument("--draft", default=DEFAULT_DRAFT, help="the drafter's folder (default: %(default)s)")
@@ -405,6 +491,11 @@ def main() -> int:
     ap.add_argument("--worker", choices=["target", "draft", "spec"], help=argparse.SUPPRESS)
     ap.add_argument("--gamma", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--prompt-file", help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> int:
+    ap = build_parser()
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.worker:
@@ -418,24 +509,28 @@ def main() -> int:
     target, draft = resolve_model(args.target), str(Path(args.draft).resolve())
     if not Path(draft).is_dir():
         ap.error(f"--draft {args.draft}: no such folder (run the demo, or pass a drafter)")
+    from draftalign.models.identity import is_feature_drafter
+
+    kind = "feature" if is_feature_drafter(draft) else "standalone"
     prompts = eval_prompts(target, args.prompts)
-    print(f"target {target}\ndrafter {draft}\n{len(prompts)} prompts (open_ended, "
+    print(f"target {target}\ndrafter {draft} ({kind})\n{len(prompts)} prompts (open_ended, "
           f"{statistics.mean(len(p['token_ids']) for p in prompts):.0f} tokens on average) × {args.max_new_tokens} "
           f"new tokens, T = {args.temperature:g}, γ in {args.gammas}", flush=True)
     results: dict[str, Any] = {"target": target, "draft": draft, "prompts": len(prompts),
                                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                               "gammas": args.gammas, "threads": args.threads}
+                               "gammas": args.gammas, "threads": args.threads, "drafter_kind": kind}
     if "reference" in engines:  # each table as soon as its engine is done: vLLM's engines take minutes
         results["reference"] = run_reference(target, draft, prompts, args)
         print(table(f"reference engine, {args.threads} threads (split timed by forward hooks)", results["reference"],
                     est=False), flush=True)
     if "vllm" in engines:
-        results["vllm"] = run_vllm(target, draft, prompts, args)
-        if "error" in results["vllm"]:
-            print(f"\nvLLM engine: {results['vllm']['error']}")
+        res = run_vllm(target, draft, prompts, args, results.get("reference", {}).get("timing", {}).get("t_draft"))
+        results["vllm"] = res
+        if "error" in res:
+            print(f"\nvLLM engine: {res['error']}")
         else:
-            print(table("vLLM engine (split estimated from the target and the drafter run alone)", results["vllm"],
-                        est=True) + f"\nnote: {FULL_VOCAB_NOTE}")
+            print(table(f"vLLM engine (split estimated from {res['estimated_from']})", res, est=True)
+                  + f"\nnote: {res['note']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

@@ -83,6 +83,9 @@ def run_stage(stage: str, config: str | Path | Config, overrides: list[str] | No
     """
     cfg = _config(config, overrides)
     stage = _check_stage(stage)
+    from draftalign.models.support import check_target
+
+    check_target(cfg, stage)  # a target no stage can handle: one error now, before Ray starts
     if stage == "pretrain":
         from draftalign.pipelines.pretrain import run_pretrain
 

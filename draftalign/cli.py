@@ -103,6 +103,9 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
 
         # GGUF models become folders here, once, before Ray starts (a bad file fails now).
         cfg = resolve_sources(load_config(args.config, [*args.overrides, *secret_overrides_from_env()]))
+        from draftalign.models.support import check_target
+
+        check_target(cfg, stage)  # a target no stage can handle: one error line, before Ray starts
         if args.plan:
             print(dump_config(cfg), end="")
             print("---")

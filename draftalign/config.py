@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from draftalign.errors import ConfigError
 
@@ -28,6 +36,21 @@ class Strict(BaseModel):
 Gamma = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def _custom_only(resources: dict[str, float]) -> dict[str, float]:
+    builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & set(resources))
+    if builtin:
+        raise ValueError(f"{', '.join(builtin)}: set with the stage's own keys (cpus_*, use_gpu, gpus_*); "
+                         "resources holds a node's custom resources only")
+    return resources
+
+
+# Custom Ray resources an actor asks for besides its CPUs and GPUs, e.g. {draftalign_slot: 1}:
+# a node started with `ray start --resources '{"draftalign_slot": 2}'` then takes at most two such
+# actors, which is how a config spreads engine replicas or train workers over chosen nodes
+# (docs/cluster.md). Not part of any fingerprint: where an actor runs changes no output.
+CustomResources = Annotated[dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_custom_only)]
 
 
 class RunConfig(Strict):
@@ -133,6 +156,7 @@ class TrainConfig(Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    resources: CustomResources = Field(default_factory=dict)  # custom Ray resources per worker
     seq_len: int = Field(256, ge=8)
     micro_batch_size: int = Field(8, ge=1)  # sequences per worker per forward pass
     grad_accum: int = Field(1, ge=1)
@@ -204,6 +228,7 @@ class EngineConfig(Strict):
     # Ray Data's own tasks need a CPU slot beside the engine actors.
     cpus_per_replica: float = Field(0.5, gt=0)
     gpus_per_replica: float = Field(1.0, ge=0)  # per tensor-parallel worker, when use_gpu
+    resources: CustomResources = Field(default_factory=dict)  # custom Ray resources per tensor-parallel worker
     max_model_len: int = Field(2048, ge=16)  # prompt tokens + max_tokens must fit, else the seed is rejected
     # Passed to vllm.LLM as they are. On CPU, kv_cache_memory_bytes defaults to 256 MiB,
     # enforce_eager to true and dtype to float32 unless set here.
@@ -405,6 +430,7 @@ class TargetPoolConfig(Strict):
 
     actors: int = Field(1, ge=1)  # per train worker, placed on that worker's node
     cpus_per_actor: float = Field(1.0, gt=0)
+    resources: CustomResources = Field(default_factory=dict)  # custom Ray resources per actor
     # torch threads in each actor (None: Ray's default, one per CPU asked). More than the CPUs
     # asked helps on a small machine where the trainer mostly waits for the target.
     threads: int | None = Field(None, ge=1)
@@ -524,6 +550,15 @@ class DistillConfig(Strict):
         labels = [loss.label for loss in self.losses]
         if len(set(labels)) != len(labels):
             raise ValueError(f"distill.losses lists a loss twice: {labels}")
+        return self
+
+    @model_validator(mode="after")
+    def _on_policy_needs_a_standalone_drafter(self) -> DistillConfig:
+        feature = [loss.label for loss in self.losses if loss.drafter_kind == "feature"]
+        if self.on_policy.active and feature:
+            raise ValueError(f"distill.on_policy trains on the drafter's own answers, and a feature drafter "
+                             f"cannot answer alone (it reads the target's hidden states): remove {feature} from "
+                             "distill.losses or set distill.on_policy.fraction=0")
         return self
 
     @model_validator(mode="after")

@@ -122,7 +122,7 @@ def family_tokenizer(family: Family, path: Path):
     return tok
 
 
-def family_config(family: Family, vocab_size: int, bos: int, eos: int, pad: int | None = None, **overrides: Any):
+def model_config(family: Family, vocab_size: int, bos: int, eos: int, pad: int | None = None, **overrides: Any):
     import transformers
 
     cls = getattr(transformers, family.config)
@@ -137,10 +137,129 @@ def build_family(name: str, path: Path, seed: int = 0, **overrides: Any) -> Path
 
     family = FAMILIES[name]
     tok = family_tokenizer(family, path)
-    config = family_config(family, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, **overrides)
+    config = model_config(family, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(path))
     # The folder's tokenizer, as every stage loads it (the config now names the family), fits the model.
     assert len(AutoTokenizer.from_pretrained(str(path))) == config.vocab_size, name
     return path
+
+
+def sharpen(path: Path) -> None:
+    """Scale the target's output layer by 8: greedy choices then are not near-ties that float32
+    rounding could flip between one forward and a k-token verify (tied heads scale the table too)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.save_pretrained(str(path))
+
+
+# ---- the pipeline on each family, in one process (one Ray session) ---------------------------------
+
+RAY_FAMILIES = ("llama", "qwen3", "mistral", "gemma3")
+BASE = {
+    "run": {"name": "family", "seed": 0},
+    "ray": {"num_cpus": 3, "include_dashboard": False},
+    "pretrain": {"jobs": {"draft": {"arch": {"target_layers": [0, 1]}, "train": None},
+                          "feature": {"arch": {"feature": {}}, "train": None}}},
+    "generate": {"fields": {"instruction": "instruction", "input": "input", "id": "id"}, "max_seeds": 4,
+                 "self_instruct": {"count": 3, "temperature": 1.0, "max_tokens": 16},
+                 "sampling": [{"name": "greedy", "temperature": 0.0, "top_p": 1.0, "max_tokens": 12}],
+                 "engine": {"replicas": 1, "batch_size": 8, "cpus_per_replica": 0.5, "max_model_len": 512,
+                            "env": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}},
+    "distill": {"losses": [{"name": "forward_kl"}, {"name": "forward_kl", "drafter_kind": "feature"}],
+                "holdout_fraction": 0.25, "optim": {"lr": 1.0e-3, "warmup_steps": 1},
+                "train": {"num_workers": 1, "cpus_per_worker": 1, "seq_len": 48, "micro_batch_size": 4,
+                          "max_steps": 2, "checkpoint_every": 2, "log_every": 1, "eval_batches": 1},
+                "target_pool": {"actors": 1, "cpus_per_actor": 0.5, "prefetch": 2}},
+    "evaluate": {"tasks": [{"name": "open_ended", "kind": "open_ended"}], "engines": ["reference"], "gammas": [2],
+                 "temperatures": [0.0], "max_prompts": 2, "max_new_tokens": 8, "ngram": None,
+                 "vllm": {"cpus_per_engine": 1, "max_model_len": 512}},
+}
+
+
+def run_config(root: Path, name: str, heavy: bool) -> Path:
+    """The config of `name`'s run under root/name: a hand-made set, or (heavy) vLLM's answers."""
+    import copy
+
+    import yaml
+
+    from draftalign.models.arch import load_model_config
+    from draftalign.models.support import vllm_refusal
+
+    world = root / name / "target"
+    cfg = copy.deepcopy(BASE)
+    cfg["run"]["output"] = str(root / name / "run")
+    cfg["models"] = {"target": str(world)}
+    cfg["tokenizer"] = {"source": str(world)}
+    cfg["generate"]["seeds"] = str(Path(__file__).resolve().parent.parent / "examples" / "data" / "seeds.jsonl")
+    if heavy:
+        served = vllm_refusal(load_model_config(str(world)), feature=True) is None
+        cfg["evaluate"]["engines"] = ["reference", "vllm"] if served else ["reference"]
+    else:  # one Ray Train job (the cut); the feature drafter's start is evaluated beside it
+        run = root / name / "run"
+        cfg["distill"]["data"] = str(root / name / "set")
+        cfg["distill"]["losses"] = [{"name": "forward_kl"}]
+        cfg["evaluate"]["drafters"] = [{"name": "start", "path": str(run / "pretrain" / "draft" / "model")},
+                                       {"name": "forward_kl", "path": str(run / "distill" / "forward_kl" / "model")},
+                                       {"name": "feature-start", "path": str(run / "pretrain" / "feature" / "model")}]
+    path = root / name / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _stage(result: dict, stage: str, config: Path) -> bool:
+    """Run one stage through the Python API; record its time, or its error and stop the family."""
+    import time
+    import traceback
+
+    from draftalign.api import run_stage
+
+    start = time.time()
+    try:
+        run_stage(stage, config)
+    except Exception as exc:  # the test reports which family and stage failed, and why
+        result["error"] = {"stage": stage, "error": f"{type(exc).__name__}: {exc}",
+                           "traceback": traceback.format_exc()[-4000:]}
+        print(f"[families] {config.parent.name} {stage} failed: {result['error']['traceback']}", flush=True)
+        return False
+    result["seconds"][stage] = round(time.time() - start, 1)
+    return True
+
+
+def run_family(root: Path, name: str, heavy: bool) -> dict:
+    """Build `name`'s world and run pretrain, (heavy: generate,) distill and evaluate on it."""
+    from tests.worlds import distill_set
+
+    world = build_family(name, root / name / "target")
+    sharpen(world)
+    if not heavy:
+        distill_set(root / name / "set", 12, target=world)
+    config = run_config(root, name, heavy)
+    result: dict = {"family": name, "seconds": {}}
+    stages = ["pretrain", "generate", "distill", "evaluate"] if heavy else ["pretrain", "distill", "evaluate"]
+    all(_stage(result, stage, config) for stage in stages)
+    return result
+
+
+def main(root: str, heavy: str, *names: str) -> None:
+    """Run the families in this one process (one Ray session) and write root/results.json."""
+    import json
+
+    import ray
+
+    out = Path(root)
+    results = {name: run_family(out, name, heavy == "heavy") for name in names}
+    if ray.is_initialized():
+        ray.shutdown()
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":  # vLLM's spawned workers import this file again: run nothing then
+    import sys
+
+    main(*sys.argv[1:])

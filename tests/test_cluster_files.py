@@ -101,3 +101,22 @@ def test_both_cluster_files_start_ray_with_token_authentication():
     token_path = "/home/ray/.ray/auth_token"
     assert f"--env RAY_AUTH_TOKEN_PATH={token_path}" in cluster["docker"]["run_options"]
     assert cluster["file_mounts"][token_path] == "~/.ray/auth_token"
+
+
+def test_custom_resources_reach_every_bundle_and_the_plan_counts_each_workers_target_actors():
+    from draftalign.cluster.resources import distill_resources, replica_bundles
+    from draftalign.config import ConfigError
+
+    # How a config places actors on chosen nodes (docs/cluster.md; tests/test_two_nodes_ray.py).
+    cfg = load_config(ROOT / "examples" / "tiny.yaml", [
+        "distill.train.num_workers=2", "distill.target_pool.actors=2", "distill.train.resources={draftalign_slot: 1}",
+        "distill.target_pool.resources={pool: 0.5}", "generate.engine.resources={draftalign_slot: 1}"])
+    d = distill_resources(cfg.distill)
+    assert (d["target_actors_per_worker"], d["target_actors"]) == (2, 4)
+    assert d["per_worker"] == {"CPU": 1.0, "draftalign_slot": 1.0} and d["per_target_actor"] == {"CPU": 1.0, "pool": 0.5}
+    assert d["total"] == {"CPU": 6.0, "draftalign_slot": 2.0, "pool": 2.0}
+    assert replica_bundles(cfg.generate.engine) == [{"CPU": 0.5, "draftalign_slot": 1.0}]
+    in_process = load_config(ROOT / "examples" / "tiny.yaml", ["distill.target_pool.in_process=true"])
+    assert distill_resources(in_process.distill)["target_actors_per_worker"] == 0
+    with pytest.raises(ConfigError, match="custom resources only"):
+        load_config(ROOT / "examples" / "tiny.yaml", ["generate.engine.resources={GPU: 1}"])

@@ -232,3 +232,61 @@ def test_import_of_the_packaged_smollm2(tmp_path):
 
     path = modelimport.locate(SMOLLM2, "models.target")
     assert greedy(model) == greedy(_gguf_model(path))
+
+
+# ---- other families: Qwen 2 and 3, Mistral, Gemma 3 ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def family_imports(tmp_path_factory):
+    """A GGUF file of each family (tests/gguf_models.py), the model it holds, and its import."""
+    from tests.gguf_models import GGUF_ARCH, write_family_gguf
+
+    root = tmp_path_factory.mktemp("gguf_families")
+    out = {}
+    for family in GGUF_ARCH:
+        path = root / f"{family}.gguf"
+        model = write_family_gguf(path, family)
+        out[family] = (path, model, import_gguf(str(path), root / "imports"))
+    return out
+
+
+# llama.cpp writes Mistral as a `llama` model, the same architecture; transformers reads it so.
+CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "LlamaForCausalLM",
+           "gemma3": "Gemma3ForCausalLM"}
+
+
+@pytest.mark.parametrize("family", list(CLASSES))
+def test_a_gguf_of_another_family_imports_as_its_own_class_with_its_template(family_imports, family):
+    from transformers import AutoTokenizer
+
+    from tests.families import FAMILIES
+
+    path, written, folder = family_imports[family]
+    model = _folder_model(folder)
+    assert type(model).__name__ == CLASSES[family]
+    assert model.config.tie_word_embeddings == written.config.tie_word_embeddings
+    state = model.state_dict()
+    for name, tensor in written.state_dict().items():  # Gemma's norms come back from 1 + w: rounding
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=1e-6, msg=name)
+    ids = torch.tensor([[0, 5, 17, 42, 100, 250, 3, 2, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, written(ids).logits, rtol=1e-4, atol=1e-4)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    assert tok.chat_template == FAMILIES[family].template  # from the file's metadata
+    messages = [{"role": "user", "content": "Hi there"}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == _gguf_tokenizer(path).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("family", list(CLASSES))
+def test_the_pipeline_plans_a_cut_drafter_for_a_gguf_of_another_family(family_imports, family, tmp_path, capsys):
+    # Before: `draftalign run --plan` on such a file stopped with a traceback, a Llama-only class
+    # reading the family's config: "AttributeError: ... has no attribute 'mlp_bias'".
+    from draftalign.cli import main
+
+    path, _, folder = family_imports[family]
+    rc = main(["run", str(ROOT / "examples" / "smollm2.yaml"), f"models.target={path}", f"tokenizer.source={path}",
+               f"models.import_dir={folder.parent}", f"run.output={tmp_path / 'run'}", "--plan"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    assert "target_layers" in out and "Traceback" not in err

@@ -35,7 +35,8 @@ class TrainResources(TypedDict, total=False):
 class DistillResources(TypedDict):
     ray_train_workers: int
     per_worker: Bundle
-    target_actors: int
+    target_actors_per_worker: int  # each worker starts its own pool, on its own node (0: in_process)
+    target_actors: int  # all workers' together
     per_target_actor: Bundle
     total: Bundle
     deepspeed_zero_stage: int
@@ -55,17 +56,18 @@ class GenerateResources(TypedDict):
 
 def train_worker(train: TrainConfig) -> dict[str, float]:
     """One Ray Train worker's resources (pretrain and distill)."""
-    return {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})}
+    return {"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {}), **train.resources}
 
 
 def target_actor(pool: TargetPoolConfig) -> dict[str, float]:
     """One distill target actor's resources."""
-    return {"CPU": pool.cpus_per_actor, **({"GPU": pool.gpus_per_actor} if pool.use_gpu else {})}
+    return {"CPU": pool.cpus_per_actor, **({"GPU": pool.gpus_per_actor} if pool.use_gpu else {}), **pool.resources}
 
 
 def replica_bundles(engine: EngineConfig) -> list[dict[str, float]]:
     """One Ray resource bundle per tensor-parallel worker of one generate engine replica."""
-    bundle = {"CPU": engine.cpus_per_replica, **({"GPU": engine.gpus_per_replica} if engine.use_gpu else {})}
+    bundle = {"CPU": engine.cpus_per_replica, **({"GPU": engine.gpus_per_replica} if engine.use_gpu else {}),
+              **engine.resources}
     return [dict(bundle) for _ in range(engine.tensor_parallel_size)]
 
 
@@ -95,10 +97,11 @@ def train_resources(job: PretrainJob) -> TrainResources:
 def distill_resources(d: DistillConfig) -> DistillResources:
     t, pool = d.train, d.target_pool
     worker, actor = train_worker(t), target_actor(pool)
-    actors = 0 if pool.in_process else pool.actors * t.num_workers
+    per = 0 if pool.in_process else pool.actors
+    actors = per * t.num_workers
     return {
         "ray_train_workers": t.num_workers, "per_worker": worker,
-        "target_actors": actors, "per_target_actor": actor,
+        "target_actors_per_worker": per, "target_actors": actors, "per_target_actor": actor,
         "total": {k: worker.get(k, 0) * t.num_workers + actor.get(k, 0) * actors for k in sorted({*worker, *actor})},
         "deepspeed_zero_stage": t.zero_stage, "precision": t.dtype_name,
         "global_batch_sequences": t.micro_batch_size * t.grad_accum * t.num_workers,

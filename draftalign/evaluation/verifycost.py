@@ -63,6 +63,8 @@ def forward_ms(model: Any, context: Sequence[int], k: int, repeats: int = REPEAT
     device = next(model.parameters()).device
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
+        if hasattr(cache, "activate_past_recording"):  # sliding-window layers (Gemma 3) crop only when recording
+            cache.activate_past_recording()
         model(input_ids=torch.tensor([list(context)], device=device), past_key_values=cache, use_cache=True,
               logits_to_keep=1)
         new = torch.tensor([list(context[:k])], device=device)

@@ -1,8 +1,10 @@
-"""Llama-architecture model configs: named presets, drafters derived from a target, checks.
+"""Model configs: named presets, drafters derived from a target, checks.
 
-Pure logic on `transformers.LlamaConfig`; no weights are loaded here except where a
-function says so. Speculative decoding needs the draft to share the target's tokenizer,
-vocabulary and special tokens, so every drafter is derived from its target's config.
+The presets (and so a drafter pretrained on a corpus) are Llama models, the paper's; a drafter
+cut from a target is of the target's own class and config, whatever its family. No weights
+are loaded here except where a function says so. Speculative decoding needs the draft to share
+the target's tokenizer, vocabulary and special tokens, so every drafter is derived from its
+target's config.
 """
 
 from __future__ import annotations

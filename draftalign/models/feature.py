@@ -21,6 +21,7 @@ config.json, safetensors with ``fc``, ``layers.N.*``, ``norm``, ``lm_head`` [V',
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ class FeatureSpec:
     draft_ids: list[int] = field(default_factory=list)  # the head's target ids, ascending ([] : all)
     norm_before_residual: bool = False
     verifier: str = ""  # the target's name or folder, for vLLM's config
+    verifier_architectures: list[str] = field(default_factory=lambda: ["LlamaForCausalLM"])  # the target's class
 
     @property
     def hidden(self) -> int:
@@ -135,7 +137,8 @@ class FeatureDrafter(nn.Module):
 
     def __init__(self, spec: FeatureSpec) -> None:
         super().__init__()
-        self.spec = spec
+        # its own copy: restrict_head changes the drafter's spec, never the caller's
+        spec = self.spec = FeatureSpec(**copy.deepcopy(asdict(spec)))
         config = spec.llama_config()
         self.config = config
         h = spec.hidden
@@ -175,13 +178,15 @@ class FeatureDrafter(nn.Module):
         """Logits over the draft vocabulary [..., V'] from the layers' output (before the norm)."""
         return self.lm_head(self.norm(hidden))
 
-    def step(self, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-             cache: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                cache: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode new positions after what `cache` holds (one (k, v) per layer, appended in place).
 
         hidden [1, n, H]: the fused target features, or the drafter's own outputs when chaining;
         tokens [1, n]: the next token at each position; positions [n]. Causal among the n, full
         over the cache. Returns (logits [1, n, V'], the layers' output [1, n, H] before the norm).
+        The decoding step is the module's forward so that forward hooks (bench/spec_time_split.py's
+        timer) see it; `fuse` stays outside, as the proposer fuses the target's features first.
         """
         emb = self.embed_tokens(tokens)
         cos, sin = self.rope(hidden, positions)
@@ -200,6 +205,11 @@ class FeatureDrafter(nn.Module):
             mask = torch.ones(n, past + n, dtype=torch.bool, device=hidden.device).tril(past)
             hidden = layer.finish(q, k, v, mask, residual)
         return self.logits(hidden), hidden
+
+    def step(self, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+             cache: list[tuple[torch.Tensor, torch.Tensor]] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step: `forward`, called through the module so that its hooks run."""
+        return self(hidden, tokens, positions, cache)
 
 
 def ttt_mask(length: int, step: int, device: torch.device) -> torch.Tensor:
@@ -257,6 +267,15 @@ def layer_fields(target_config: Any) -> dict[str, Any]:
         fields["head_dim"] = text.hidden_size // text.num_attention_heads
     if isinstance(fields["eos_token_id"], list):
         fields["eos_token_id"] = fields["eos_token_id"][0]
+    # One rope for the one layer: a target that keeps one per attention type (Gemma 3: local and
+    # global) gives its full-attention one, as the drafter's layer attends over the whole context.
+    # vLLM reads either key, and a nested one breaks its rope lookup.
+    rope = fields["rope_parameters"] or fields["rope_scaling"]
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        fields["rope_parameters"] = fields["rope_scaling"] = dict(rope["full_attention"])
+    # The layer is a Llama layer, in vLLM too, whose MLP runs SiLU only: a target's other
+    # activation (Gemma's tanh GELU) is not kept, and distillation trains the copied MLP to SiLU.
+    fields["hidden_act"] = "silu"
     return fields
 
 
@@ -271,7 +290,8 @@ def feature_spec(target_config: Any, layers: list[int] | None = None, decoder_la
         raise ValueError(f"feature layers {layers}: list distinct layers of the target's 0..{n - 1}")
     layers = sorted(layers)  # vLLM concatenates the target's hidden states in ascending layer order
     return FeatureSpec(layer=layer_fields(config), target_layers=layers, decoder_layers=decoder_layers,
-                       norm_before_residual=norm_before_residual, verifier=verifier)
+                       norm_before_residual=norm_before_residual, verifier=verifier,
+                       verifier_architectures=list(getattr(target_config, "architectures", None) or ["LlamaForCausalLM"]))
 
 
 def feature_parameters(spec: FeatureSpec) -> dict[str, int]:
@@ -295,19 +315,45 @@ def feature_from_target(target: Any, spec: FeatureSpec) -> FeatureDrafter:
     return draft.eval()
 
 
+# Where the drafter's (Llama) layer takes each weight from in the target's layer. Llama's
+# post_attention_layernorm is the norm before the MLP: Gemma calls that one pre_feedforward_layernorm
+# (its own post_attention_layernorm norms the attention's output, which a Llama layer does not).
+_SOURCES = {"hidden_norm.weight": ("input_layernorm.weight",),
+            "post_attention_layernorm.weight": ("pre_feedforward_layernorm.weight", "post_attention_layernorm.weight")}
+
+
+def _norm_scale(norm: nn.Module) -> torch.Tensor:
+    """The elementwise scale an RMS norm applies: its weight w for Llama's, 1 + w for Gemma's (stored
+    as an offset), read off its output for a vector of ones (whose RMS is 1, up to its eps)."""
+    weight = norm.weight
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)) or 0.0)
+    ones = torch.ones(1, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return (norm(ones)[0] * (1.0 + eps) ** 0.5).to(weight.dtype)
+
+
+def _source_weights(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A target decoder layer's weights by name, each norm's weight as the scale it applies."""
+    weights = dict(layer.named_parameters())
+    for name, module in layer.named_modules():
+        if name and "norm" in name.split(".")[-1] and getattr(module, "weight", None) is not None \
+                and module.weight.dim() == 1:
+            weights[f"{name}.weight"] = _norm_scale(module)
+    return weights
+
+
 def _copy_target_weights(draft: FeatureDrafter, target: Any, source: int) -> None:
     h = draft.spec.hidden
-    src = dict(target.get_decoder().layers[source].named_parameters())
+    src = _source_weights(target.get_decoder().layers[source])
     with torch.no_grad():
         draft.embed_tokens.weight.copy_(target.get_input_embeddings().weight)
         draft.lm_head.weight.copy_(target.get_output_embeddings().weight)
-        draft.norm.weight.copy_(target.get_decoder().norm.weight)
+        draft.norm.weight.copy_(_norm_scale(target.get_decoder().norm))
         draft.fc.weight.zero_()
         draft.fc.weight[:, -h:].copy_(torch.eye(h))
         for layer in draft.layers:
             for name, p in layer.named_parameters():
-                key = "input_layernorm.weight" if name == "hidden_norm.weight" else name
-                if key not in src:
+                key = next((k for k in _SOURCES.get(name, (name,)) if k in src), None)
+                if key is None:
                     continue
                 w = src[key]
                 if p.shape == w.shape:
@@ -351,7 +397,7 @@ def speculators_config(spec: FeatureSpec, draft_vocab_size: int) -> dict[str, An
             "default_proposal_method": "greedy",
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3,
                                   "verifier_accept_k": 1, "accept_tolerance": 0.0}],
-            "verifier": {"name_or_path": spec.verifier, "architectures": ["LlamaForCausalLM"]},
+            "verifier": {"name_or_path": spec.verifier, "architectures": list(spec.verifier_architectures)},
         },
         # draftalign's own record, which vLLM ignores
         "draftalign": {"decoder_layers": spec.decoder_layers},
@@ -368,7 +414,8 @@ def save_feature_drafter(draft: FeatureDrafter, folder: str | Path,
     state = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict or draft.state_dict()).items()
              if not k.startswith("rotary.")}
     ids = draft.draft_ids.to("cpu")
-    state["d2t"] = ids - torch.arange(len(ids))
+    if len(ids) < draft.spec.vocab_size:  # vLLM has no d2t for a full-vocabulary head, and refuses one
+        state["d2t"] = ids - torch.arange(len(ids))
     t2d = torch.zeros(draft.spec.vocab_size, dtype=torch.bool)
     t2d[ids] = True
     state["t2d"] = t2d
@@ -388,9 +435,9 @@ def load_feature_drafter(path: str | Path, dtype: torch.dtype = torch.float32) -
     folder = Path(path)
     spec = load_feature_spec(folder)
     state = load_file(str(folder / "model.safetensors"))
-    d2t = state.pop("d2t")
+    d2t = state.pop("d2t", None)  # none: the head covers the whole vocabulary
     state.pop("t2d", None)
-    spec.draft_ids = (d2t + torch.arange(len(d2t))).tolist()
+    spec.draft_ids = [] if d2t is None else (d2t + torch.arange(len(d2t))).tolist()
     draft = FeatureDrafter(spec)
     draft.load_state_dict(state, strict=False)
     missing = set(draft.state_dict()) - set(state) - {k for k in draft.state_dict() if k.startswith("rotary.")}

@@ -29,11 +29,16 @@ from draftalign.models.draftvocab import (
     top_tokens,
     write_draft_vocab,
 )
-from draftalign.models.identity import absolute_model_path, check_target_folder, is_feature_drafter, target_identity
+from draftalign.models.identity import (
+    absolute_model_path,
+    check_target_folder,
+    is_feature_drafter,
+    target_identity,
+)
 from draftalign.pipelines.locks import locked_output
 from draftalign.pipelines.outputs import claim_output, publish_model, reusable
 from draftalign.pipelines.setprint import SAME_NAME_HINT, set_target_hashes
-from draftalign.pipelines.training import fit, materialize_in_order
+from draftalign.pipelines.training import fit, in_micro_batch_blocks, materialize_in_order
 from draftalign.training.distillation import build_sequences, holdout_row
 from draftalign.training.mixture import ON_POLICY, TARGET, MixturePlan, plan_mixture
 from draftalign.training.tracking import tracking_run
@@ -154,6 +159,8 @@ def _split(inputs: DistillInputs, d: DistillConfig, pad_id: int):
         train = _mixed(train, inputs.on_policy_files, inputs.mixture, frac)
     # One seeded shuffle, so rows of one seed are not back to back and a rerun sees one order.
     train = train.random_shuffle(seed=d.train.seed).map_batches(to_sequences, batch_format="numpy")
+    # In blocks of one micro-batch: W workers then train on the global batches one worker at W·m would.
+    train = in_micro_batch_blocks(train, d.train.micro_batch_size)
     # Held-out numbers are read on response positions only, with or without include_prompt: they
     # stand for the drafter's acceptance while the target answers, which is what decoding sees.
     holdout = ds.filter(lambda r: holdout_row(r["id"], frac)).map_batches(
@@ -297,8 +304,8 @@ def _fingerprint(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> str:
     # Chaos switches, the failure budget and the other losses do not change what this loss
     # trains: a rerun without them (or with another list) resumes or reuses the same run.
     chaos: dict[str, bool | set[str]] = {"output": True, "overwrite": True, "losses": True,
-                             "train": {"inject_failure_at_step", "max_failures"},
-                             "target_pool": {"inject_actor_death_at_request", "cache", "cache_dir"}}
+                             "train": {"inject_failure_at_step", "max_failures", "resources"},
+                             "target_pool": {"inject_actor_death_at_request", "cache", "cache_dir", "resources"}}
     # eta only where it means something: the other losses keep the fingerprints they had before it.
     # seed likewise only when set (distill.train.seed, in the config above, is its default).
     # drafter likewise only for a feature drafter, and the training-time test's keys only there.

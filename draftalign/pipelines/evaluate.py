@@ -368,7 +368,6 @@ def _check_and_count(engine: Any, target: str, drafters: list[dict], prompt: lis
     baseline reads no weights: c = 0, its MBSU is its τ)."""
     from draftalign.models.arch import step_weights
     from draftalign.models.exportcheck import check_transformers
-
     from draftalign.models.feature import feature_parameters, load_feature_spec
 
     params = {d["name"]: 0 for d in drafters if not has_model(d)}

@@ -50,7 +50,8 @@ def selected_jobs(cfg: Config) -> list[tuple[str, PretrainJob]]:
 
 
 def model_config_for(cfg: Config, name: str, job: PretrainJob, tok) -> Any:
-    """The LlamaConfig a job trains: from the tokenizer (target) or from the target (draft)."""
+    """The config a job trains: a Llama preset's (sized from the tokenizer for a target, from the
+    target for a draft), or the target's own, of its family (a cut, a feature drafter, init_from)."""
     if job.arch.init_from:
         return load_model_config(job.arch.init_from, cfg.models.trust_remote_code)
     if name == "target":
@@ -91,7 +92,7 @@ class JobPlan(TypedDict, total=False):
 
     job: str
     output: str
-    model: dict[str, int | bool]  # the LlamaConfig fields that size it
+    model: dict[str, int | bool]  # the config fields that size it
     parameters: int
     resources: TrainResources
     note: str
@@ -214,7 +215,9 @@ def _job_fingerprint(cfg: Config, job: PretrainJob, model_config: Any, tok) -> s
     # Without the folder the config was read from (`_name_or_path`: a target imported into this
     # clone's .cache/): a run folder moved to another clone or machine is still reused.
     arch = {k: v for k, v in model_config.to_dict().items() if k != "_name_or_path"}
-    return fingerprint(job.model_dump(mode="json"), cfg.pretrain.corpus.model_dump(mode="json"), arch,
+    # Nor where the workers run (train.resources): the same model comes out on any node.
+    job_fields = job.model_dump(mode="json", exclude={"train": {"resources"}})
+    return fingerprint(job_fields, cfg.pretrain.corpus.model_dump(mode="json"), arch,
                        vocab_fingerprint(tok))
 
 

@@ -18,9 +18,11 @@ def fit(loop: Callable[[Any], None], loop_config: Any, train: TrainConfig, run_n
     """Train `loop(loop_config)` on `train.num_workers` workers (loop_config: the loop's frozen
     dataclass); checkpoints under job_dir/ray; returns the Result.
 
-    Only "train" is split across workers: each evaluates the same held-out rows (small, and no
-    shard can come out empty). Rows keep their order on every run, so a resumed epoch can skip
-    exactly what was trained. A rerun with the same name and folder resumes the run.
+    Only "train" is split across workers (see in_micro_batch_blocks); every worker reads the whole
+    held-out set (small, and no shard can come out empty): pretraining evaluates all of it on each,
+    distillation scores each rank's share of it and adds the sums up (DistillTask.holdout_batches).
+    Rows keep their order on every run, so a resumed epoch can skip exactly what was trained. A
+    rerun with the same name and folder resumes the run.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -47,6 +49,23 @@ def fit(loop: Callable[[Any], None], loop_config: Any, train: TrainConfig, run_n
                                   execution_options={"train": ingest, "holdout": ingest}),
     )
     return trainer.fit()
+
+
+def in_micro_batch_blocks(ds, micro_batch_size: int):
+    """`ds` materialized in order, in blocks of exactly `micro_batch_size` rows (the last one
+    shorter), so that W data-parallel workers at micro-batch m train on the global batches one
+    worker at W·m does (DistillTask's equivalence).
+
+    Why that holds: Ray Train splits "train" with streaming_split(W, equal=True) under
+    preserve_order, which turns locality off and hands the ordered blocks out one at a time, each
+    to the worker that has received the fewest rows so far (Ray Data's OutputSplitter). With blocks
+    of m rows, worker r gets blocks r, r + W, r + 2W, …, so its i-th micro-batch is block i·W + r,
+    and the i-th global batch is blocks i·W … i·W + W − 1: rows [i·W·m, (i + 1)·W·m), one
+    worker's i-th batch at W·m. The tail (fewer than W·m rows) is split evenly and dropped by
+    drop_last on every worker alike, as one worker drops its last partial batch.
+    tests/test_distill_ray.py checks it end to end.
+    """
+    return materialize_in_order(ds.repartition(target_num_rows_per_block=micro_batch_size, strict=True))
 
 
 def materialize_in_order(ds):

@@ -101,8 +101,9 @@ class ReferenceEngine:
     def verify_cost(self, context: list[int], gammas: Iterable[int]) -> VerifyCost:
         """This machine's t_target, t_verify(γ + 1) and r for the loaded target, with this engine's
         device and threads: what each speed-up of the run is to be read with."""
+        threads = torch.get_num_threads()
         where = f"the reference engine's target (PyTorch, {self.device.type}" + (
-            f", {torch.get_num_threads()} threads)" if self.device.type == "cpu" else ")")
+            f", {threads} thread{'s' * (threads != 1)})" if self.device.type == "cpu" else ")")
         return measure_verify_cost(self.target, context, gammas, where, sync=self._sync)
 
     def autoregressive(self, ids: list[int], temperature: float, top_p: float, max_new_tokens: int,

@@ -96,7 +96,9 @@ def build_engine_stage(model: str, engine: EngineConfig, fail_keys: frozenset[st
         model_source=model,
         engine_kwargs=engine_kwargs(engine),
         batch_size=engine.batch_size,
-        concurrency=engine.replicas,
+        # A fixed pool of `replicas` engines: an int n is an autoscaling pool of 1 to n, which on a
+        # small set never started the second replica (tests/test_two_nodes_ray.py).
+        concurrency=(engine.replicas, engine.replicas),
         max_concurrent_batches=engine.max_concurrent_batches,
         placement_group_config={"bundles": replica_bundles(engine), "strategy": "PACK"},
         # Failed requests come back as rows with __inference_error__, so the driver can retry

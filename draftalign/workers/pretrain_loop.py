@@ -20,7 +20,7 @@ class PretrainLoopConfig:
 
     name: str  # the progress lines' tag
     job: PretrainJob
-    model_config: dict[str, Any]  # LlamaConfig fields (a plain dict: transformers' config pickles poorly)
+    model_config: dict[str, Any]  # the model's config fields (a plain dict: transformers' config pickles poorly)
     target: str | None = None  # the target folder, for arch.init_embeddings=target or arch.target_layers
     tracking: TrackingRun | None = None  # experiment tracking, on rank 0
 
@@ -53,19 +53,17 @@ class PretrainTask:
 
 
 def build_model(cfg: PretrainLoopConfig):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     arch = cfg.job.arch
-    if arch.init_from:
-        return LlamaForCausalLM.from_pretrained(arch.init_from, dtype=torch.float32, use_safetensors=True)
+    if arch.init_from:  # any family: a drafter cut from a Qwen target is a Qwen model
+        return AutoModelForCausalLM.from_pretrained(arch.init_from, dtype=torch.float32, use_safetensors=True)
     if arch.target_layers is not None:  # cut from the target, then pretrained further on the corpus
-        from transformers import AutoModelForCausalLM
-
         from draftalign.models.arch import draft_from_target
 
         target = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=torch.float32, use_safetensors=True)
         return draft_from_target(target, arch.target_layers).train()
-    model = LlamaForCausalLM(LlamaConfig(**cfg.model_config))
+    model = LlamaForCausalLM(LlamaConfig(**cfg.model_config))  # a preset: the paper's Llama drafter
     if arch.init_embeddings == "target":
         from draftalign.models.arch import init_embeddings_from
 

@@ -254,7 +254,7 @@ class TargetPool:
         node = ray.get_runtime_context().get_node_id()
         per = target_actor(cfg)
         actor_cls = ray.remote(TargetActor).options(
-            num_cpus=per["CPU"], num_gpus=per.get("GPU", 0),
+            num_cpus=per["CPU"], num_gpus=per.get("GPU", 0), resources=dict(cfg.resources),
             max_restarts=cfg.max_restarts, max_task_retries=cfg.max_restarts,
             # Beside the train worker: the log-probs are the largest thing on the wire.
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True))
