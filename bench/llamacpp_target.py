@@ -13,7 +13,12 @@ minutes on 2 cores, so `make install` leaves it out: `make bench-llamacpp` insta
 - the same held-out prompts as bench/spec_time_split.py (the first --prompts of the bundled
   open-ended set, rendered through the target's chat template as `evaluate` renders them, the
   token ids given to llama.cpp as they are), --threads threads;
-- OMP_WAIT_POLICY=PASSIVE unless the environment sets it (see below the docstring: why);
+- llama.cpp's threads wait for each other at OpenMP barriers (its ggml build links libgomp), which
+  read OMP_WAIT_POLICY when llama_cpp loads: --omp-wait-policy sets it (default: the environment's,
+  libgomp's own when unset, which spins a while before it sleeps). Spinning is the fastest on
+  idle cores and collapsed on a loaded machine (unset: 0.7 tokens/s at a load average of 30);
+  PASSIVE sleeps at every barrier, a few hundred per token: 2.6x slower on idle cores
+  (docs/benchmarks.md);
 - the target alone, greedy (top-k 1), up to --max-new-tokens per prompt, stopping at the target's
   EOS, after one untimed warm-up prompt; each prompt from an empty KV cache, so prefill is timed
   as `evaluate` times the target alone. Reported: tokens/s with prefill (as `evaluate` counts it),
@@ -30,22 +35,15 @@ minutes on 2 cores, so `make install` leaves it out: `make bench-llamacpp` insta
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-# Before llama_cpp loads: its ggml build synchronises its threads with OpenMP barriers (libgomp), and
-# spinning workers on a shared 2-core machine under load ran 20-200x slower (0.7 tokens/s against
-# 13 with PASSIVE at a load average of 13). OMP_WAIT_POLICY=ACTIVE in the environment overrides it;
-# on an idle machine spinning can be the faster.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterable, Iterator, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.3.36"  # pyproject.toml's `llamacpp` extra
@@ -164,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eos = spec_time_split.eos_ids(folder)
     n_ctx = max(len(p) for p in prompts) + max(args.max_new_tokens, *args.ks) + 16
     print(f"llama-cpp-python {llama_cpp.__version__}, {gguf.name}, {args.threads} threads "
-          f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); {len(prompts)} prompts "
+          f"(OMP_WAIT_POLICY {args.wait_policy}); {len(prompts)} prompts "
           f"({statistics.mean(len(p) for p in prompts):.0f} tokens on average) × {args.max_new_tokens} new tokens, "
           "greedy", flush=True)
     llm = load(llama_cpp, gguf, args.threads, n_ctx, logits_all=False)
@@ -174,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     llm = load(llama_cpp, gguf, args.threads, n_ctx, logits_all=True)
     cost = forward_cost(llm, prompt_sized_context(prompts), args.ks, args.repeats)
     return {"llama_cpp_python": llama_cpp.__version__, "gguf": str(gguf), "threads": args.threads,
-            "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "load_average": [load_before, os.getloadavg()],
+            "omp_wait_policy": args.wait_policy, "load_average": [load_before, os.getloadavg()],
             "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "runs": runs, **speeds(runs), **cost}
 
 
@@ -187,8 +185,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ks", default="2,3,4,5,6", help="forward sizes k to time (default: %(default)s: γ = 1..5)")
     ap.add_argument("--repeats", type=int, default=20, help="timed forwards per t_k (median)")
+    ap.add_argument("--omp-wait-policy", choices=["inherit", "ACTIVE", "PASSIVE"], default="inherit",
+                    help="OMP_WAIT_POLICY for llama.cpp's threads (default: %(default)s, the environment's)")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
+    if args.omp_wait_policy != "inherit":  # before llama_cpp loads libgomp, which reads it once
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    # read now: importing spec_time_split later sets it for torch, after libgomp has read it
+    args.wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset: libgomp's default")
     try:
         args.ks = parse_ks(args.ks)
     except ValueError as exc:
