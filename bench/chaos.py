@@ -146,10 +146,14 @@ def present(driver: int) -> dict[str, list[int]]:
 
 # ---------------------------------------------------------------- what a run folder says
 
-def running_stage(run: Path) -> str | None:
-    """The stage run_manifest.json marks running (the run writes it at each stage's start and end)."""
+def running_stage(run: Path, since: float = 0.0) -> str | None:
+    """The stage run_manifest.json marks running (the run writes it at each stage's start and end);
+    None before this attempt (started at `since`) has written it: a killed attempt's is stale."""
+    path = run / "run_manifest.json"
     try:
-        stages = json.loads((run / "run_manifest.json").read_text())["stages"]
+        if path.stat().st_mtime < since:
+            return None
+        stages = json.loads(path.read_text())["stages"]
     except (OSError, ValueError, KeyError):
         return None
     return next((s["stage"] for s in reversed(stages) if s.get("status") == "running"), None)
@@ -184,7 +188,9 @@ class Kill:
     at_s: float  # seconds into the attempt
     checkpoints: dict[str, int]  # registered checkpoint step of every unfinished training job
     log_pos: int  # offset into the run's attempt logs, all attempts one after the other
-    orphans: int = 0  # processes of the killed driver's tree still alive 30 s later (then killed)
+    # Processes below the killed one still alive once it died: for the driver 30 s after the kill,
+    # for an actor at the attempt's end (a vLLM engine core outliving its actor holds its memory).
+    orphans: int = 0
 
 
 @dataclass
@@ -222,6 +228,7 @@ class ChaosRun:
         self.attempts: list[Attempt] = []
         self.log_base = 0  # bytes of the earlier attempts' logs
         self.tree: dict[int, str | None] = {}  # every process this run started: pid -> start time
+        self.below: list[tuple[Kill, dict[int, str | None]]] = []  # each actor kill: what ran below it
 
     def run(self) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -252,6 +259,7 @@ class ChaosRun:
                     proc.wait()
                     break
                 time.sleep(0.5)
+        self.count_orphans()
         self.reap()
         self.log_base += log.stat().st_size
         return Attempt(self.index, len(self.attempts) + 1, None if hung else proc.returncode,
@@ -260,7 +268,7 @@ class ChaosRun:
     def track(self, driver: int) -> None:
         """Remember every process below the driver, so what a killed driver orphans can be found."""
         for pid in descendants(driver) | {driver}:
-            self.tree.setdefault(pid, _starttime(pid))
+            self.tree[pid] = _starttime(pid)
 
     def choose(self, alive: dict[str, list[int]]) -> tuple[str, str]:
         """(aimed, killed): the least-killed kind, or the least-killed alive one when it is not."""
@@ -279,8 +287,9 @@ class ChaosRun:
         aimed, kind = self.choose(alive)
         pid = self.rng.choice(alive[kind])
         # What a resume must start from, read before the kill: a checkpoint registered later is newer.
-        saved, stage = checkpoints(run), running_stage(run)
+        saved, stage = checkpoints(run), running_stage(run, t0)
         self.track(proc.pid)
+        below = {p: _starttime(p) for p in descendants(pid)}
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:  # ended between the look and the kill: the next moment tries again
@@ -294,7 +303,19 @@ class ChaosRun:
               f"in {stage} at {kill.at_s:.0f} s; checkpoints {saved}", flush=True)
         if kind == "driver":
             proc.wait()
-            kill.orphans = self.reap(grace=30.0)
+            deadline = time.time() + 30.0  # Ray's processes follow a dead driver: what is left then is orphaned
+            while time.time() < deadline and self._left():
+                time.sleep(0.5)
+            self.count_orphans()
+            kill.orphans = self.reap(grace=0.0)
+        else:
+            self.below.append((kill, below))
+
+    def count_orphans(self) -> None:
+        """For each actor killed in this attempt: how many of the processes below it outlived it."""
+        for kill, below in self.below:
+            kill.orphans = sum(_alive(p) and _starttime(p) == start for p, start in below.items())
+        self.below = []
 
     def reap(self, grace: float = 10.0) -> int:
         """Wait `grace` s for what this run started to end (Ray's processes follow a dead driver),
