@@ -107,3 +107,32 @@ def test_totals_and_the_report(chaos):
                          "wall_s": 60.0, "reference": {"seconds": 30, "rc": 0, "rows": 32, "eval_rows": 9},
                          "runs": [run], "totals": t})
     assert "| driver | 0 | 0 | 1 | 0 | 0 |" in md and "- set: 1 missing (s1/greedy)" in md
+
+
+def _run_folder(root, rows, cells, step):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "generate" / "data").mkdir(parents=True)
+    for i, chunk in enumerate(rows):  # chunks as a resumed generate writes them: any split
+        pq.write_table(pa.Table.from_pylist(chunk), root / "generate" / "data" / f"part-{i}.parquet")
+    (root / "evaluate").mkdir()
+    pq.write_table(pa.Table.from_pylist(cells), root / "evaluate" / "rows.parquet")
+    (root / "distill" / "tvdpp" / "model").mkdir(parents=True)
+    (root / "distill" / "tvdpp" / "model" / "draftalign_model.json").write_text(json.dumps({"metrics": {"step": step}}))
+    return root
+
+
+def test_check_run_compares_two_run_folders(chaos, tmp_path):
+    rows = [_row(f"s{i}/greedy") for i in range(4)]
+    cell = {"drafter": "tvd++", "task": "translate", "engine": "reference", "gamma": 2, "temperature": 0.0,
+            "prompt_id": "p0", "generated_token_ids": [4, 5]}
+    ref = _run_folder(tmp_path / "ref", [rows], [cell], 24)
+    same = _run_folder(tmp_path / "same", [rows[2:], rows[:2]], [cell], 24)
+    check = chaos.check_run(ref, same, "", [])
+    assert chaos.problems(check) == [] and check["set"]["rows"] == 4
+    bad = _run_folder(tmp_path / "bad", [rows[1:], rows[3:]], [cell, {**cell, "generated_token_ids": [4, 6]}], 21)
+    found = chaos.problems(chaos.check_run(ref, bad, "", []))
+    assert "set: 1 missing (s0/greedy)" in found and "set: 1 duplicated (s3/greedy)" in found
+    assert any(p.startswith("eval: 1 duplicated") for p in found)
+    assert "training: distill/tvdpp not at the reference's last step" in found
