@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from draftalign.evaluation.specdecode import adjust_probs
+from draftalign.models.draftvocab import scatter_to_full
 from draftalign.models.feature import FeatureDrafter
 
 __all__ = ["FeatureProposer"]
@@ -74,8 +75,7 @@ class FeatureProposer:
 
     def _full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [V'] as the target's [V]: −inf (q = 0) outside the draft vocabulary."""
-        full = logits.new_full((self.draft.spec.vocab_size,), float("-inf"))
-        return full.index_copy(0, self.draft.draft_ids, logits)
+        return scatter_to_full(logits, self.draft.draft_ids, self.draft.spec.vocab_size)
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor([ids], dtype=torch.long, device=self.draft.device)

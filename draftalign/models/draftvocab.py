@@ -41,6 +41,13 @@ class DraftVocabFile(_DraftVocabAbout):
     ids: list[int]
 
 
+def scatter_to_full(sub: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Draft-vocabulary logits [..., V'] as full-vocabulary ones [..., V]: −inf outside `ids`,
+    so every consumer of logits (samplers, transformers' generate) sees q(x) = 0 there."""
+    full = sub.new_full((*sub.shape[:-1], vocab_size), float("-inf"))
+    return full.index_copy_(-1, ids, sub)
+
+
 class ReducedHead(nn.Module):
     """The output layer over the token ids `ids` [V'] of a V-token vocabulary.
 
@@ -60,9 +67,7 @@ class ReducedHead(nn.Module):
         return nn.functional.linear(hidden, self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        sub = self.subset_logits(hidden)
-        full = sub.new_full((*sub.shape[:-1], self.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.ids, sub)
+        return scatter_to_full(self.subset_logits(hidden), self.ids, self.vocab_size)
 
     def full_head(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The [V, H] head to export: the trained rows (`weight`, default this module's) on S, zero elsewhere.

@@ -229,12 +229,12 @@ def _inputs(cfg: Config, loss: LossConfig) -> DistillInputs:
     _check_set_target(files, target, target_hash)
     tok = load_tokenizer(init_from)
     on_files, plan = _on_policy_inputs(cfg, files, target, target_hash)
-    ids, info = _draft_vocab(cfg, files, init_from, draft_cfg.vocab_size, tok)
+    ids, info = _draft_vocab(cfg, files, init_from, draft_cfg.vocab_size, tok, loss.drafter_kind)
     return DistillInputs(target, init_from, files, tok.pad_token_id or 0, tok, parameters,
                          (target_hash, target_identity(init_from)["target_hash"]), on_files, plan, ids, info)
 
 
-def _draft_vocab(cfg: Config, files: list[Path], init_from: str, vocab_size: int, tok):
+def _draft_vocab(cfg: Config, files: list[Path], init_from: str, vocab_size: int, tok, kind: str):
     """(ids, info) of the reduced draft vocabulary, or (None, None) without distill.draft_vocab.
 
     The start's own subset when it has one (a reduced drafter distilled again); else the most
@@ -262,7 +262,9 @@ def _draft_vocab(cfg: Config, files: list[Path], init_from: str, vocab_size: int
     info: DraftVocabInfo = {"size": len(ids), "vocab_size": vocab_size, "from": source,
             "holdout_coverage": coverage(held, ids), "train_coverage": coverage(train, ids)}
     shown = "n/a" if info["holdout_coverage"] is None else f"{info['holdout_coverage']:.3f}"
-    print(f"[distill] draft vocabulary: {len(ids):,} of {vocab_size:,} tokens ({source}); "
+    # One line per drafter kind (each has its own start): named, so two kinds' lines are told apart.
+    named = "feature drafters" if kind == "feature" else "standalone drafters"
+    print(f"[distill] draft vocabulary of the {named}: {len(ids):,} of {vocab_size:,} tokens ({source}); "
           f"held-out coverage {shown}", flush=True)
     return tuple(ids), info
 

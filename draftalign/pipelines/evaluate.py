@@ -499,6 +499,27 @@ def _with_identities(drafters: list[dict]) -> list[dict]:
 
 
 @locked_output("evaluate", lambda cfg: cfg.evaluate.output)
+def _context_length(cfg: Config, target: str) -> int:
+    """The longest context a prompt plus its answer may take: the target's, capped by vLLM's window."""
+    from draftalign.models.arch import load_model_config
+
+    context = load_model_config(target, cfg.models.trust_remote_code).get_text_config().max_position_embeddings
+    if "vllm" in cfg.evaluate.engines:
+        context = min(context, cfg.evaluate.vllm.max_model_len)
+    return context
+
+
+def _count_on_meta(cfg: Config, target: str, drafters: list[dict]) -> tuple[int, dict[str, int]]:
+    """The target's and each drafter's step weights, counted on the meta device: a vLLM-only run on a
+    big target does not load it here."""
+    from draftalign.models.arch import step_weights_of
+
+    target_params = step_weights_of(target, cfg.models.trust_remote_code)
+    params = {d["name"]: step_weights_of(d["path"], cfg.models.trust_remote_code) if has_model(d) else 0
+              for d in drafters}
+    return target_params, params
+
+
 def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
     """Run the sweep and write the report under evaluate.output; returns the summary records."""
     from draftalign.data.tokenization import ensure_chat_template, load_tokenizer
@@ -510,11 +531,7 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
     target, drafters = _checked_models(cfg)
     out = Path(ev.output)
     tok = ensure_chat_template(load_tokenizer(target), cfg.tokenizer.chat_template)
-    from draftalign.models.arch import load_model_config
-
-    context = load_model_config(target, cfg.models.trust_remote_code).get_text_config().max_position_embeddings
-    if "vllm" in ev.engines:
-        context = min(context, ev.vllm.max_model_len)
+    context = _context_length(cfg, target)
     drafters_of = {e: ev.engine_drafters(e, drafters) for e in ev.engines}
     prompts = _prompts(cfg, tok, context, log)
     console.expect_cells(len(prompts) * sum(len(ev.engine_temperatures(e)) * (len(drafters_of[e]) * len(ev.gammas)
@@ -529,12 +546,8 @@ def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
         ref_engine = ReferenceEngine(target, ev.reference.device, cfg.models.trust_remote_code,
                                      ev.reference.threads)
         target_params, params = _check_and_count(ref_engine, target, drafters, first, ev.export_check, log)
-    else:  # a vLLM-only run on a big target: count on the meta device instead of loading it here
-        from draftalign.models.arch import step_weights_of
-
-        target_params = step_weights_of(target, cfg.models.trust_remote_code)
-        params = {d["name"]: step_weights_of(d["path"], cfg.models.trust_remote_code) if has_model(d) else 0
-                  for d in drafters}
+    else:
+        target_params, params = _count_on_meta(cfg, target, drafters)
     verify_cost = _verify_cost(ref_engine, ev.gammas, prompts, log)
     rows: list[EvalRow] = []
     cells = CellStore(out, _cells_fingerprint(cfg, target, prompts))  # both engines' finished cells

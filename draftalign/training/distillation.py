@@ -111,7 +111,8 @@ def position_acceptance(draft_logits: torch.Tensor, target_logprobs: torch.Tenso
 
 
 def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor | SupportTargetLogprobs,
-                 mask: torch.Tensor, gamma: int, draft_vocab: torch.Tensor | None = None) -> dict[str, float]:
+                 mask: torch.Tensor, gamma: int, draft_vocab: torch.Tensor | None = None,
+                 alpha: torch.Tensor | None = None) -> dict[str, float]:
     """Sums over the masked positions, to add up across batches and workers.
 
     draft_logits, target_logprobs: [N, V] at the N positions where mask [B, T] is set, in
@@ -120,7 +121,8 @@ def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor | Sup
     forward_kl, blocks, tau (Σ of :func:`chained_block_efficiency` over whole blocks). With a
     reduced draft vocabulary (ids [V'], draft_logits [N, V']) the acceptance and TVD are exact
     (q = 0 outside S), the forward KL is against p renormalised on S (as losses.forward_kl), and
-    `support_mass` sums p(S), the target's mass the draft can reach.
+    `support_mass` sums p(S), the target's mass the draft can reach. `alpha` [N] is
+    :func:`position_acceptance` of the same arguments, where the caller already has it.
     """
     m = mask.bool()
     log_q = torch.log_softmax(draft_logits.float(), -1)
@@ -128,7 +130,8 @@ def heldout_sums(draft_logits: torch.Tensor, target_logprobs: torch.Tensor | Sup
     extra: dict[str, float] = {}
     if draft_vocab is not None:
         extra["support_mass"] = float(log_p.exp().sum())
-    alpha = expected_acceptance(log_p.exp(), log_q.exp())
+    if alpha is None:
+        alpha = expected_acceptance(log_p.exp(), log_q.exp())
     log_ps = log_p if draft_vocab is None else torch.log_softmax(log_p, -1)
     ps = log_ps.exp()
     # 0 · log 0 = 0 where the target has no mass (log p = -inf), as in losses.forward_kl; the plain

@@ -266,17 +266,20 @@ class FeatureDistillTask(DistillTask):
         first, target_first, scored = steps[0]
         if not scored.any():
             return {}
-        out = heldout_sums(first[0], _first_row(target_first, self.vocab), scored.cpu(), gamma, self.draft_vocab)
-        alphas, valid = [], []
+        out: dict[str, float] = {}
+        alphas, dense_alphas, valid = [], [], []
         for j, (draft_sel, target_sel, ok) in enumerate(steps, start=1):
             alpha = position_acceptance(draft_sel[0], _first_row(target_sel, self.vocab), self.draft_vocab)
             out[f"acceptance_draft{j}"], out[f"positions_draft{j}"] = float(alpha.sum()), float(ok.sum())
             out[f"loss_draft{j}"] = float(self._loss_sum(draft_sel, target_sel)) if draft_sel.shape[1] else 0.0
             dense = torch.zeros(ok.shape, dtype=alpha.dtype, device=alpha.device)
             dense[ok] = alpha
-            alphas.append(dense.cpu())
+            alphas.append(alpha)
+            dense_alphas.append(dense.cpu())
             valid.append(ok.cpu())
-        out["tau"], out["blocks"] = unrolled_block_efficiency(alphas, valid, gamma)
+        out.update(heldout_sums(first[0], _first_row(target_first, self.vocab), scored.cpu(), gamma,
+                                self.draft_vocab, alpha=alphas[0]))
+        out["tau"], out["blocks"] = unrolled_block_efficiency(dense_alphas, valid, gamma)
         return out
 
     def figures(self, sums: dict[str, float]) -> dict[str, float]:
