@@ -14,10 +14,13 @@ like any other; a second import of the same file is a lookup.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -67,7 +70,9 @@ def import_gguf(source: str, import_dir: str | Path, key: str = "models.target")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        t0 = time.time()
         _convert(path, tmp)
+        print(f"[import] {path.name}: done in {time.time() - t0:.0f} s", flush=True)
         (tmp / MARKER).write_text(json.dumps({"source": source, "file": str(path), "sha256": digest}, indent=1))
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)  # atomic: a half-written folder is never picked up
@@ -82,12 +87,25 @@ def import_gguf(source: str, import_dir: str | Path, key: str = "models.target")
 def _convert(path: Path, dest: Path) -> None:
     """Read the GGUF file with transformers and save a float32 safetensors folder."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     try:
         import gguf  # noqa: F401  (transformers' GGUF loader needs it)
     except ImportError:
         raise ConfigError("reading a GGUF model needs the `gguf` package: pip install gguf") from None
+    if not torch.cuda.is_available():
+        # transformers imports DeepSpeed while saving; named here, its accelerator is not guessed
+        # with a warning on the terminal (a CPU machine's only choice, and what Ray's workers get too).
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # The import runs before the run's log exists: transformers' three bars (de-quantising, loading,
+    # writing shards) stay off the terminal, which has the [import] lines.
+    with contextlib.redirect_stderr(io.StringIO()):
+        _read_and_save(path, dest)
+
+
+def _read_and_save(path: Path, dest: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         # dequantize=True: plain float32 weights even where a kernel could keep the blocks packed,
