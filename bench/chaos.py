@@ -10,8 +10,9 @@ actor), `evaluate` on the reference engine. Each run has a folder of its own und
 2. chaos runs, each in a fresh folder: the same command, and at random moments (seeded) a
    SIGKILL to one of four process kinds: the driver (`draftalign run`), the vLLM engine actor,
    a Ray Train worker, the target pool's actor. The kind aimed at is the one killed least so
-   far (ties drawn), so the kills cover every kind; when it is not alive at that moment it is
-   recorded as "not present" and the least-killed kind that is alive is killed instead. Every
+   far (ties drawn) among those the run can still reach, so the kills cover every kind; once it
+   is alive the kill falls a random 2-30 s later (--gap), and when it is no longer alive then it
+   is recorded as "not present" and the least-killed kind that is alive is killed instead. Every
    process is found below the driver this script started (Ray titles its workers `ray::Class`),
    never by a name on the machine. After a kill that ends the run (the driver's, or one Ray does
    not absorb), the same command runs again until it completes (--max-attempts per run);
@@ -200,14 +201,32 @@ class Attempt:
     rc: int | None
     seconds: float
     log: str
+    paused_s: float = 0.0  # frozen (SIGSTOP) while another job ran: see Options.pause_while
+
+
+@dataclass
+class Plan:
+    aimed: str
+    moment: float | None = None  # set once the aimed kind is alive
+
+
+# The stages each kind lives in: a kill aimed at a kind waits for it while the run can still get there.
+LIVES_IN = {"driver": ("start-up", "pretrain", "generate", "distill", "evaluate"), "vllm": ("generate",),
+            "train_worker": ("pretrain", "distill"), "target_actor": ("distill",)}
+
+
+def can_appear(kind: str, stage: str | None) -> bool:
+    order = LIVES_IN["driver"]
+    now = order.index(stage or "start-up")
+    return any(order.index(s) >= now for s in LIVES_IN[kind])
 
 
 @dataclass
 class Options:
-    gap: tuple[float, float] = (5.0, 40.0)  # seconds between two kills, drawn uniformly
+    gap: tuple[float, float] = (2.0, 30.0)  # seconds from the aimed kind alive to its kill, drawn uniformly
     max_attempts: int = 12
     attempt_timeout: float = 900.0
-    pause_while: str | None = None  # a command-line fragment: no attempt starts while such a process runs
+    pause_while: str | None = None  # a command-line fragment: the soak holds while such a process runs
 
 
 def _ancestors(pid: int) -> set[int]:
@@ -221,12 +240,17 @@ def _ancestors(pid: int) -> set[int]:
     return out
 
 
+def busy(fragment: str) -> bool:
+    """Whether a process other than this script (and its shells) has `fragment` in its command line."""
+    mine = _ancestors(os.getpid())  # this script's own command line holds the text too
+    return any(fragment in _title(int(p.parent.name)) and int(p.parent.name) not in mine
+               for p in Path("/proc").glob("[0-9]*/cmdline"))
+
+
 def wait_for_quiet(fragment: str | None) -> None:
     """On a shared machine, start no attempt while another job's process (its command line holding
     `fragment`) runs: the soak's load would skew that job's timings."""
-    mine = _ancestors(os.getpid())  # this script's own command line (and its shell's) holds the text too
-    while fragment and any(fragment in _title(int(p.parent.name)) and int(p.parent.name) not in mine
-                           for p in Path("/proc").glob("[0-9]*/cmdline")):
+    while fragment and busy(fragment):
         print(f"[chaos] waiting: a process with {fragment!r} in its command line is running", flush=True)
         time.sleep(60)
 
@@ -251,6 +275,7 @@ class ChaosRun:
         self.log_base = 0  # bytes of the earlier attempts' logs
         self.tree: dict[int, str | None] = {}  # every process this run started: pid -> start time
         self.below: list[tuple[Kill, dict[int, str | None]]] = []  # each actor kill: what ran below it
+        self.next_look = 0.0  # when freeze_while_busy next reads the machine's command lines
 
     def run(self) -> bool:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -270,13 +295,14 @@ class ChaosRun:
             # A session of its own: the kill of the driver's group never reaches this script.
             proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                     start_new_session=True)
-            moment, hung = t0 + self.rng.uniform(*self.opts.gap), False
+            plan: Plan | None = None
+            hung, paused = False, 0.0
             while proc.poll() is None:
                 self.track(proc.pid)
-                if self.quota > 0 and time.time() >= moment:
-                    self.kill(proc, t0, log)
-                    moment = time.time() + self.rng.uniform(*self.opts.gap)
-                if time.time() - t0 > self.opts.attempt_timeout:
+                if self.quota > 0:
+                    plan = self.schedule(plan, proc, t0, log)
+                paused += self.freeze_while_busy()
+                if time.time() - t0 - paused > self.opts.attempt_timeout:
                     hung = True  # a finding: the report shows exit code None
                     os.kill(proc.pid, signal.SIGKILL)
                     proc.wait()
@@ -286,28 +312,65 @@ class ChaosRun:
         self.reap()
         self.log_base += log.stat().st_size
         return Attempt(self.index, len(self.attempts) + 1, None if hung else proc.returncode,
-                       round(time.time() - t0, 1), str(log))
+                       round(time.time() - t0, 1), str(log), round(paused, 1))
 
     def track(self, driver: int) -> None:
         """Remember every process below the driver, so what a killed driver orphans can be found."""
         for pid in descendants(driver) | {driver}:
             self.tree[pid] = _starttime(pid)
 
-    def choose(self, alive: dict[str, list[int]]) -> tuple[str, str]:
-        """(aimed, killed): the least-killed kind, or the least-killed alive one when it is not."""
-        least = min(self.tally[k] for k in KINDS)
-        aimed = self.rng.choice([k for k in KINDS if self.tally[k] == least])
-        if aimed in alive:
-            return aimed, aimed
-        least = min(self.tally[k] for k in alive)
-        return aimed, self.rng.choice(sorted(k for k in alive if self.tally[k] == least))
+    def schedule(self, plan: Plan | None, proc: subprocess.Popen, t0: float, log: Path) -> Plan | None:
+        """Aim at the least-killed kind that can still appear in this attempt; once it is alive,
+        kill at a random moment up to `gap` later (it may be gone by then: not present)."""
+        stage = running_stage(self.folder / "run", t0)
+        if plan is None or (plan.moment is None and not can_appear(plan.aimed, stage)):
+            return Plan(self.aim(stage))
+        if plan.moment is None:
+            if plan.aimed in present(proc.pid):
+                plan.moment = time.time() + self.rng.uniform(*self.opts.gap)
+            return plan
+        if time.time() < plan.moment:
+            return plan
+        self.kill(proc, t0, log, plan.aimed)
+        return None
 
-    def kill(self, proc: subprocess.Popen, t0: float, log: Path) -> None:
+    def aim(self, stage: str | None) -> str:
+        kinds = [k for k in KINDS if can_appear(k, stage)]
+        least = min(self.tally[k] for k in kinds)
+        return self.rng.choice([k for k in kinds if self.tally[k] == least])
+
+    def choose(self, aimed: str, alive: dict[str, list[int]]) -> str:
+        """The kind to kill: `aimed`, or the least-killed alive one when it is not present."""
+        if aimed in alive:
+            return aimed
+        least = min(self.tally[k] for k in alive)
+        return self.rng.choice(sorted(k for k in alive if self.tally[k] == least))
+
+    def freeze_while_busy(self) -> float:
+        """On a shared machine: while another job named by Options.pause_while runs, hold this
+        attempt's whole tree stopped (SIGSTOP) so it takes no CPU from it. Returns the seconds held."""
+        if not self.opts.pause_while or time.time() < self.next_look:
+            return 0.0
+        self.next_look = time.time() + 5.0  # reading every command line is not free
+        if not busy(self.opts.pause_while):
+            return 0.0
+        t0, pids = time.time(), [p for p in self.tree if _alive(p)]
+        for sig in (signal.SIGSTOP, signal.SIGCONT):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if sig == signal.SIGSTOP:
+                wait_for_quiet(self.opts.pause_while)
+        return time.time() - t0
+
+    def kill(self, proc: subprocess.Popen, t0: float, log: Path, aimed: str) -> None:
         run = self.folder / "run"
         alive = present(proc.pid)
         if "driver" not in alive:
             return  # it is ending on its own
-        aimed, kind = self.choose(alive)
+        kind = self.choose(aimed, alive)
         pid = self.rng.choice(alive[kind])
         # What a resume must start from, read before the kill: a checkpoint registered later is newer.
         saved, stage = checkpoints(run), running_stage(run, t0)
@@ -593,8 +656,9 @@ ABOUT = [
     "checkpoints every 3 steps. A reference run goes uninterrupted; each chaos run, in a folder of its own, "
     "gets SIGKILLs at random moments (seeded) to the driver (`draftalign run`), the vLLM engine actor, the "
     "Ray Train worker or the target actor, each found below the driver the script started. The kind aimed "
-    "at is the one killed least so far; when it is not alive then, it counts as not present and the "
-    "least-killed alive kind is killed. A run ended by a kill is rerun with the same command until it "
+    "at is the one killed least so far among those the run can still reach; the kill falls a random time "
+    "after it is alive (`--gap`), and when it is gone by then it counts as not present and the least-killed "
+    "alive kind is killed. A run ended by a kill is rerun with the same command until it "
     "completes. Then, against the reference: the distillation set row for row (row key, id, prompt and "
     "response token ids), every training job at its last step and, after each kill while it trained, "
     "resumed at or after the checkpoint registered before the kill (the trainers' `resumed from checkpoint "
@@ -643,12 +707,15 @@ class Soak:
         wait_for_quiet(self.opts.pause_while)
         self.target = make_target(self.out / "target")
         self.ref = ChaosRun(0, self.out / "reference", self.target, self.rng, Counter(), 0, self.opts)
-        t0 = time.time()
-        ok = self.ref.run()
-        if not ok:
-            sys.exit(f"the reference run failed: see {self.ref.attempts[-1].log}")
         run = self.ref.folder / "run"
-        self.reference = {"seconds": round(time.time() - t0, 1), "rc": self.ref.attempts[-1].rc,
+        manifest = _json(run / "run_manifest.json")
+        if manifest.get("report") and (self.ref.folder / "attempt-1.log").is_file():
+            rc, seconds = 0, manifest["seconds"]  # made uninterrupted by an earlier soak into this --out
+        elif self.ref.run():
+            rc, seconds = self.ref.attempts[-1].rc, self.ref.attempts[-1].seconds
+        else:
+            sys.exit(f"the reference run failed: see {self.ref.attempts[-1].log}")
+        self.reference = {"seconds": seconds, "rc": rc,
                           "rows": len(set_rows(run)), "eval_rows": len(eval_rows(run)),
                           "steps": trained_steps(run), "leftovers": leftovers(run), "stale": stale_reads(run),
                           "stages": _json(run / "run_manifest.json").get("stages", [])}
@@ -698,11 +765,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="the run folders (default: a new temporary folder)")
     ap.add_argument("--report", default=str(ROOT / "docs" / "chaos.md"), help="markdown; JSON beside it")
-    ap.add_argument("--gap", type=float, nargs=2, default=(5.0, 40.0), metavar=("MIN", "MAX"),
-                    help="seconds between two kills, drawn uniformly")
+    ap.add_argument("--gap", type=float, nargs=2, default=(2.0, 30.0), metavar=("MIN", "MAX"),
+                    help="seconds from the aimed kind alive to its kill, drawn uniformly")
     ap.add_argument("--max-attempts", type=int, default=12, help="attempts per run before it counts as lost")
     ap.add_argument("--pause-while", default=None, metavar="TEXT",
-                    help="start no attempt while a process whose command line holds TEXT runs (a shared machine)")
+                    help="hold the soak (its run stopped) while a process whose command line holds TEXT runs")
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="draftalign-chaos-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -86,12 +86,15 @@ def test_leftovers_and_stale_inputs_in_a_run_folder(chaos, tmp_path):
     assert len(stale) == 2 and "fingerprints differ" in stale[0] and "part-old" in stale[1]
 
 
-def test_the_kind_aimed_at_is_the_least_killed_and_an_absent_one_gives_way(chaos, tmp_path):
+def test_the_kind_aimed_at_is_the_least_killed_the_run_can_reach_and_an_absent_one_gives_way(chaos, tmp_path):
     r = chaos.ChaosRun(1, tmp_path, tmp_path, random.Random(0), Counter(driver=3, vllm=1, train_worker=1),
                        quota=1, opts=chaos.Options())
-    assert r.choose({"driver": [1], "target_actor": [2]}) == ("target_actor", "target_actor")
-    aimed, killed = r.choose({"driver": [1], "vllm": [5]})
-    assert aimed == "target_actor" and killed == "vllm"  # not present: the least-killed alive kind instead
+    assert r.aim("generate") == r.aim(None) == "target_actor"
+    assert r.aim("evaluate") == "driver"  # nothing else lives there
+    r.tally.update(target_actor=2)
+    assert r.aim("pretrain") in ("vllm", "train_worker") and r.aim("distill") == "train_worker"
+    assert r.choose("vllm", {"driver": [1], "vllm": [5]}) == "vllm"
+    assert r.choose("target_actor", {"driver": [1], "vllm": [5]}) == "vllm"  # not present: the least killed alive
 
 
 def test_totals_and_the_report(chaos):
@@ -136,3 +139,23 @@ def test_check_run_compares_two_run_folders(chaos, tmp_path):
     assert "set: 1 missing (s0/greedy)" in found and "set: 1 duplicated (s3/greedy)" in found
     assert any(p.startswith("eval: 1 duplicated") for p in found)
     assert "training: distill/tvdpp not at the reference's last step" in found
+
+
+def test_a_kill_waits_for_its_kind_and_is_re_aimed_once_the_run_is_past_it(chaos, tmp_path, monkeypatch):
+    r = chaos.ChaosRun(1, tmp_path, tmp_path, random.Random(0), Counter(driver=1, train_worker=1, target_actor=1),
+                       quota=1, opts=chaos.Options(gap=(0.0, 0.0)))
+    stage, alive, killed = ["pretrain"], {"driver": [1]}, []
+    monkeypatch.setattr(chaos, "running_stage", lambda run, since: stage[0])
+    monkeypatch.setattr(chaos, "present", lambda pid: alive)
+    monkeypatch.setattr(r, "kill", lambda proc, t0, log, aimed: killed.append(aimed))
+    proc = type("P", (), {"pid": 1})()
+    plan = r.schedule(None, proc, 0.0, tmp_path / "log")
+    assert plan.aimed == "vllm" and plan.moment is None
+    plan = r.schedule(plan, proc, 0.0, tmp_path / "log")
+    assert plan.moment is None  # not alive yet: no moment drawn
+    stage[0] = "distill"  # the run went past generate without a vLLM engine alive at a look
+    plan = r.schedule(plan, proc, 0.0, tmp_path / "log")
+    assert plan.aimed != "vllm"
+    alive[plan.aimed] = [7]
+    plan = r.schedule(r.schedule(plan, proc, 0.0, tmp_path / "log"), proc, 0.0, tmp_path / "log")
+    assert plan is None and len(killed) == 1
