@@ -215,11 +215,11 @@ def _check_family(results: dict, root: Path, name: str, engines: set[str], draft
 @pytest.fixture(scope="module")
 def ray_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("family_runs")
-    return root, _run_families(root, "slow", SLOW_FAMILIES, 1100)
+    return root, _run_families(root, "slow", SLOW_FAMILIES, 2700)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(2800)
 @pytest.mark.parametrize("name", SLOW_FAMILIES)
 def test_each_family_distils_with_the_target_pool_and_evaluates_losslessly(ray_runs, name):
     root, results = ray_runs
