@@ -597,7 +597,7 @@ def totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "attempts": sum(len(r["attempts"]) for r in runs), "kills": len(kills),
         "kills_by_kind": dict(Counter(k["kind"] for k in kills)),
         "not_present": dict(Counter(k["aimed"] for k in kills if k["aimed"] != k["kind"])),
-        "kills_by_stage": {f"{k}/{s}": n for (k, s), n in Counter((k["kind"], k["stage"] or "start-up")
+        "kills_by_stage": {f"{k}/{s}": n for (k, s), n in Counter((k["kind"], k["stage"] or NO_STAGE)
                                                                     for k in kills).items()},
         "orphans_killed": sum(k["orphans"] for k in kills),
         "rows_missing": sum(len(c["set"]["missing"]) for c in checks),
@@ -633,22 +633,26 @@ def markdown(report: dict[str, Any]) -> str:
               f"{t['restarts_from_step_0_with_checkpoint']} |",
               f"| resumes after a kill in training: {', '.join(f'{k} {n}' for k, n in sorted(t['restarts'].items()))}"
               f" | |", f"| locks or temporary files left | {t['leftovers']} |",
-              f"| stale inputs read | {t['stale']} |", f"| driver orphans killed 30 s after the driver | "
-              f"{t['orphans_killed']} |", "", "Kills by kind and the stage they landed in:", "",
+              f"| stale inputs read | {t['stale']} |", f"| processes left 30 s after a killed driver, or outliving a "
+              f"killed actor (then killed) | {t['orphans_killed']} |", "", "Kills by kind and the stage they landed in (no stage: the driver starting Ray, between two "
+              "stages, or shutting down after the last):", "",
               "| kind | " + " | ".join(STAGES) + " |", "|---|" + "---:|" * len(STAGES)]
     for k in KINDS:
         lines.append(f"| {k} | " + " | ".join(str(t["kills_by_stage"].get(f"{k}/{s}", 0)) for s in STAGES) + " |")
     lines += ["", "| run | attempts (exit codes) | kills | completed | seconds | problems |", "|---|---|---|---|---:|---|"]
     for r in report["runs"]:
         rcs = ", ".join(str(a["rc"]) for a in r["attempts"])
-        kinds = ", ".join(f"{k['kind']}@{k['stage'] or 'start-up'}" for k in r["kills"])
+        kinds = ", ".join(f"{k['kind']}@{k['stage'] or NO_STAGE}" for k in r["kills"])
         lines.append(f"| {r['index']} | {len(r['attempts'])} ({rcs}) | {kinds} | {r['completed']} | "
                      f"{r['seconds']:.0f} | {'; '.join(r.get('problems', [])) or 'none'} |")
     lines += ["", "Problems found: " + ("none." if not t["problems"] else ""), *[f"- {p}" for p in t["problems"]]]
     return "\n".join(lines) + "\n"
 
 
-STAGES = ("start-up", "pretrain", "generate", "distill", "evaluate")
+# A kill outside every stage: the driver starting (Ray, the config), between two stages, or after
+# the last one (shutting Ray down): run_manifest.json marks no stage running then.
+NO_STAGE = "no stage"
+STAGES = (NO_STAGE, "pretrain", "generate", "distill", "evaluate")
 ABOUT = [
     "The world is the smallest whole pipeline: a random one-layer Llama target, a drafter pretrained 12 "
     "steps on 40 standard-library files (Ray Data, Ray Train), 16 seeds x (greedy, T = 1) answered by vLLM, "
@@ -702,6 +706,7 @@ class Soak:
     runs: list[dict[str, Any]] = field(default_factory=list)
     reference: dict[str, Any] = field(default_factory=dict)
     t0: float = field(default_factory=time.time)
+    commit: str = field(default_factory=lambda: git_commit())  # the code the soak runs, read at its start
 
     def start(self) -> None:
         wait_for_quiet(self.opts.pause_while)
@@ -742,7 +747,7 @@ class Soak:
             self.write()  # after every run: a soak cut short still leaves its figures
 
     def write(self) -> None:
-        report = {"command": " ".join(["python", "bench/chaos.py", *self.argv]), "commit": git_commit(),
+        report = {"command": " ".join(["python", "bench/chaos.py", *self.argv]), "commit": self.commit,
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
                   "wall_s": round(time.time() - self.t0, 1), "out": str(self.out),
                   "run_command": " ".join(command(Path("RUN"), Path("TARGET"))[1:]),
