@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from typing_extensions import NotRequired
 
+from draftalign.cluster.metrics import record
 from draftalign.cluster.resources import DistillResources, distill_resources
 from draftalign.config import Config, ConfigError, DistillConfig, LossConfig
 from draftalign.data.schemas import check_table, distill_schema_for
@@ -345,6 +346,9 @@ def _distill_one(cfg: Config, loss: LossConfig, inputs: DistillInputs) -> Path:
                                              "data_files": [str(f) for f in inputs.files], **mixture})
     result = _fit(cfg, loss, inputs, job_dir)
     m = result.metrics
+    # The last loss from the driver as well: a train worker's gauge goes with its process, which can
+    # exit before Ray's next metrics export (a short run on a loaded machine), the driver's stays.
+    record("draftalign_distill_loss", m.get("loss"), stage="distill", loss=loss.label)
     publish_model(result.checkpoint, model_dir, inputs.tokenizer,
                   {"fingerprint": fp, "role": "distilled", "drafter": label, "loss": loss.model_dump(),
                    "metrics": m, "initialised_from": inputs.init_from, "parameters": inputs.parameters,

@@ -498,7 +498,6 @@ def _with_identities(drafters: list[dict]) -> list[dict]:
     return out
 
 
-@locked_output("evaluate", lambda cfg: cfg.evaluate.output)
 def _context_length(cfg: Config, target: str) -> int:
     """The longest context a prompt plus its answer may take: the target's, capped by vLLM's window."""
     from draftalign.models.arch import load_model_config
@@ -520,6 +519,7 @@ def _count_on_meta(cfg: Config, target: str, drafters: list[dict]) -> tuple[int,
     return target_params, params
 
 
+@locked_output("evaluate", lambda cfg: cfg.evaluate.output)
 def run_evaluate(cfg: Config, log=None) -> list[SummaryRecord]:
     """Run the sweep and write the report under evaluate.output; returns the summary records."""
     from draftalign.data.tokenization import ensure_chat_template, load_tokenizer
