@@ -43,6 +43,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# The tests find a run's processes from outside the same way: one copy, in tests/procs.py.
+from tests.procs import command_line, descendants, ray_processes  # noqa: E402
+
 CONFIG = ROOT / "examples" / "tiny.yaml"
 KINDS = ("driver", "vllm", "train_worker", "target_actor")
 # Ray titles a worker process `ray::Class.method` (`ray::MapWorker(MapBatches(vLLMEngineStageUDF))`
@@ -99,31 +104,6 @@ def command(run: Path, target: Path) -> list[str]:
 
 # ---------------------------------------------------------------- processes of this script's runs
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (Ray's workers are children of the raylet the driver starts)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _title(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -137,11 +117,8 @@ def present(driver: int) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {k: [] for k in KINDS}
     if _alive(driver):
         found["driver"].append(driver)
-    for pid in sorted(descendants(driver)):
-        title = _title(pid)
-        for kind, name in TITLES.items():
-            if title.startswith("ray::") and name in title and _alive(pid):
-                found[kind].append(pid)
+    for kind, name in TITLES.items():
+        found[kind] += sorted(pid for pid in ray_processes(driver, name) if _alive(pid))
     return {k: v for k, v in found.items() if v}
 
 
@@ -243,7 +220,7 @@ def _ancestors(pid: int) -> set[int]:
 def busy(fragment: str) -> bool:
     """Whether a process other than this script (and its shells) has `fragment` in its command line."""
     mine = _ancestors(os.getpid())  # this script's own command line holds the text too
-    return any(fragment in _title(int(p.parent.name)) and int(p.parent.name) not in mine
+    return any(fragment in command_line(int(p.parent.name)) and int(p.parent.name) not in mine
                for p in Path("/proc").glob("[0-9]*/cmdline"))
 
 

@@ -48,16 +48,14 @@ def write_subset(rows: pa.Table, fraction: float, holdout_fraction: float, out: 
     """All held-out rows and the first `fraction` of the training rows (by _rank) as one Parquet file
     in `out`; returns the counts (rows, training tokens: prompt + response)."""
     ids = rows.column("id").to_pylist()
-    train = sorted((i for i, r in enumerate(ids) if not holdout_row(r, holdout_fraction)), key=lambda i: _rank(ids[i]))
     held = [i for i, r in enumerate(ids) if holdout_row(r, holdout_fraction)]
-    chosen = sorted(train[:round(fraction * len(train))] + held)
-    subset = rows.take(chosen)
+    train = sorted(set(range(len(ids))) - set(held), key=lambda i: _rank(ids[i]))
+    kept = train[:round(fraction * len(train))]
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(subset, out / "part-0.parquet")
-    kept = set(train[:round(fraction * len(train))])
-    tokens = sum(len(p) + len(r) for i, (p, r) in enumerate(zip(rows.column("prompt_token_ids").to_pylist(),
-                                                               rows.column("response_token_ids").to_pylist()))
-                 if i in kept)
+    pq.write_table(rows.take(sorted(kept + held)), out / "part-0.parquet")
+    lengths = [len(p) + len(r) for p, r in zip(rows.column("prompt_token_ids").to_pylist(),
+                                              rows.column("response_token_ids").to_pylist(), strict=True)]
+    tokens = sum(lengths[i] for i in kept)
     return {"train_rows": len(kept), "holdout_rows": len(held), "train_tokens": tokens}
 
 

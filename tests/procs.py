@@ -21,15 +21,20 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def command_line(pid: int) -> str:
+    """The process's command line (a Ray worker's is its title), "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def ray_processes(root_pid: int, name: str) -> list[int]:
     """Ray worker processes below `root_pid` whose title names `name` (Ray titles them
     `ray::Class.method`, e.g. `ray::TargetActor.logprobs`)."""
     out = []
     for pid in descendants(root_pid):
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+        title = command_line(pid)
         if title.startswith("ray::") and name in title:
             out.append(pid)
     return out
