@@ -267,18 +267,17 @@ class FeatureDistillTask(DistillTask):
         if not scored.any():
             return {}
         out: dict[str, float] = {}
-        alphas, dense_alphas, valid = [], [], []
+        dense_alphas, valid = [], []
         for j, (draft_sel, target_sel, ok) in enumerate(steps, start=1):
             alpha = position_acceptance(draft_sel[0], _first_row(target_sel, self.vocab), self.draft_vocab)
             out[f"acceptance_draft{j}"], out[f"positions_draft{j}"] = float(alpha.sum()), float(ok.sum())
             out[f"loss_draft{j}"] = float(self._loss_sum(draft_sel, target_sel)) if draft_sel.shape[1] else 0.0
             dense = torch.zeros(ok.shape, dtype=alpha.dtype, device=alpha.device)
             dense[ok] = alpha
-            alphas.append(alpha)
             dense_alphas.append(dense.cpu())
             valid.append(ok.cpu())
         out.update(heldout_sums(first[0], _first_row(target_first, self.vocab), scored.cpu(), gamma,
-                                self.draft_vocab, alpha=alphas[0]))
+                                self.draft_vocab, alpha=dense_alphas[0][valid[0]]))
         out["tau"], out["blocks"] = unrolled_block_efficiency(dense_alphas, valid, gamma)
         return out
 
